@@ -1,0 +1,198 @@
+"""Frozen dataclass configs mirrored by YAML. Every field carries its documentation in ``metadata["doc"]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ImageEncoderConfig",
+    "TextEncoderConfig",
+    "FusionConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "DataConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "VQAConfig",
+    "Config",
+]
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its documentation (used by the generated reference)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def section(cls: type, text: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": text})
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    type: str = doc("vit", "Image encoder registry name: vit (native), timm, open_clip.")
+    name: str = doc("", "timm model name (e.g. vit_base_patch16_224) or open_clip model name (e.g. ViT-B-16).")
+    weights: str = doc("", "Local weights file (.safetensors, .pt, .bin); empty = random init. Never downloads.")
+    image_size: int = doc(224, "Input resolution (square).")
+    patch_size: int = doc(16, "Patch size (native ViT; passed to timm/open_clip when they accept it).")
+    width: int = doc(768, "Token width of the native ViT.")
+    depth: int = doc(12, "Number of transformer blocks of the native ViT.")
+    num_heads: int = doc(12, "Attention heads of the native ViT.")
+    mlp_ratio: float = doc(4.0, "MLP hidden width / token width.")
+    dropout: float = doc(0.0, "Dropout inside the encoder.")
+    mean: tuple[float, ...] = doc(CLIP_MEAN, "Per-channel normalization mean (stored with every checkpoint).")
+    std: tuple[float, ...] = doc(CLIP_STD, "Per-channel normalization std.")
+    options: dict[str, Any] = doc({}, "Extra keyword arguments: timm.create_model kwargs, or open_clip vision_cfg overrides.")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    type: str = doc("transformer", "Text encoder registry name: transformer (native), hf, open_clip.")
+    name: str = doc("", "hf: a local model directory (config, weights, tokenizer); open_clip: model name.")
+    weights: str = doc("", "Local weights file for open_clip; empty = random init. Never downloads.")
+    tokenizer: str = doc("synthetic", "Tokenizer: 'synthetic' (word vocabulary of the embedded dataset), 'clip' (open_clip's bundled BPE), or a local path (tokenizer.json or a Hugging Face tokenizer directory).")
+    vocab_size: int = doc(0, "Embedding rows; 0 = the tokenizer's vocabulary size.")
+    width: int = doc(768, "Token width of the native text transformer.")
+    depth: int = doc(12, "Number of transformer blocks of the native text transformer.")
+    num_heads: int = doc(12, "Attention heads of the native text transformer.")
+    mlp_ratio: float = doc(4.0, "MLP hidden width / token width.")
+    max_length: int = doc(64, "Maximum tokens per caption (longer captions are truncated).")
+    dropout: float = doc(0.0, "Dropout inside the encoder.")
+    causal: bool = doc(False, "Causal self-attention (CLIP text tower); MLM needs bidirectional layers.")
+    pooling: str = doc("cls", "Pooled embedding: cls (first token), eos (last real token, as CLIP), mean.")
+    options: dict[str, Any] = doc({}, "hf: a BertConfig dict for a random model when name is empty; open_clip: text_cfg overrides.")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    type: str = doc("none", "Fusion registry name: none (dual encoder), single_stream (ViLT), dual_stream (ALBEF/METER).")
+    depth: int = doc(6, "Number of fusion layers.")
+    num_heads: int = doc(12, "Attention heads per fusion layer; the text width must divide by it.")
+    mlp_ratio: float = doc(4.0, "MLP hidden width / token width.")
+    dropout: float = doc(0.0, "Dropout inside fusion layers.")
+    update_image: bool = doc(False, "dual_stream only: False = ALBEF one-way (text attends to image); True = METER co-attention.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = doc("", "Preset name, recorded in checkpoints.")
+    image: ImageEncoderConfig = section(ImageEncoderConfig, "Image encoder.")
+    text: TextEncoderConfig = section(TextEncoderConfig, "Text encoder.")
+    fusion: FusionConfig = section(FusionConfig, "Fusion block stack.")
+    embed_dim: int = doc(256, "Contrastive embedding width (linear projections); 0 = use the encoders' own pooled embeddings.")
+    contrastive: str = doc("itc", "Contrastive loss: itc (softmax InfoNCE) or siglip (sigmoid).")
+    temperature: float = doc(0.07, "Initial softmax temperature (logit scale = 1/temperature).")
+    temperature_min: float = doc(0.01, "Lower clamp of the temperature (open_clip: 0.01, i.e. scale <= 100; ALBEF: 0.001).")
+    temperature_max: float = doc(100.0, "Upper clamp of the temperature (ALBEF: 0.5).")
+    learn_temperature: bool = doc(True, "Learn the temperature (log scale parameter).")
+    siglip_bias: float = doc(-10.0, "Initial SigLIP logit bias.")
+    itm_head: bool = doc(True, "Add the image-text matching head (needs fusion).")
+    mlm_head: bool = doc(False, "Add the masked-language-modeling head (needs fusion and bidirectional text).")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    itc_weight: float = doc(1.0, "Weight of the contrastive term.")
+    itm_weight: float = doc(1.0, "Weight of the matching term (0 disables ITM).")
+    mlm_weight: float = doc(0.0, "Weight of the MLM term (0 disables MLM).")
+    mlm_probability: float = doc(0.15, "Fraction of real, non-special tokens selected for MLM (80/10/10).")
+    hard_negatives: bool = doc(True, "Sample ITM negatives from the softmaxed contrastive similarities (else uniformly).")
+    momentum: float = doc(0.0, "EMA coefficient of the momentum encoder (ALBEF: 0.995); 0 disables it.")
+    queue_size: int = doc(0, "Momentum feature queue length (ALBEF: 65536); needs momentum > 0.")
+    distill_alpha: float = doc(0.4, "Weight of the momentum pseudo-targets in ITC (ALBEF's alpha).")
+    local_loss: bool = doc(False, "Multi-process: each rank computes the loss of its own rows against all (labels offset by rank).")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = doc("synthetic", "Dataset registry name: synthetic, json, hf, webdataset.")
+    train: str = doc("", "Training data: JSON/JSONL file, Hugging Face datasets directory, or tar shard pattern.")
+    image_root: str = doc("", "Directory that image paths in the data are relative to.")
+    test: str = doc("", "Held-out retrieval split (JSON/JSONL; caption may be a list); empty = the synthetic test split when source is synthetic.")
+    test_image_root: str = doc("", "Image root of the test split; empty = image_root.")
+    synthetic_train_size: int = doc(20000, "Synthetic training images.")
+    synthetic_test_size: int = doc(1000, "Synthetic test images.")
+    synthetic_seed: int = doc(0, "Seed of the synthetic generator.")
+    batch_size: int = doc(64, "Batch size per process per micro-step.")
+    num_workers: int = doc(2, "DataLoader worker processes.")
+    crop_scale: tuple[float, ...] = doc((0.5, 1.0), "Random resized crop scale range for training.")
+    hflip: bool = doc(False, "Random horizontal flip (off by default: captions say left/right).")
+    max_bad_fraction: float = doc(0.01, "Stop when more than this fraction of samples are unreadable (after 200 samples).")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = doc(1e-4, "Peak learning rate for base_batch_size.")
+    base_batch_size: int = doc(256, "Effective batch size that lr is given for.")
+    lr_scaling: str = doc("linear", "How lr scales with the effective batch: linear, sqrt or none.")
+    weight_decay: float = doc(0.02, "AdamW weight decay (not applied to norms, biases, embeddings, temperature).")
+    betas: tuple[float, ...] = doc((0.9, 0.98), "AdamW betas.")
+    eps: float = doc(1e-6, "AdamW epsilon.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this value; 0 disables.")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    type: str = doc("cosine", "Learning-rate schedule after warmup: cosine, constant.")
+    warmup_steps: int = doc(0, "Linear warmup steps (optimizer steps).")
+    min_lr_ratio: float = doc(0.0, "Final lr as a fraction of the peak (cosine).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = doc(0, "Seed of python, numpy, torch and the data workers.")
+    max_steps: int = doc(1000, "Optimizer steps to run.")
+    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    precision: str = doc("fp32", "fp32 or bf16 (autocast on CPU and CUDA).")
+    device: str = doc("auto", "auto, cpu or cuda.")
+    checkpoint_every: int = doc(500, "Save a checkpoint every N steps (and always at the end); 0 = only at the end.")
+    keep_last: int = doc(2, "Checkpoints kept in checkpoints/ (older ones are deleted).")
+    log_every: int = doc(10, "Write metrics every N steps.")
+    freeze_image: bool = doc(False, "Freeze the image encoder.")
+    freeze_text: bool = doc(False, "Freeze the text encoder.")
+    lora_rank: int = doc(0, "LoRA rank on fusion linear layers (base weights frozen); 0 = full tuning.")
+    grad_checkpointing: bool = doc(False, "Activation checkpointing in every encoder and fusion block.")
+    contrastive_chunk_size: int = doc(0, "Gradient-cache chunk size for the contrastive loss; 0 = whole batch at once.")
+    max_nonfinite_steps: int = doc(5, "Stop after this many non-finite steps in a row.")
+    compile: bool = doc(False, "torch.compile the model.")
+    progress: bool = doc(True, "Show a progress bar.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = doc(0, "Run retrieval eval every N steps (and at the end); 0 = only at the end; -1 = never.")
+    k_test: int = doc(16, "Candidates re-ranked by ITM per query.")
+    score: str = doc("itm", "Re-rank score: itm (match logit) or itm+itc (BLIP).")
+    batch_size: int = doc(128, "Encoding batch size.")
+    max_images: int = doc(0, "Evaluate on the first N test images only; 0 = all.")
+    precision: str = doc("fp32", "fp32 or bf16 for encoding.")
+
+
+@dataclass(frozen=True)
+class VQAConfig:
+    train: str = doc("", "VQA training questions (JSON list); empty with source synthetic = the synthetic questions.")
+    val: str = doc("", "VQA evaluation questions.")
+    image_root: str = doc("", "Image root of the VQA files.")
+    num_answers: int = doc(3129, "Answer vocabulary size: the most frequent training answers.")
+    hidden_mult: int = doc(2, "Classifier hidden width = this x pooled width.")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = doc("run", "Run name; default run directory is runs/<name>.")
+    model: ModelConfig = section(ModelConfig, "The model.")
+    objective: ObjectiveConfig = section(ObjectiveConfig, "Pretraining objective.")
+    data: DataConfig = section(DataConfig, "Data.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    schedule: ScheduleConfig = section(ScheduleConfig, "Learning-rate schedule.")
+    train: TrainConfig = section(TrainConfig, "Training loop.")
+    eval: EvalConfig = section(EvalConfig, "Evaluation.")
+    vqa: VQAConfig = section(VQAConfig, "VQA fine-tuning and evaluation.")

@@ -1,0 +1,96 @@
+"""Checks of impossible values, run before any work starts; each failure names the key and value."""
+
+from __future__ import annotations
+
+from vlp.config.schema import Config, ModelConfig
+from vlp.errors import ConfigError
+
+__all__ = ["validate_config", "validate_model_config"]
+
+
+def _require(ok: bool, key: str, value: object, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: {why}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, value, f"expected one of {', '.join(allowed)}")
+
+
+def validate_model_config(model: ModelConfig, prefix: str = "model") -> None:
+    img, txt, fus = model.image, model.text, model.fusion
+    for key, value in [
+        ("image.image_size", img.image_size), ("image.patch_size", img.patch_size),
+        ("image.width", img.width), ("image.depth", img.depth), ("image.num_heads", img.num_heads),
+        ("text.width", txt.width), ("text.depth", txt.depth), ("text.num_heads", txt.num_heads),
+        ("text.max_length", txt.max_length),
+    ]:
+        _require(value > 0, f"{prefix}.{key}", value, "must be positive")
+    if img.type == "vit":
+        _require(img.width % img.num_heads == 0, f"{prefix}.image.num_heads", img.num_heads,
+                 f"image width {img.width} is not divisible by it")
+        _require(img.image_size % img.patch_size == 0, f"{prefix}.image.patch_size", img.patch_size,
+                 f"image_size {img.image_size} is not divisible by it")
+    if txt.type == "transformer":
+        _require(txt.width % txt.num_heads == 0, f"{prefix}.text.num_heads", txt.num_heads,
+                 f"text width {txt.width} is not divisible by it")
+    _choice(f"{prefix}.text.pooling", txt.pooling, ("cls", "eos", "mean"))
+    _choice(f"{prefix}.contrastive", model.contrastive, ("itc", "siglip"))
+    _require(model.embed_dim >= 0, f"{prefix}.embed_dim", model.embed_dim, "must be >= 0")
+    _require(0 < model.temperature_min <= model.temperature <= model.temperature_max,
+             f"{prefix}.temperature", model.temperature, "must lie in [temperature_min, temperature_max] and be > 0")
+    if fus.type != "none":
+        _require(fus.depth > 0, f"{prefix}.fusion.depth", fus.depth, "must be positive")
+        _require(fus.num_heads > 0, f"{prefix}.fusion.num_heads", fus.num_heads, "must be positive")
+        if txt.type == "transformer":
+            _require(txt.width % fus.num_heads == 0, f"{prefix}.fusion.num_heads", fus.num_heads,
+                     f"fusion width {txt.width} is not divisible by it")
+    else:
+        _require(not model.mlm_head, f"{prefix}.mlm_head", model.mlm_head, "MLM needs a fusion block")
+    if model.mlm_head:
+        _require(not txt.causal, f"{prefix}.text.causal", txt.causal, "MLM needs bidirectional text layers")
+
+
+def validate_config(config: Config) -> None:
+    validate_model_config(config.model)
+    o, d, op, s, t, e = config.objective, config.data, config.optim, config.schedule, config.train, config.eval
+    _require(op.lr > 0, "optim.lr", op.lr, "must be positive")
+    _require(op.base_batch_size > 0, "optim.base_batch_size", op.base_batch_size, "must be positive")
+    _choice("optim.lr_scaling", op.lr_scaling, ("linear", "sqrt", "none"))
+    _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
+    _require(op.grad_clip >= 0, "optim.grad_clip", op.grad_clip, "must be >= 0")
+    _require(len(op.betas) == 2 and all(0 <= b < 1 for b in op.betas), "optim.betas", list(op.betas),
+             "expected two values in [0, 1)")
+    _choice("schedule.type", s.type, ("cosine", "constant"))
+    _require(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "must be >= 0")
+    _require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
+    _require(d.batch_size > 0, "data.batch_size", d.batch_size, "must be positive")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
+    _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+             list(d.crop_scale), "expected [min, max] within (0, 1]")
+    _require(t.max_steps > 0, "train.max_steps", t.max_steps, "must be positive")
+    _require(t.grad_accum > 0, "train.grad_accum", t.grad_accum, "must be positive")
+    _choice("train.precision", t.precision, ("fp32", "bf16"))
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0")
+    _require(t.keep_last > 0, "train.keep_last", t.keep_last, "must be positive")
+    _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+    _require(t.contrastive_chunk_size >= 0, "train.contrastive_chunk_size", t.contrastive_chunk_size, "must be >= 0")
+    _require(o.itc_weight >= 0 and o.itm_weight >= 0 and o.mlm_weight >= 0, "objective", "weights",
+             "loss weights must be >= 0")
+    _require(0 < o.mlm_probability < 1, "objective.mlm_probability", o.mlm_probability, "must be in (0, 1)")
+    _require(0 <= o.momentum < 1, "objective.momentum", o.momentum, "must be in [0, 1)")
+    _require(o.queue_size >= 0, "objective.queue_size", o.queue_size, "must be >= 0")
+    _require(o.queue_size == 0 or o.momentum > 0, "objective.queue_size", o.queue_size,
+             "a feature queue needs objective.momentum > 0")
+    if config.model.fusion.type == "none":
+        _require(o.itm_weight == 0 or not config.model.itm_head, "objective.itm_weight", o.itm_weight,
+                 "ITM needs a fusion block (set it to 0 or model.itm_head: false)")
+        _require(o.mlm_weight == 0, "objective.mlm_weight", o.mlm_weight, "MLM needs a fusion block")
+    if o.mlm_weight > 0:
+        _require(config.model.mlm_head, "objective.mlm_weight", o.mlm_weight, "needs model.mlm_head: true")
+    _require(e.k_test > 0, "eval.k_test", e.k_test, "must be positive")
+    _choice("eval.score", e.score, ("itm", "itm+itc"))
+    _choice("eval.precision", e.precision, ("fp32", "bf16"))
+    _require(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
