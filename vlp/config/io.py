@@ -23,7 +23,13 @@ T = TypeVar("T")
 
 
 def suggest_key(key: str, valid: list[str]) -> str | None:
-    """Closest valid key: difflib first, then shared prefix / underscore segments (``lr_rate`` -> ``lr``)."""
+    """Closest valid key: a valid key made of the typo's leading segments (``lr_rate`` -> ``lr``), then
+    difflib, then shared underscore segments or prefix."""
+    parts = key.lower().split("_")
+    for n in range(len(parts) - 1, 0, -1):
+        head = "_".join(parts[:n])
+        if head in valid:
+            return head
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if close:
         return close[0]

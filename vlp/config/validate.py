@@ -21,11 +21,14 @@ def validate_model_config(model: ModelConfig, prefix: str = "model") -> None:
     img, txt, fus = model.image, model.text, model.fusion
     for key, value in [
         ("image.image_size", img.image_size), ("image.patch_size", img.patch_size),
-        ("image.width", img.width), ("image.depth", img.depth), ("image.num_heads", img.num_heads),
-        ("text.width", txt.width), ("text.depth", txt.depth), ("text.num_heads", txt.num_heads),
+        ("image.width", img.width), ("image.num_heads", img.num_heads),
+        ("text.width", txt.width), ("text.num_heads", txt.num_heads),
         ("text.max_length", txt.max_length),
     ]:
         _require(value > 0, f"{prefix}.{key}", value, "must be positive")
+    # depth 0 = embeddings only (ViLT feeds patch and word embeddings straight into the fusion)
+    _require(img.depth >= 0, f"{prefix}.image.depth", img.depth, "must be >= 0")
+    _require(txt.depth >= 0, f"{prefix}.text.depth", txt.depth, "must be >= 0")
     if img.type == "vit":
         _require(img.width % img.num_heads == 0, f"{prefix}.image.num_heads", img.num_heads,
                  f"image width {img.width} is not divisible by it")

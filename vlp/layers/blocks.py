@@ -2,42 +2,104 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vlp.layers.attention import Attention
 from vlp.layers.mlp import MLP
 
-__all__ = ["TransformerBlock"]
+__all__ = ["TransformerBlock", "init_transformer_weights"]
+
+
+def init_transformer_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT/ViT initialization: truncated normal (std 0.02) Linear and Embedding weights, zero biases,
+    LayerNorm weight 1 and bias 0. Use as ``model.apply(init_transformer_weights)``."""
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class TransformerBlock(nn.Module):
     """Self-attention (+ optional cross-attention) + MLP with residuals.
 
     ``pre_norm=True``: x + f(norm(x)) as in ViT/CLIP; ``pre_norm=False``: norm(x + f(x)) as in BERT.
+    ``grad_checkpointing = True`` recomputes the block's activations in backward (only while training
+    with gradients enabled).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  pre_norm: bool = True, cross_attention: bool = False, context_dim: int | None = None,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, activation: str = "gelu") -> None:
         super().__init__()
         self.pre_norm = pre_norm
+        self.grad_checkpointing = False
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, dropout=dropout)
         self.cross_attn = Attention(dim, num_heads, context_dim=context_dim, dropout=dropout) if cross_attention else None
         self.norm_cross = nn.LayerNorm(dim, eps=eps) if cross_attention else None
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout, activation=activation)
         self.drop = nn.Dropout(dropout)
 
-    def _residual(self, x: Tensor, norm: nn.Module, fn: object) -> Tensor:
+    def _residual(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor]) -> Tensor:
         if self.pre_norm:
-            return x + self.drop(fn(norm(x)))  # type: ignore[operator]
-        return norm(x + self.drop(fn(x)))  # type: ignore[operator]
+            return x + fn(norm(x))
+        return norm(x + fn(x))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        x = self._residual(x, self.norm1, lambda h: self.attn(h, key_mask=mask, causal=causal)[0])
-        if self.cross_attn is not None and context is not None:
-            cross = self.cross_attn
-            x = self._residual(x, self.norm_cross, lambda h: cross(h, context=context, key_mask=context_mask)[0])
-        return self._residual(x, self.norm2, self.mlp)
+                context_mask: Tensor | None = None, causal: bool = False,
+                context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [b, n, dim]; mask bool [b, n]; context [b, m, context_dim] with context_mask bool [b, m];
+        ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``."""
+        return self.forward_with_weights(x, mask, context, context_mask, causal, context_kv=context_kv)[0]
+
+    def forward_with_weights(
+        self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
+        context_mask: Tensor | None = None, causal: bool = False, return_weights: bool = False,
+        context_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """As ``forward``; with ``return_weights`` also the attention weights [b, h, n, m] under
+        ``"self"`` and ``"cross"`` (explicit attention path instead of SDPA)."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            out: tuple[Tensor, dict[str, Tensor]] = checkpoint(
+                self._forward, x, mask, context, context_mask, causal, return_weights, context_kv,
+                use_reentrant=False,
+            )
+            return out
+        return self._forward(x, mask, context, context_mask, causal, return_weights, context_kv)
+
+    def _forward(
+        self, x: Tensor, mask: Tensor | None, context: Tensor | None, context_mask: Tensor | None,
+        causal: bool, return_weights: bool, context_kv: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        weights: dict[str, Tensor] = {}
+
+        def self_attend(h: Tensor) -> Tensor:
+            out, w = self.attn(h, key_mask=mask, causal=causal, return_weights=return_weights)
+            if w is not None:
+                weights["self"] = w
+            return self.drop(out)
+
+        x = self._residual(x, self.norm1, self_attend)
+        cross, norm_cross = self.cross_attn, self.norm_cross
+        if cross is not None and norm_cross is not None and (context is not None or context_kv is not None):
+
+            def cross_attend(h: Tensor) -> Tensor:
+                out, w = cross(h, context=context, key_mask=context_mask, return_weights=return_weights,
+                               kv=context_kv)
+                if w is not None:
+                    weights["cross"] = w
+                return self.drop(out)
+
+            x = self._residual(x, norm_cross, cross_attend)
+        # MLP applies its own output dropout, so the branch is not dropped a second time here.
+        return self._residual(x, self.norm2, self.mlp), weights

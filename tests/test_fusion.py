@@ -1,0 +1,357 @@
+"""vlp.fusion: padding invariance, attention weights, Hugging Face BertLayer / ViltLayer equivalence,
+gradient flow, cached image keys/values, grad checkpointing, registry builders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from transformers import BertConfig, ViltConfig
+from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.vilt.modeling_vilt import ViltLayer, ViltPooler
+
+from vlp.config.schema import FusionConfig
+from vlp.errors import ConfigError
+from vlp.fusion import DualStreamFusion, SingleStreamFusion, build_fusion
+from vlp.layers import TransformerBlock
+from vlp.registry import fusions
+from vlp.types import FusionOutput
+
+DIM, HEADS, B, T, I = 32, 4, 3, 7, 5
+TEXT_LENGTHS, IMAGE_LENGTHS = [7, 4, 2], [5, 5, 3]
+
+Fusion = SingleStreamFusion | DualStreamFusion
+
+
+def _blocks() -> dict[str, Fusion]:
+    torch.manual_seed(0)
+    return {
+        "single_stream": SingleStreamFusion(DIM, 2, HEADS),
+        "co_attention": DualStreamFusion(DIM, 2, HEADS, update_image=True),
+        "one_way": DualStreamFusion(DIM, 2, HEADS, update_image=False),
+    }
+
+
+BLOCK_NAMES = list(_blocks())
+
+
+def _block(name: str) -> Fusion:
+    block = _blocks()[name].eval()
+    _randomize(block)
+    return block
+
+
+def _randomize(module: nn.Module, seed: int = 0) -> None:
+    """Random weights (LayerNorms included) so that comparisons do not pass on trivial parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+        for sub in module.modules():
+            if isinstance(sub, nn.LayerNorm):
+                sub.weight.add_(1.0)
+
+
+def _mask(lengths: list[int], n: int) -> Tensor:
+    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def _inputs(seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, DIM, generator=gen), torch.randn(B, I, DIM, generator=gen),
+            _mask(TEXT_LENGTHS, T), _mask(IMAGE_LENGTHS, I))
+
+
+def _pad(tokens: Tensor, mask: Tensor, extra: int) -> tuple[Tensor, Tensor]:
+    garbage = 100.0 * torch.randn(tokens.shape[0], extra, tokens.shape[2])
+    return torch.cat([tokens, garbage], 1), torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=torch.bool)], 1)
+
+
+def _assert_real_close(actual: Tensor, expected: Tensor, mask: Tensor, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual[mask], expected[mask], atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_padding_does_not_change_real_positions(name: str) -> None:
+    block = _block(name)
+    text, image, text_mask, image_mask = _inputs()
+    with torch.no_grad():
+        base = block(text, image, text_mask, image_mask)
+        # Overwrite already-padded positions with garbage too: they must be ignored, not just zero.
+        noisy_text = torch.where(text_mask[..., None], text, 1e3 * torch.randn_like(text))
+        noisy_image = torch.where(image_mask[..., None], image, 1e3 * torch.randn_like(image))
+        padded_text, padded_text_mask = _pad(noisy_text, text_mask, 4)
+        padded_image, padded_image_mask = _pad(noisy_image, image_mask, 3)
+        padded = block(padded_text, padded_image, padded_text_mask, padded_image_mask)
+    assert padded.text.shape == (B, T + 4, DIM) and padded.image.shape == (B, I + 3, DIM)
+    _assert_real_close(padded.text[:, :T], base.text, text_mask)
+    _assert_real_close(padded.image[:, :I], base.image, image_mask)
+    torch.testing.assert_close(padded.pooled, base.pooled, atol=1e-5, rtol=1e-5)
+    assert base.pooled.shape == (B, block.out_dim)
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_no_mask_equals_all_true_mask_and_long_mask_equals_bool(name: str) -> None:
+    block = _block(name)
+    text, image, text_mask, image_mask = _inputs()
+    all_text, all_image = torch.ones(B, T, dtype=torch.bool), torch.ones(B, I, dtype=torch.bool)
+    with torch.no_grad():
+        unmasked, explicit = block(text, image), block(text, image, all_text, all_image)
+        only_text = block(text, image, text_mask)
+        long_mask = block(text, image, text_mask.long(), image_mask.long())
+        bool_mask = block(text, image, text_mask, image_mask)
+    torch.testing.assert_close(unmasked.pooled, explicit.pooled, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(unmasked.text, explicit.text, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(only_text.pooled, block(text, image, text_mask, all_image).pooled, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(long_mask.text, bool_mask.text)
+    # The mask really matters: ignoring it changes the pooled output.
+    assert (unmasked.pooled - bool_mask.pooled).abs().max() > 1e-3
+
+
+EXPECTED_KEYS = {
+    "single_stream": {"self"},
+    "co_attention": {"text_self", "text_to_image", "image_self", "image_to_text"},
+    "one_way": {"text_self", "text_to_image"},
+}
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_return_attention_equals_sdpa_path(name: str) -> None:
+    block = _block(name)
+    text, image, text_mask, image_mask = _inputs()
+    with torch.no_grad():
+        fast = block(text, image, text_mask, image_mask)
+        explicit = block(text, image, text_mask, image_mask, return_attention=True)
+    assert fast.attentions is None and explicit.attentions is not None
+    torch.testing.assert_close(explicit.text, fast.text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit.image, fast.image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit.pooled, fast.pooled, atol=1e-5, rtol=1e-5)
+    assert len(explicit.attentions) == 2
+    joint_mask = torch.cat([text_mask, image_mask], 1)
+    key_masks = {"self": joint_mask, "text_self": text_mask, "text_to_image": image_mask,
+                 "image_self": image_mask, "image_to_text": text_mask}
+    for layer in explicit.attentions:
+        assert set(layer) == EXPECTED_KEYS[name]
+        for kind, weights in layer.items():
+            key_mask = key_masks[kind]
+            assert weights.shape[:2] == (B, HEADS) and weights.shape[-1] == key_mask.shape[1]
+            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+            padded_keys = ~key_mask[:, None, None, :].expand_as(weights)
+            assert weights[padded_keys].abs().max() == 0
+
+
+def _copy_linear(target: nn.Linear, source: nn.Linear) -> None:
+    target.weight.data.copy_(source.weight.data)
+    target.bias.data.copy_(source.bias.data)
+
+
+def _copy_norm(target: nn.LayerNorm, source: nn.Module) -> None:
+    assert isinstance(source, nn.LayerNorm) and target.eps == source.eps == 1e-12
+    target.weight.data.copy_(source.weight.data)
+    target.bias.data.copy_(source.bias.data)
+
+
+def _extended_mask(mask: Tensor) -> Tensor:
+    """HF's additive attention mask [b, 1, 1, m]: 0 for real keys, dtype min for padding."""
+    return (~mask[:, None, None, :]).float() * torch.finfo(torch.float32).min
+
+
+def test_one_way_layer_equals_hf_bert_layer_with_cross_attention() -> None:
+    torch.manual_seed(0)
+    fusion = DualStreamFusion(DIM, 1, HEADS, mlp_ratio=4.0, update_image=False).eval()
+    _randomize(fusion)
+    config = BertConfig(hidden_size=DIM, num_attention_heads=HEADS, intermediate_size=4 * DIM, hidden_act="gelu",
+                        layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        is_decoder=True, add_cross_attention=True, attn_implementation="eager")
+    reference = BertLayer(config).eval()
+    ours = fusion.text_layers[0]
+    assert isinstance(ours, TransformerBlock) and ours.cross_attn is not None and ours.norm_cross is not None
+    for hf_attention, attn, norm in [(reference.attention, ours.attn, ours.norm1),
+                                     (reference.crossattention, ours.cross_attn, ours.norm_cross)]:
+        _copy_linear(hf_attention.self.query, attn.q)
+        _copy_linear(hf_attention.self.key, attn.k)
+        _copy_linear(hf_attention.self.value, attn.v)
+        _copy_linear(hf_attention.output.dense, attn.proj)
+        _copy_norm(hf_attention.output.LayerNorm, norm)
+    _copy_linear(reference.intermediate.dense, ours.mlp.fc1)
+    _copy_linear(reference.output.dense, ours.mlp.fc2)
+    _copy_norm(reference.output.LayerNorm, ours.norm2)
+
+    text, image, text_mask, image_mask = _inputs()
+    with torch.no_grad():
+        # An explicit (padding) mask also keeps HF's decoder self-attention bidirectional.
+        expected = reference(text, attention_mask=_extended_mask(text_mask), encoder_hidden_states=image,
+                             encoder_attention_mask=_extended_mask(image_mask))
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        out = fusion(text, image, text_mask, image_mask)
+    torch.testing.assert_close(out.text, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, expected[:, 0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.image, image)
+
+
+def test_single_stream_layer_equals_hf_vilt_layer() -> None:
+    torch.manual_seed(0)
+    fusion = SingleStreamFusion(DIM, 1, HEADS, mlp_ratio=4.0).eval()
+    _randomize(fusion)
+    config = ViltConfig(hidden_size=DIM, num_attention_heads=HEADS, intermediate_size=4 * DIM, hidden_act="gelu",
+                        layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, qkv_bias=True)
+    reference, pooler = ViltLayer(config).eval(), ViltPooler(config).eval()
+    block = fusion.blocks[0]
+    assert isinstance(block, TransformerBlock)
+    _copy_linear(reference.attention.attention.query, block.attn.q)
+    _copy_linear(reference.attention.attention.key, block.attn.k)
+    _copy_linear(reference.attention.attention.value, block.attn.v)
+    _copy_linear(reference.attention.output.dense, block.attn.proj)
+    _copy_norm(reference.layernorm_before, block.norm1)
+    _copy_norm(reference.layernorm_after, block.norm2)
+    _copy_linear(reference.intermediate.dense, block.mlp.fc1)
+    _copy_linear(reference.output.dense, block.mlp.fc2)
+    _copy_linear(pooler.dense, fusion.pooler)
+
+    text, image, text_mask, image_mask = _inputs()
+    with torch.no_grad():
+        # ViLT's token-type embeddings: text type 0, image type 1, added before concatenation.
+        types = fusion.modality_type.weight
+        joint = torch.cat([text + types[0], image + types[1]], 1)
+        hidden = reference(joint, attention_mask=_extended_mask(torch.cat([text_mask, image_mask], 1)))[0]
+        hidden = fusion.norm(hidden)
+        out = fusion(text, image, text_mask, image_mask)
+    torch.testing.assert_close(out.text, hidden[:, :T], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.image, hidden[:, T:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, pooler(hidden), atol=1e-5, rtol=1e-5)
+
+
+def _loss(out: FusionOutput, seed: int = 2) -> Tensor:
+    # Random projections: a plain sum would give zero gradient through LayerNorm outputs.
+    gen = torch.Generator().manual_seed(seed)
+    return sum((part * torch.randn(part.shape, generator=gen)).sum() for part in (out.text, out.image, out.pooled))
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_gradients_reach_every_parameter(name: str) -> None:
+    block = _block(name).train()
+    text, image, text_mask, image_mask = _inputs()
+    text.requires_grad_(True)
+    _loss(block(text, image, text_mask, image_mask)).backward()
+    for param_name, param in block.named_parameters():
+        assert param.grad is not None and param.grad.abs().max() > 0, param_name
+    assert text.grad is not None and text.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_grad_checkpointing_gives_same_gradients(name: str) -> None:
+    block = _block(name).train()
+    text, image, text_mask, image_mask = _inputs()
+    calls: list[int] = []
+    # A pre-hook on the first sub-module: non-reentrant checkpointing stops recomputing once the saved
+    # tensors are restored, so hooks on later sub-modules may not fire.
+    for sub in block.modules():
+        if isinstance(sub, TransformerBlock):
+            sub.attn.register_forward_pre_hook(lambda *args: calls.append(1))
+
+    def grads() -> dict[str, Tensor]:
+        block.zero_grad()
+        _loss(block(text, image, text_mask, image_mask)).backward()
+        return {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    forward_calls = len(calls)
+    block.set_grad_checkpointing(True)
+    checkpointed = grads()
+    assert len(calls) == 3 * forward_calls  # every layer recomputed once in backward
+    assert plain.keys() == checkpointed.keys() == {n for n, _ in block.named_parameters()}
+    for param_name in plain:
+        torch.testing.assert_close(checkpointed[param_name], plain[param_name], atol=1e-5, rtol=1e-5)
+    block.set_grad_checkpointing(False)
+    grads()
+    assert len(calls) == 4 * forward_calls
+
+
+def test_image_kv_cache_equals_recomputation_and_indexes_per_candidate() -> None:
+    block = _block("one_way")
+    text, image, text_mask, image_mask = _inputs()
+    with torch.no_grad():
+        kv = block.image_kv(image)
+        assert len(kv) == 2 and kv[0][0].shape == (B, HEADS, I, DIM // HEADS)
+        plain = block(text, image, text_mask, image_mask)
+        cached = block(text, image, text_mask, image_mask, image_kv=kv)
+        torch.testing.assert_close(cached.text, plain.text)
+        torch.testing.assert_close(cached.pooled, plain.pooled)
+        # Re-ranking: each text row paired with a chosen image, keys/values indexed instead of recomputed.
+        index = torch.tensor([2, 0, 2])
+        picked = [(keys[index], values[index]) for keys, values in kv]
+        expected = block(text, image[index], text_mask, image_mask[index])
+        reused = block(text, image[index], text_mask, image_mask[index], image_kv=picked)
+        torch.testing.assert_close(reused.pooled, expected.pooled)
+        explained = block(text, image[index], text_mask, image_mask[index], image_kv=picked, return_attention=True)
+        torch.testing.assert_close(explained.pooled, expected.pooled, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="entries"):
+        block(text, image, image_kv=kv[:1])
+    with pytest.raises(ValueError, match="update_image=False"):
+        _block("co_attention").image_kv(image)
+
+
+def test_bad_shapes_raise_clear_errors() -> None:
+    block = _block("single_stream")
+    text, image, text_mask, _ = _inputs()
+    with pytest.raises(ValueError, match="fusion width is 32"):
+        block(text, torch.randn(B, I, 16))
+    with pytest.raises(ValueError, match="batch"):
+        block(text, image[:2])
+    with pytest.raises(ValueError, match="text_mask"):
+        block(text, image, text_mask[:, :3])
+
+
+def test_out_dims() -> None:
+    blocks = _blocks()
+    assert blocks["single_stream"].out_dim == DIM
+    assert blocks["co_attention"].out_dim == 2 * DIM
+    assert blocks["one_way"].out_dim == DIM
+
+
+def _configs() -> list[FusionConfig]:
+    configs = []
+    for name in fusions.names():
+        for update_image in ((False, True) if name == "dual_stream" else (False,)):
+            configs.append(FusionConfig(type=name, depth=1, num_heads=4, mlp_ratio=2.0, update_image=update_image))
+    return configs
+
+
+@pytest.mark.parametrize("cfg", _configs(), ids=lambda c: f"{c.type}-{c.update_image}")
+def test_every_registered_fusion_builds_and_trains(cfg: FusionConfig) -> None:
+    torch.manual_seed(0)
+    module = build_fusion(cfg, DIM)
+    assert fusions.get(cfg.type) is not None
+    if cfg.type == "none":
+        assert module is None
+        return
+    assert isinstance(module, nn.Module)
+    assert len(list(module.modules())) > 1 and sum(1 for m in module.modules() if isinstance(m, TransformerBlock)) >= 1
+    text, image, text_mask, image_mask = _inputs()
+    out = module(text, image, text_mask, image_mask)
+    assert out.pooled.shape == (B, module.out_dim) and torch.isfinite(out.pooled).all()
+    _loss(out).backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_registry_has_the_design_names_and_build_errors_name_the_key() -> None:
+    assert set(fusions.names()) >= {"none", "single_stream", "dual_stream"}
+    with pytest.raises(ConfigError, match="model.fusion.type.*did you mean 'dual_stream'"):
+        build_fusion(FusionConfig(type="dual_strem"), DIM)
+    with pytest.raises(ConfigError, match="model.fusion.num_heads"):
+        build_fusion(FusionConfig(type="single_stream", depth=1, num_heads=5), DIM)
+    cfg = FusionConfig(type="dual_stream", depth=3, num_heads=4, update_image=True)
+    built = build_fusion(cfg, DIM)
+    assert isinstance(built, DualStreamFusion) and built.update_image and len(built.text_layers) == 3
+
+
+def test_default_init_is_bert_style() -> None:
+    torch.manual_seed(0)
+    block = DualStreamFusion(256, 1, 4, update_image=True)
+    layer = block.text_layers[0]
+    assert isinstance(layer, TransformerBlock)
+    assert abs(layer.mlp.fc1.weight.std().item() - 0.02) < 0.002
+    assert layer.mlp.fc1.bias.abs().max() == 0
+    assert torch.equal(layer.norm1.weight, torch.ones(256)) and layer.norm1.eps == 1e-12
+    single = SingleStreamFusion(256, 1, 4)
+    assert abs(single.modality_type.weight.std().item() - 0.02) < 0.002

@@ -1,0 +1,117 @@
+"""The ``vlp`` console script. User errors print one line on stderr and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vlp.errors import UserError
+
+__all__ = ["main", "build_parser"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise UserError(f"file not found: {value}")
+    return path
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise UserError(f"directory not found: {value}")
+    return path
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from vlp.config import load_config
+    from vlp.train.loop import pretrain
+
+    config = load_config(_existing_file(args.config), args.set)
+    run_dir = pretrain(config, output_dir=args.output_dir, resume=args.resume)
+    print(run_dir)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from vlp.data.synthetic import write_synthetic
+
+    if args.train_size < 0 or args.test_size <= 0:
+        raise UserError(f"--train-size/--test-size must be positive, got {args.train_size}/{args.test_size}")
+    paths = write_synthetic(Path(args.out), train_size=args.train_size, test_size=args.test_size,
+                            seed=args.seed, image_size=args.image_size)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors become one line and exit code 2, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlp.cli.eval_commands import add_eval_commands, add_finetune_commands
+    from vlp.cli.extra_commands import add_extra_commands
+
+    parser = Parser(prog="vlp", description="Vision-language pretraining.")
+    add_common(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--output-dir", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    add_common(p)
+    p.set_defaults(handler=cmd_pretrain)
+
+    add_finetune_commands(sub, add_common)
+    add_eval_commands(sub, add_common)
+    add_extra_commands(sub, add_common)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("synth", help="write the built-in synthetic dataset to a directory")
+    s.add_argument("--out", required=True)
+    s.add_argument("--train-size", type=int, default=20000)
+    s.add_argument("--test-size", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=64)
+    add_common(s)
+    s.set_defaults(handler=cmd_data_synth)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        handler: Handler = args.handler
+        return handler(args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"vlp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

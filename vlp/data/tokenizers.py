@@ -1,0 +1,258 @@
+"""Tokenizers: one ``Tokenizer`` class over a Rust ``tokenizers.Tokenizer``, built from a config.
+
+Sources (``TextEncoderConfig.tokenizer``):
+
+- ``synthetic``: a word-level vocabulary of the embedded synthetic dataset, BERT-style
+  ``[CLS] ... [SEP]`` with ``[PAD]`` = 0, ``[UNK]`` and ``[MASK]``; text is lowercased and split on
+  whitespace and punctuation.
+- ``clip``: open_clip's bundled BPE vocabulary (``bpe_simple_vocab_16e6.txt.gz``) as a Rust BPE that
+  gives the same ids as ``open_clip.SimpleTokenizer`` (start/end of text 49406/49407, pad 0 as
+  open_clip pads). BPE has no mask token, so ``<|mask|>`` is appended: ``vocab_size`` is 49409, one more
+  than open_clip's embedding table. Known difference: open_clip also unescapes HTML entities and
+  repairs mojibake (ftfy) before tokenizing; plain text gives identical ids.
+- a local path: a ``tokenizer.json`` file, a directory written by ``Tokenizer.save``, or a Hugging Face
+  tokenizer directory (loaded with ``local_files_only=True``). A mask token is appended if missing.
+- ``type: hf`` with ``tokenizer`` empty or equal to ``name``: the model directory's own tokenizer, so
+  configs that use a local Hugging Face model set ``tokenizer`` to that directory (or leave it empty).
+
+Nothing is downloaded: any other value is a ``UserError``.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as RustTokenizer
+from torch import Tensor
+
+from vlp.config.schema import TextEncoderConfig
+from vlp.errors import UserError
+
+__all__ = ["Tokenizer", "build_tokenizer", "word_tokenizer"]
+
+BACKEND_FILE = "tokenizer.json"
+SPECIALS_FILE = "vlp_tokenizer.json"
+FORMAT_VERSION = 1
+APPENDED_MASK = "<|mask|>"
+WORD_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# open_clip's own split pattern (its specials first), applied to lowercased text.
+CLIP_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+class Tokenizer:
+    """A Rust tokenizer plus the special ids vlp needs; batches are padded to their longest caption.
+
+    ``special_ids`` are the ids MLM must never mask (CLS/SEP/BOS/EOS, PAD when it is a dedicated token,
+    UNK, MASK). Always use the returned ``attention_mask``: for ``clip`` the pad id 0 is also the
+    ordinary token ``!``, exactly as in open_clip.
+    """
+
+    def __init__(self, backend: RustTokenizer, pad_id: int, mask_id: int, cls_id: int,
+                 special_ids: Iterable[int]) -> None:
+        self.backend = backend
+        self.pad_id = pad_id
+        self.mask_id = mask_id
+        self.cls_id = cls_id
+        self.special_ids = frozenset(special_ids) | {mask_id}
+        pad_token = backend.id_to_token(pad_id)
+        if pad_token is None:
+            raise UserError(f"tokenizer pad id {pad_id} is not in its vocabulary")
+        backend.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
+        backend.no_truncation()
+        self._max_length: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def __call__(self, texts: Sequence[str] | str, max_length: int) -> dict[str, Tensor]:
+        """Token ids [B, T] (long) and attention mask [B, T] (bool, True = real), T = min(longest, max_length).
+
+        Truncation keeps the final SEP/EOT token, as Hugging Face and open_clip do.
+        """
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if max_length != self._max_length:
+            added = self.backend.num_special_tokens_to_add(is_pair=False)
+            if max_length <= added:
+                raise UserError(f"max_length {max_length} leaves no room for text after {added} special tokens")
+            self.backend.enable_truncation(max_length)
+            self._max_length = max_length
+        encodings = self.backend.encode_batch(batch)
+        input_ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        attention_mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
+        if not batch:
+            input_ids, attention_mask = input_ids.reshape(0, 0), attention_mask.reshape(0, 0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def decode(self, ids: Sequence[int] | Tensor) -> str:
+        """Text of one sequence (trailing padding allowed), special tokens skipped."""
+        id_list = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        while id_list and id_list[-1] == self.pad_id:  # padding follows the final SEP/EOT
+            id_list.pop()
+        text = self.backend.decode(id_list, skip_special_tokens=True)
+        suffix = getattr(self.backend.model, "end_of_word_suffix", None)
+        if suffix:  # CLIP's BPE marks word ends instead of spaces
+            text = text.replace(suffix, " ")
+        return " ".join(text.split())
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` (the Rust tokenizer) and ``vlp_tokenizer.json`` (the special ids)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(out / BACKEND_FILE))
+        specials = {"format": FORMAT_VERSION, "pad_id": self.pad_id, "mask_id": self.mask_id,
+                    "cls_id": self.cls_id, "special_ids": sorted(self.special_ids)}
+        (out / SPECIALS_FILE).write_text(json.dumps(specials, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Read a directory written by ``save``."""
+        root = Path(directory)
+        backend_path, specials_path = root / BACKEND_FILE, root / SPECIALS_FILE
+        for path in (backend_path, specials_path):
+            if not path.is_file():
+                raise UserError(f"tokenizer directory {root} has no {path.name}")
+        try:
+            specials: dict[str, Any] = json.loads(specials_path.read_text())
+            ids = [int(specials[key]) for key in ("pad_id", "mask_id", "cls_id")]
+            special_ids = [int(i) for i in specials["special_ids"]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"cannot read {specials_path}: {one_line(error)}") from error
+        try:
+            backend = RustTokenizer.from_file(str(backend_path))
+        except Exception as error:  # the Rust loader raises plain Exception on malformed files
+            raise UserError(f"cannot read {backend_path}: {one_line(error)}") from error
+        return cls(backend, pad_id=ids[0], mask_id=ids[1], cls_id=ids[2], special_ids=special_ids)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def word_tokenizer(words: Iterable[str]) -> Tokenizer:
+    """A word-level tokenizer over ``words`` (lowercased) plus ASCII punctuation; [PAD]=0, [UNK], [CLS], [SEP], [MASK]."""
+    vocab = {token: index for index, token in enumerate(WORD_SPECIALS)}
+    for word in sorted({w.lower() for w in words} | set(string.punctuation)):
+        vocab.setdefault(word, len(vocab))
+    backend = RustTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in WORD_SPECIALS])
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return Tokenizer(backend, pad_id=vocab["[PAD]"], mask_id=vocab["[MASK]"], cls_id=vocab["[CLS]"],
+                     special_ids=[vocab[t] for t in WORD_SPECIALS])
+
+
+@lru_cache(maxsize=1)
+def _clip_backend_json() -> str:
+    # Derived once per process from open_clip's own parse of its bundled vocabulary.
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    simple = open_clip.SimpleTokenizer()
+    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.__getitem__)
+    sot, eot = "<start_of_text>", "<end_of_text>"
+    hf = CLIPTokenizer(vocab=dict(simple.encoder), merges=merges, unk_token=eot, bos_token=sot,
+                       eos_token=eot, pad_token=eot)
+    backend: RustTokenizer = hf.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    if backend.token_to_id(sot) != simple.sot_token_id or backend.token_to_id(eot) != simple.eot_token_id:
+        raise RuntimeError("open_clip's BPE vocabulary changed layout: start/end of text ids differ")
+    backend.add_special_tokens([AddedToken(APPENDED_MASK, special=True)])
+    return str(backend.to_str())
+
+
+def clip_tokenizer() -> Tokenizer:
+    """open_clip's BPE (same ids as ``open_clip.SimpleTokenizer``) with ``<|mask|>`` appended (id 49408)."""
+    backend = RustTokenizer.from_str(_clip_backend_json())
+    sot, eot = backend.token_to_id("<start_of_text>"), backend.token_to_id("<end_of_text>")
+    mask = backend.token_to_id(APPENDED_MASK)
+    return Tokenizer(backend, pad_id=0, mask_id=mask, cls_id=sot, special_ids=[sot, eot, mask])
+
+
+def _with_mask(backend: RustTokenizer, mask_id: int | None) -> int:
+    if mask_id is not None:
+        return mask_id
+    backend.add_special_tokens([AddedToken(APPENDED_MASK, special=True)])
+    return int(backend.token_to_id(APPENDED_MASK))
+
+
+def _first_present(backend: RustTokenizer, names: Sequence[str]) -> int | None:
+    for name in names:
+        token_id = backend.token_to_id(name)
+        if token_id is not None:
+            return int(token_id)
+    return None
+
+
+def _from_tokenizer_json(path: Path) -> Tokenizer:
+    try:
+        backend = RustTokenizer.from_file(str(path))
+    except Exception as error:  # the Rust loader raises plain Exception on malformed files
+        raise UserError(f"cannot read tokenizer file {path}: {one_line(error)}") from error
+    special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
+    pad = _first_present(backend, ["[PAD]", "<pad>", "<|pad|>", "<|endoftext|>", "</s>"])
+    cls = _first_present(backend, ["[CLS]", "<s>", "<|startoftext|>", "<bos>", "<|begin_of_text|>"])
+    mask = _with_mask(backend, _first_present(backend, ["[MASK]", "<mask>", APPENDED_MASK]))
+    pad_id = 0 if pad is None else pad
+    return Tokenizer(backend, pad_id=pad_id, mask_id=mask, cls_id=pad_id if cls is None else cls,
+                     special_ids=special)
+
+
+def _from_hf_directory(path: Path) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"cannot load a Hugging Face tokenizer from {path}: {one_line(error)}") from error
+    backend = getattr(hf, "backend_tokenizer", None)
+    if not isinstance(backend, RustTokenizer):
+        raise UserError(f"tokenizer in {path} has no fast (Rust) backend; save it with a tokenizer.json")
+    pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+    cls = hf.cls_token_id if hf.cls_token_id is not None else hf.bos_token_id
+    mask = _with_mask(backend, hf.mask_token_id)
+    pad_id = 0 if pad is None else int(pad)
+    return Tokenizer(backend, pad_id=pad_id, mask_id=mask, cls_id=pad_id if cls is None else int(cls),
+                     special_ids=[int(i) for i in hf.all_special_ids])
+
+
+def load_tokenizer(location: str) -> Tokenizer:
+    """A tokenizer from a local ``tokenizer.json``, a ``Tokenizer.save`` directory or a Hugging Face directory."""
+    path = Path(location).expanduser()
+    if path.is_file():
+        return _from_tokenizer_json(path)
+    if path.is_dir():
+        if (path / SPECIALS_FILE).is_file():
+            return Tokenizer.load(path)
+        return _from_hf_directory(path)
+    raise UserError(
+        f"tokenizer '{location}' is not 'synthetic', 'clip' or a local path (tokenizer.json or a directory); "
+        "vlp never downloads tokenizers")
+
+
+def build_tokenizer(cfg: TextEncoderConfig) -> Tokenizer:
+    """The tokenizer that ``cfg`` names (see the module docstring for the accepted values)."""
+    source = cfg.tokenizer
+    if cfg.type == "hf" and cfg.name and source in ("", cfg.name):
+        return load_tokenizer(cfg.name)
+    if source == "synthetic":
+        from vlp.data.synthetic import SYNTHETIC_WORDS
+
+        return word_tokenizer(SYNTHETIC_WORDS)
+    if source == "clip":
+        return clip_tokenizer()
+    if not source:
+        raise UserError("text.tokenizer is empty: use 'synthetic', 'clip' or a local tokenizer path")
+    return load_tokenizer(source)

@@ -1,0 +1,367 @@
+"""Image-text retrieval: recall metrics, memory-bounded ranking, and the evaluation harness.
+
+Axis legend: q = queries, g = gallery items, k = candidates per query, p = positives per query, e = embedding width.
+Ranks are 0-based: rank r means r gallery items are ranked above the query's best ground truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from vlp.errors import UserError
+from vlp.eval.rerank import rerank_candidates, reranked_ranks
+from vlp.types import EncoderOutput
+
+__all__ = [
+    "RetrievalSplitLike", "EncodedSplit", "retrieval_metrics", "recall_curves", "chunked_topk", "chunked_ranks",
+    "encode_split", "evaluate_retrieval",
+]
+
+SCORES = ("itm", "itm+itc")
+RECALL_KS = (1, 5, 10)
+CURVE_MAX_K = 50
+
+
+class RetrievalSplitLike(Protocol):
+    """What evaluation needs from a retrieval test split (vlp.data.retrieval_split.RetrievalSplit has it)."""
+
+    @property
+    def num_images(self) -> int: ...
+    @property
+    def captions(self) -> Sequence[str]: ...
+    @property
+    def txt2img(self) -> Sequence[int]: ...
+    @property
+    def img2txt(self) -> Sequence[Sequence[int]]: ...
+    def image_dataset(self, transform: Any) -> Dataset[Any]: ...
+
+
+# ---------------------------------------------------------------------------------------------- ranks / metrics
+def positives_from_txt2img(txt2img: Tensor, num_images: int) -> Tensor:
+    """[num_images, p] caption indices of each image, padded with -1 (p = most captions of any image)."""
+    counts = torch.bincount(txt2img, minlength=num_images)
+    order = torch.argsort(txt2img, stable=True)
+    sorted_images = txt2img[order]
+    slot = torch.arange(len(txt2img)) - (counts.cumsum(0) - counts)[sorted_images]
+    positives = torch.full((num_images, max(int(counts.max()), 1)), -1, dtype=torch.long)
+    positives[sorted_images, slot] = order
+    return positives
+
+
+def positives_from_lists(lists: Sequence[Sequence[int]]) -> Tensor:
+    """[q, p] ground-truth gallery indices per query, padded with -1."""
+    width = max((len(row) for row in lists), default=1)
+    positives = torch.full((len(lists), max(width, 1)), -1, dtype=torch.long)
+    for row, items in enumerate(lists):
+        positives[row, : len(items)] = torch.as_tensor(list(items), dtype=torch.long)
+    return positives
+
+
+def ranks_against_positives(scores: Tensor, positives: Tensor) -> Tensor:
+    """Rank of each query's best-scoring ground truth. scores [q, g]; positives [q, p] padded with -1.
+
+    Pessimistic ties: every other (non ground-truth) item scoring >= the best ground truth is ranked above it.
+    """
+    num_gallery = scores.shape[1]
+    real = positives >= 0
+    best = scores.gather(1, positives.clamp(min=0)).masked_fill(~real, float("-inf")).amax(dim=1)
+    # An extra column absorbs the -1 padding so one scatter marks every real positive.
+    is_positive = torch.zeros(scores.shape[0], num_gallery + 1, dtype=torch.bool, device=scores.device)
+    is_positive.scatter_(1, positives.where(real, num_gallery), True)
+    above = (scores >= best[:, None]) & ~is_positive[:, :num_gallery]
+    return above.sum(dim=1)
+
+
+def recall_metrics(txt_ranks: Tensor, img_ranks: Tensor) -> dict[str, float]:
+    """txt_r* from image-query ranks, img_r* from text-query ranks, their means and r_mean (percent)."""
+    metrics: dict[str, float] = {}
+    for side, ranks in (("txt", txt_ranks), ("img", img_ranks)):
+        for k in RECALL_KS:
+            metrics[f"{side}_r{k}"] = 100.0 * (ranks < k).double().mean().item()
+        metrics[f"{side}_r_mean"] = sum(metrics[f"{side}_r{k}"] for k in RECALL_KS) / len(RECALL_KS)
+    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
+    return metrics
+
+
+def _as_index_tensor(txt2img: Sequence[int] | Tensor | np.ndarray, num_images: int, num_texts: int) -> Tensor:
+    index = torch.as_tensor(np.asarray(txt2img), dtype=torch.long).reshape(-1)
+    if len(index) != num_texts:
+        raise UserError(f"txt2img has {len(index)} entries but there are {num_texts} captions")
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= num_images):
+        raise UserError(f"txt2img points outside the {num_images} images")
+    if (torch.bincount(index, minlength=num_images) == 0).any():
+        missing = int((torch.bincount(index, minlength=num_images) == 0).nonzero()[0])
+        raise UserError(f"image {missing} has no ground-truth caption: every image needs at least one")
+    return index
+
+
+def _validate_img2txt(img2txt: Sequence[Sequence[int]], txt2img: Tensor, num_images: int) -> Tensor:
+    """img2txt as padded positives [num_images, p], checked to be the inverse of txt2img."""
+    derived = positives_from_txt2img(txt2img, num_images)
+    given = positives_from_lists(img2txt)
+    if given.shape != derived.shape or not torch.equal(given.sort(dim=1).values, derived.sort(dim=1).values):
+        raise UserError("img2txt and txt2img disagree: img2txt[i] must list exactly the captions whose txt2img is i")
+    return derived
+
+
+def retrieval_metrics(scores_i2t: Tensor | np.ndarray, txt2img: Sequence[int] | Tensor | np.ndarray,
+                      scores_t2i: Tensor | np.ndarray | None = None,
+                      img2txt: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Recall@1/5/10 in both directions from full score matrices (percent).
+
+    scores_i2t [N_img, N_txt]; scores_t2i [N_txt, N_img] only when re-ranking made the directions differ
+    (ALBEF's itm_eval), else scores_i2t transposed. An image query's rank is its best-ranked caption;
+    ties rank pessimistically. ``img2txt`` is derived from ``txt2img`` when not given.
+    """
+    i2t = torch.as_tensor(np.asarray(scores_i2t)).double()
+    if i2t.dim() != 2:
+        raise UserError(f"scores_i2t must be [N_img, N_txt]; got shape {tuple(i2t.shape)}")
+    num_images, num_texts = i2t.shape
+    targets = _as_index_tensor(txt2img, num_images, num_texts)
+    positives = (positives_from_txt2img(targets, num_images) if img2txt is None
+                 else _validate_img2txt(img2txt, targets, num_images))
+    t2i = i2t.T if scores_t2i is None else torch.as_tensor(np.asarray(scores_t2i)).double()
+    if tuple(t2i.shape) != (num_texts, num_images):
+        raise UserError(f"scores_t2i must be [N_txt, N_img] = {(num_texts, num_images)}; got {tuple(t2i.shape)}")
+    return recall_metrics(ranks_against_positives(i2t, positives), ranks_against_positives(t2i, targets[:, None]))
+
+
+def recall_curve(ranks: Tensor, max_k: int) -> list[float]:
+    """Recall@K in percent for K = 1..max_k."""
+    hits = torch.bincount(ranks.clamp(max=max_k).cpu(), minlength=max_k + 1)[:max_k].cumsum(0)
+    return (100.0 * hits.double() / max(len(ranks), 1)).tolist()
+
+
+def recall_curves(txt_ranks: Tensor, img_ranks: Tensor, num_images: int, num_texts: int) -> dict[str, list[float]]:
+    """{"txt": recall@K of image queries, "img": recall@K of text queries}, K up to min(50, gallery size)."""
+    return {"txt": recall_curve(txt_ranks, min(CURVE_MAX_K, num_texts)),
+            "img": recall_curve(img_ranks, min(CURVE_MAX_K, num_images))}
+
+
+# ---------------------------------------------------------------------------------------------- chunked scoring
+def _budget_elements(memory_mb: float) -> int:
+    return max(1, int(memory_mb * 2**20) // 4)  # fp32 scores
+
+
+def chunked_topk(query_emb: Tensor, gallery_emb: Tensor, k: int, chunk_size: int | None = None,
+                 memory_mb: float = 256) -> tuple[Tensor, Tensor]:
+    """Top-k dot-product scores of every query over the gallery: (values [q, k], indices [q, k]).
+
+    Scores are computed in (query chunk x gallery chunk) blocks and merged into a running top-k, so the
+    full [q, g] matrix never exists. ``chunk_size`` fixes both block sides; otherwise the block is sized
+    to ``memory_mb`` of fp32 scores.
+    """
+    num_queries, num_gallery = query_emb.shape[0], gallery_emb.shape[0]
+    if not 0 < k <= num_gallery:
+        raise ValueError(f"k={k} must be in 1..{num_gallery} (the gallery size)")
+    if chunk_size is not None:
+        query_chunk = gallery_chunk = max(1, chunk_size)
+    else:
+        budget = _budget_elements(memory_mb)
+        gallery_chunk = min(num_gallery, max(k, budget // max(1, min(num_queries, 1024))))
+        query_chunk = max(1, budget // gallery_chunk)
+    values = torch.empty(num_queries, k, dtype=torch.float32, device=query_emb.device)
+    indices = torch.empty(num_queries, k, dtype=torch.long, device=query_emb.device)
+    for q_start in range(0, num_queries, query_chunk):
+        queries = query_emb[q_start:q_start + query_chunk].float()
+        best_values: Tensor | None = None
+        best_indices: Tensor | None = None
+        for g_start in range(0, num_gallery, gallery_chunk):
+            block = queries @ gallery_emb[g_start:g_start + gallery_chunk].float().T  # [q, g]
+            block_values, block_indices = block.topk(min(k, block.shape[1]), dim=1)
+            block_indices = block_indices + g_start
+            if best_values is not None and best_indices is not None:
+                block_values = torch.cat([best_values, block_values], dim=1)
+                block_indices = torch.cat([best_indices, block_indices], dim=1)
+                block_values, keep = block_values.topk(min(k, block_values.shape[1]), dim=1)
+                block_indices = block_indices.gather(1, keep)
+            best_values, best_indices = block_values, block_indices
+        assert best_values is not None and best_indices is not None
+        values[q_start:q_start + query_chunk] = best_values
+        indices[q_start:q_start + query_chunk] = best_indices
+    return values, indices
+
+
+def chunked_ranks(query_emb: Tensor, gallery_emb: Tensor, positives: Tensor, memory_mb: float = 256) -> Tensor:
+    """Pessimistic rank of each query's best ground truth under dot-product scores, in query chunks.
+
+    positives [q, p] (padded with -1). Each chunk's scores are one [chunk, g] block sized to ``memory_mb``
+    (at least one full gallery row, which is small: 25k captions are 100 kB).
+    """
+    chunk = max(1, _budget_elements(memory_mb) // max(1, gallery_emb.shape[0]))
+    gallery = gallery_emb.float()
+    positives = positives.to(query_emb.device)
+    ranks = [ranks_against_positives(query_emb[start:start + chunk].float() @ gallery.T, positives[start:start + chunk])
+             for start in range(0, query_emb.shape[0], chunk)]
+    return torch.cat(ranks).cpu()
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """A factory of the autocast context for ``precision`` (fp32: none; bf16: autocast on the device type)."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise UserError(f"eval.precision: '{precision}' is not one of fp32, bf16")
+
+
+def resolve_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def max_text_length(model: Any) -> int:
+    return int(model.config.text.max_length)
+
+
+def stack_images(items: list[Any]) -> Tensor:
+    """Collate a batch of image tensors (or dataset rows holding one under "image")."""
+    return torch.stack([item["image"] if isinstance(item, dict) else item for item in items])
+
+
+def cat_outputs(outputs: list[EncoderOutput]) -> EncoderOutput:
+    """Concatenate encoder outputs along the batch, right-padding tokens (mask False) to the longest."""
+    length = max(out.tokens.shape[1] for out in outputs)
+    tokens = [F.pad(out.tokens, (0, 0, 0, length - out.tokens.shape[1])) for out in outputs]
+    masks = [F.pad(out.mask.bool(), (0, length - out.mask.shape[1]), value=False) for out in outputs]
+    return EncoderOutput(torch.cat(tokens), torch.cat(masks), torch.cat([out.pooled for out in outputs]))
+
+
+class EncodedSplit(NamedTuple):
+    """Embeddings (L2-normalized fp32) and, when kept for fusion, the encoder outputs of a split."""
+
+    image_emb: Tensor
+    image_out: EncoderOutput | None
+    text_emb: Tensor
+    text_out: EncoderOutput | None
+
+
+@torch.no_grad()
+def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_size: int = 128,
+                 precision: str = "fp32", device: str | torch.device | None = None, progress: bool = True,
+                 keep_tokens: bool | None = None, num_workers: int = 0) -> EncodedSplit:
+    """Encode every image and caption of a split in batches (tqdm bar, optional bf16 autocast).
+
+    Encoder outputs are kept (on the device) for re-ranking when ``keep_tokens`` (default: the model has fusion).
+    """
+    target = resolve_device(model, device)
+    autocast = autocast_context(precision, target)
+    keep = bool(model.has_fusion) if keep_tokens is None else keep_tokens
+    loader = DataLoader(split.image_dataset(transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=stack_images, pin_memory=target.type == "cuda")
+    image_embs, image_outs = [], []
+    for images in tqdm(loader, desc="encode images", disable=not progress):
+        with autocast():
+            out, emb = model.image_features(images.to(target, non_blocking=True))
+        # Cosine similarity is what ITC ranks by, whatever the model returns.
+        image_embs.append(F.normalize(emb.float(), dim=-1))
+        if keep:
+            image_outs.append(out)
+    captions = list(split.captions)
+    text_embs, text_outs = [], []
+    for start in tqdm(range(0, len(captions), batch_size), desc="encode texts", disable=not progress):
+        batch = model.tokenizer(captions[start:start + batch_size], max_length=max_text_length(model))
+        with autocast():
+            out, emb = model.text_features(batch["input_ids"].to(target), batch["attention_mask"].to(target))
+        text_embs.append(F.normalize(emb.float(), dim=-1))
+        if keep:
+            text_outs.append(out)
+    return EncodedSplit(torch.cat(image_embs), cat_outputs(image_outs) if keep else None,
+                        torch.cat(text_embs), cat_outputs(text_outs) if keep else None)
+
+
+class _FirstImages:
+    """The first ``count`` images of a split and their captions (eval.max_images)."""
+
+    def __init__(self, split: RetrievalSplitLike, count: int) -> None:
+        self.split = split
+        self.num_images = count
+        kept = [t for t, image in enumerate(split.txt2img) if image < count]
+        self.captions = [split.captions[t] for t in kept]
+        self.txt2img = [split.txt2img[t] for t in kept]
+        self.img2txt = [[] for _ in range(count)]  # type: list[list[int]]
+        for new_index, image in enumerate(self.txt2img):
+            self.img2txt[image].append(new_index)
+
+    def image_dataset(self, transform: Any) -> Dataset[Any]:
+        return Subset(self.split.image_dataset(transform), range(self.num_images))
+
+
+# ---------------------------------------------------------------------------------------------- harness
+def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_test: int = 16, score: str = "itm",
+                       batch_size: int = 128, precision: str = "fp32", device: str | torch.device | None = None,
+                       progress: bool = True, max_images: int = 0, memory_mb: float = 1024,
+                       num_workers: int = 0) -> dict[str, Any]:
+    """Retrieval metrics of a model on a split: ITC from the full ranking, plus ITM re-ranking when fused.
+
+    ITM (ALBEF/BLIP): each query's top ``k_test`` ITC candidates, in both directions, are re-scored by the
+    match logit (``score="itm"``) or the logit plus the ITC cosine (``"itm+itc"``, BLIP). Re-scored
+    candidates rank above all others; the others keep their ITC order, so a ground truth outside the top
+    k keeps its ITC rank. Result: {"itc": metrics, "itm": metrics (fused only), "curves": recall@K lists,
+    "score", "k_test", "num_images", "num_texts"}.
+    """
+    if score not in SCORES:
+        raise UserError(f"eval.score: '{score}' is not one of {', '.join(SCORES)}")
+    if max_images < 0:
+        raise UserError(f"eval.max_images must be >= 0; got {max_images}")
+    target = resolve_device(model, device)
+    autocast = autocast_context(precision, target)
+    if 0 < max_images < split.num_images:
+        split = _FirstImages(split, max_images)
+    num_images, num_texts = split.num_images, len(split.captions)
+    txt2img = _as_index_tensor(split.txt2img, num_images, num_texts)
+    fused = bool(model.has_fusion)
+    if fused and not 0 < k_test <= min(num_images, num_texts):
+        raise UserError(f"eval.k_test={k_test} must be between 1 and the gallery size "
+                        f"(min of {num_images} images, {num_texts} captions)")
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            encoded = encode_split(model, split, transform, batch_size, precision, target, progress,
+                                   num_workers=num_workers)
+            image_positives = _validate_img2txt(split.img2txt, txt2img, num_images)
+            result = _score_encoded(model, encoded, image_positives, txt2img[:, None], k_test if fused else 0,
+                                    score, batch_size, autocast, progress, memory_mb)
+    finally:
+        model.train(was_training)
+    result.update(score=score, k_test=k_test, num_images=num_images, num_texts=num_texts)
+    return result
+
+
+def _score_encoded(model: Any, encoded: EncodedSplit, image_positives: Tensor, text_positives: Tensor, k_test: int,
+                   score: str, batch_size: int, autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+                   progress: bool, memory_mb: float) -> dict[str, Any]:
+    """ITC metrics, and ITM re-ranked metrics when ``k_test`` > 0, with their recall curves."""
+    num_images, num_texts = len(encoded.image_emb), len(encoded.text_emb)
+    txt_ranks = chunked_ranks(encoded.image_emb, encoded.text_emb, image_positives, memory_mb)
+    img_ranks = chunked_ranks(encoded.text_emb, encoded.image_emb, text_positives, memory_mb)
+    result: dict[str, Any] = {"itc": recall_metrics(txt_ranks, img_ranks)}
+    curves = {"itc": recall_curves(txt_ranks, img_ranks, num_images, num_texts)}
+    if k_test > 0:
+        assert encoded.image_out is not None and encoded.text_out is not None
+        i2t_sims, i2t_top = chunked_topk(encoded.image_emb, encoded.text_emb, k_test, memory_mb=memory_mb)
+        t2i_sims, t2i_top = chunked_topk(encoded.text_emb, encoded.image_emb, k_test, memory_mb=memory_mb)
+        i2t_scores, t2i_scores = rerank_candidates(model, encoded.image_out, encoded.text_out, i2t_top, t2i_top,
+                                                   batch_size, autocast, progress)
+        if score == "itm+itc":
+            i2t_scores, t2i_scores = i2t_scores + i2t_sims, t2i_scores + t2i_sims
+        itm_txt = reranked_ranks(i2t_top, i2t_scores, image_positives, txt_ranks)
+        itm_img = reranked_ranks(t2i_top, t2i_scores, text_positives, img_ranks)
+        result["itm"] = recall_metrics(itm_txt, itm_img)
+        curves["itm"] = recall_curves(itm_txt, itm_img, num_images, num_texts)
+    result["curves"] = curves
+    return result

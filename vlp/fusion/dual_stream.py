@@ -1,0 +1,122 @@
+"""Dual-stream fusion: BERT-style layers with cross-attention, one-way (ALBEF) or co-attention (METER).
+
+Axis legend: b = batch, t = text tokens, i = image tokens, h = heads, d = head width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlp.fusion.single_stream import LAYER_NORM_EPS, as_bool_mask, check_fusion_inputs
+from vlp.layers import Attention, TransformerBlock, init_transformer_weights
+from vlp.types import FusionOutput
+
+__all__ = ["DualStreamFusion"]
+
+
+def _cross_attention(layer: TransformerBlock) -> Attention:
+    if layer.cross_attn is None:
+        raise TypeError("dual-stream layers are built with cross-attention")
+    return layer.cross_attn
+
+
+class DualStreamFusion(nn.Module):
+    """Post-norm BERT layers: self-attention, cross-attention to the other stream, FFN.
+
+    ``update_image=True`` (METER co-attention): both streams have layers, and each layer's cross-attention
+    reads the other stream's previous-layer states; ``pooled`` concatenates tanh poolers on the text and
+    image [CLS] states, ``out_dim`` = 2 * ``dim``.
+    ``update_image=False`` (ALBEF): only the text stream has layers, cross-attending to the fixed image
+    tokens, which are returned unchanged; ``pooled`` = the text [CLS] state, ``out_dim`` = ``dim``.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 update_image: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.update_image = update_image
+        self.out_dim = 2 * dim if update_image else dim
+
+        def layers(count: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                TransformerBlock(dim, num_heads, mlp_ratio, dropout, pre_norm=False, cross_attention=True,
+                                 eps=LAYER_NORM_EPS)
+                for _ in range(count)
+            )
+
+        self.text_layers = layers(depth)
+        self.image_layers = layers(depth if update_image else 0)
+        self.text_pooler = nn.Linear(dim, dim) if update_image else None
+        self.image_pooler = nn.Linear(dim, dim) if update_image else None
+        self.apply(init_transformer_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in [*self.text_layers, *self.image_layers]:
+            layer.grad_checkpointing = enable
+
+    def image_kv(self, image: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each text layer's cross-attention keys and values [b, h, i, d] for image tokens [b, i, dim].
+
+        Computed once per image, they can be indexed per candidate text and passed as ``forward(image_kv=...)``.
+        """
+        if self.update_image:
+            raise ValueError("image_kv needs DualStreamFusion(update_image=False): co-attention changes the "
+                             "image states in every layer")
+        return [_cross_attention(layer).key_value(image) for layer in self.text_layers]
+
+    def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, image_mask: Tensor | None = None,
+                return_attention: bool = False, image_kv: list[tuple[Tensor, Tensor]] | None = None) -> FusionOutput:
+        """text [b, t, dim], image [b, i, dim], masks bool [b, t], [b, i] (True = real; None = all real).
+
+        ``image_kv``: ``self.image_kv(image)`` computed earlier (one-way form only), used instead of
+        recomputing the image keys and values in every layer.
+        """
+        check_fusion_inputs(self.dim, text, image, text_mask, image_mask)
+        text_mask, image_mask = as_bool_mask(text_mask), as_bool_mask(image_mask)
+        if image_kv is not None:
+            self._check_image_kv(image_kv, text.shape[0], image.shape[1])
+        if self.update_image:
+            return self._co_attention(text, image, text_mask, image_mask, return_attention)
+
+        attentions: list[dict[str, Tensor]] = []
+        for index, layer in enumerate(self.text_layers):
+            kv = image_kv[index] if image_kv is not None else None
+            text, weights = layer.forward_with_weights(text, text_mask, context=image, context_mask=image_mask,
+                                                       return_weights=return_attention, context_kv=kv)
+            if return_attention:
+                attentions.append({"text_self": weights["self"], "text_to_image": weights["cross"]})
+        return FusionOutput(text=text, image=image, pooled=text[:, 0],
+                            attentions=attentions if return_attention else None)
+
+    def _check_image_kv(self, image_kv: list[tuple[Tensor, Tensor]], batch: int, num_image: int) -> None:
+        if self.update_image:
+            raise ValueError("image_kv needs DualStreamFusion(update_image=False)")
+        if len(image_kv) != len(self.text_layers):
+            raise ValueError(f"image_kv has {len(image_kv)} entries; the block has {len(self.text_layers)} layers")
+        keys = image_kv[0][0] if image_kv else None
+        if keys is not None and (keys.shape[0] != batch or keys.shape[2] != num_image):
+            raise ValueError(f"image_kv keys have shape {tuple(keys.shape)}; expected batch {batch} and "
+                             f"{num_image} image tokens")
+
+    def _co_attention(self, text: Tensor, image: Tensor, text_mask: Tensor | None, image_mask: Tensor | None,
+                      return_attention: bool) -> FusionOutput:
+        attentions: list[dict[str, Tensor]] = []
+        for text_layer, image_layer in zip(self.text_layers, self.image_layers):
+            # Both streams read the other's states from the previous layer, as in METER.
+            new_text, text_weights = text_layer.forward_with_weights(
+                text, text_mask, context=image, context_mask=image_mask, return_weights=return_attention)
+            new_image, image_weights = image_layer.forward_with_weights(
+                image, image_mask, context=text, context_mask=text_mask, return_weights=return_attention)
+            text, image = new_text, new_image
+            if return_attention:
+                attentions.append({
+                    "text_self": text_weights["self"], "text_to_image": text_weights["cross"],
+                    "image_self": image_weights["self"], "image_to_text": image_weights["cross"],
+                })
+        if self.text_pooler is None or self.image_pooler is None:
+            raise TypeError("co-attention fusion is built with poolers")
+        pooled = torch.cat([torch.tanh(self.text_pooler(text[:, 0])), torch.tanh(self.image_pooler(image[:, 0]))],
+                           dim=-1)
+        return FusionOutput(text=text, image=image, pooled=pooled,
+                            attentions=attentions if return_attention else None)

@@ -1,0 +1,87 @@
+"""Single-stream fusion (ViLT): text and image tokens joined into one sequence of self-attention blocks.
+
+Axis legend: b = batch, t = text tokens, i = image tokens, d = width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlp.layers import TransformerBlock, init_transformer_weights
+from vlp.types import FusionOutput
+
+__all__ = ["SingleStreamFusion"]
+
+# HF's ViltLayer / BertLayer LayerNorm epsilon; kept so converted checkpoints give the same outputs.
+LAYER_NORM_EPS = 1e-12
+
+
+def check_fusion_inputs(dim: int, text: Tensor, image: Tensor, text_mask: Tensor | None,
+                        image_mask: Tensor | None) -> None:
+    """Shapes a fusion block accepts: text [b, t, dim], image [b, i, dim], masks [b, t] and [b, i]."""
+    if text.dim() != 3 or image.dim() != 3:
+        raise ValueError(f"fusion expects text [B,T,D] and image [B,I,D]; got {tuple(text.shape)} and {tuple(image.shape)}")
+    if text.shape[-1] != dim or image.shape[-1] != dim:
+        raise ValueError(f"fusion width is {dim}; got text width {text.shape[-1]} and image width {image.shape[-1]} "
+                         "(project image tokens to the fusion width first)")
+    if text.shape[0] != image.shape[0]:
+        raise ValueError(f"text batch {text.shape[0]} != image batch {image.shape[0]}")
+    for name, mask, tokens in (("text_mask", text_mask, text), ("image_mask", image_mask, image)):
+        if mask is not None and tuple(mask.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected {tuple(tokens.shape[:2])}")
+
+
+def as_bool_mask(mask: Tensor | None) -> Tensor | None:
+    """Long/int masks (1 = real) as bool; None stays None (all real)."""
+    return None if mask is None else mask.bool()
+
+
+class SingleStreamFusion(nn.Module):
+    """ViLT fusion: modality-type embeddings (text 0, image 1) are added, the two token sequences are
+    concatenated and run through pre-norm self-attention blocks, then a final LayerNorm.
+
+    ``pooled`` = tanh(Linear(text [CLS] state)) as ViLT's pooler; ``out_dim`` = ``dim``.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.out_dim = dim
+        self.modality_type = nn.Embedding(2, dim)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, mlp_ratio, dropout, pre_norm=True, eps=LAYER_NORM_EPS)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.pooler = nn.Linear(dim, dim)
+        self.apply(init_transformer_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for block in self.blocks:
+            block.grad_checkpointing = enable
+
+    def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, image_mask: Tensor | None = None,
+                return_attention: bool = False) -> FusionOutput:
+        """text [b, t, d], image [b, i, d], masks bool [b, t], [b, i] (True = real; None = all real)."""
+        check_fusion_inputs(self.dim, text, image, text_mask, image_mask)
+        text_mask, image_mask = as_bool_mask(text_mask), as_bool_mask(image_mask)
+        num_text = text.shape[1]
+        tokens = torch.cat([text + self.modality_type.weight[0], image + self.modality_type.weight[1]], dim=1)
+        mask = None
+        if text_mask is not None or image_mask is not None:
+            # One side unmasked still needs explicit True entries in the joint [b, t + i] mask.
+            text_real = text_mask if text_mask is not None else text.new_ones(text.shape[:2], dtype=torch.bool)
+            image_real = image_mask if image_mask is not None else image.new_ones(image.shape[:2], dtype=torch.bool)
+            mask = torch.cat([text_real, image_real], dim=1)
+
+        attentions: list[dict[str, Tensor]] = []
+        for block in self.blocks:
+            tokens, weights = block.forward_with_weights(tokens, mask, return_weights=return_attention)
+            if return_attention:
+                attentions.append({"self": weights["self"]})
+        tokens = self.norm(tokens)
+        text_out, image_out = tokens[:, :num_text], tokens[:, num_text:]
+        pooled = torch.tanh(self.pooler(text_out[:, 0]))
+        return FusionOutput(text=text_out, image=image_out, pooled=pooled,
+                            attentions=attentions if return_attention else None)

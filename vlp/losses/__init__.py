@@ -1,0 +1,25 @@
+"""Losses: contrastive (ITC, SigLIP), matching (ITM), MLM, momentum distillation, cross-rank gather."""
+
+from vlp.losses.contrastive import ContrastiveLoss, SigLipLoss, contrastive_loss, siglip_loss
+from vlp.losses.distill import FeatureQueue, soft_cross_entropy, soft_targets
+from vlp.losses.gather import gather_no_grad, gather_with_grad, rank_and_world
+from vlp.losses.matching import itm_labels, itm_loss, sample_hard_negatives
+from vlp.losses.mlm import mask_tokens, mlm_loss
+
+__all__ = [
+    "contrastive_loss",
+    "siglip_loss",
+    "ContrastiveLoss",
+    "SigLipLoss",
+    "gather_with_grad",
+    "gather_no_grad",
+    "rank_and_world",
+    "sample_hard_negatives",
+    "itm_labels",
+    "itm_loss",
+    "mask_tokens",
+    "mlm_loss",
+    "soft_targets",
+    "soft_cross_entropy",
+    "FeatureQueue",
+]

@@ -1,0 +1,209 @@
+"""Image-text contrastive losses: softmax InfoNCE (CLIP/ALBEF ITC) and sigmoid (SigLIP).
+
+Both normalize the embeddings themselves and compute in fp32 even under autocast. In a process
+group they all-gather with gradient; all ranks must hold the same batch size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlp.errors import UserError
+from vlp.losses.gather import gather_no_grad, gather_with_grad, rank_and_world
+from vlp.registry import losses
+from vlp.types import LossOutput
+
+__all__ = ["contrastive_loss", "siglip_loss", "ContrastiveLoss", "SigLipLoss"]
+
+
+def _fp32_unit(x: Tensor) -> Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def _as_fp32(value: Tensor | float, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.float()
+    return torch.tensor(float(value), device=like.device)
+
+
+def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def contrastive_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor | float,
+    local_loss: bool = False,
+    image_ids: Tensor | None = None,
+) -> Tensor:
+    """Symmetric InfoNCE over L2-normalized embeddings; the value of open_clip's ``ClipLoss``.
+
+    image_emb, text_emb: [B, E], row i of each forming a pair. ``logit_scale`` multiplies the cosine
+    similarities (exp of the learned log scale, i.e. 1/temperature). The embeddings are normalized
+    here, before the scale; already-normalized inputs pass through unchanged up to rounding.
+
+    In a process group the embeddings are gathered with gradient. By default every rank computes the
+    loss of the whole global batch (same value on all ranks). With ``local_loss=True`` a rank scores
+    only its own rows against all columns (labels offset by rank, as open_clip's ``local_loss``): the
+    per-rank values differ, their mean is the global loss, and with DDP's gradient averaging both
+    variants give the single-process gradient of the global batch; the local one costs B x W*B
+    instead of (W*B)^2 logits per rank.
+
+    image_ids [B] (optional, ALBEF retrieval fine-tuning): every pair whose images share an id is
+    positive; each row's target spreads evenly over its positive columns and the loss is the soft
+    cross entropy. With all ids distinct this equals the default diagonal labels.
+    """
+    with torch.autocast(device_type=image_emb.device.type, enabled=False):
+        image = _fp32_unit(image_emb)
+        text = _fp32_unit(text_emb)
+        scale = _as_fp32(logit_scale, image)
+        rank, _ = rank_and_world()
+        all_image = gather_with_grad(image)
+        all_text = gather_with_grad(text)
+        if local_loss:
+            row_image, row_text, offset = image, text, rank * image.shape[0]
+        else:
+            row_image, row_text, offset = all_image, all_text, 0
+        logits_i2t = scale * row_image @ all_text.T
+        logits_t2i = scale * row_text @ all_image.T
+        if image_ids is None:
+            labels = torch.arange(row_image.shape[0], device=image.device) + offset
+            return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+        all_ids = gather_no_grad(image_ids)
+        row_ids = image_ids if local_loss else all_ids
+        positives = (row_ids[:, None] == all_ids[None, :]).float()
+        targets = positives / positives.sum(dim=1, keepdim=True)
+        return (_soft_cross_entropy(logits_i2t, targets) + _soft_cross_entropy(logits_t2i, targets)) / 2
+
+
+def siglip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
+    image_ids: Tensor | None = None,
+) -> Tensor:
+    """Sigmoid image-text loss, the value of open_clip's ``SigLipLoss``.
+
+    ``-sum(logsigmoid(label * (scale * cos + bias))) / B`` over all B x B pairs, label +1 on pairs
+    and -1 elsewhere; with ``image_ids`` [B] every pair sharing an image id is labelled +1.
+
+    In a process group the texts are gathered with gradient and a rank scores its own B images
+    against all W*B texts, divided by its own B. That is this rank's share of the global loss:
+    the mean over ranks equals a single-process run on the global batch, and so do the gradients
+    after DDP's averaging. open_clip reaches the same sum by exchanging text blocks with neighbour
+    ranks instead of one all-gather.
+    """
+    with torch.autocast(device_type=image_emb.device.type, enabled=False):
+        image = _fp32_unit(image_emb)
+        text = _fp32_unit(text_emb)
+        scale = _as_fp32(logit_scale, image)
+        bias = _as_fp32(logit_bias, image)
+        rank, _ = rank_and_world()
+        all_text = gather_with_grad(text)
+        logits = scale * image @ all_text.T + bias
+        if image_ids is None:
+            batch = image.shape[0]
+            positive = torch.zeros_like(logits, dtype=torch.bool)
+            rows = torch.arange(batch, device=image.device)
+            positive[rows, rows + rank * batch] = True
+        else:
+            positive = image_ids[:, None] == gather_no_grad(image_ids)[None, :]
+        labels = positive.float() * 2 - 1
+        return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+def _check_temperature(temperature: float, temperature_min: float, temperature_max: float) -> None:
+    if not 0 < temperature_min <= temperature <= temperature_max:
+        raise UserError(
+            f"temperature {temperature} must satisfy 0 < temperature_min ({temperature_min})"
+            f" <= temperature <= temperature_max ({temperature_max})"
+        )
+
+
+class _LogScale(nn.Module):
+    """A log logit scale (= -log temperature) kept within [1/temperature_max, 1/temperature_min]."""
+
+    def __init__(self, temperature: float, temperature_min: float, temperature_max: float, learnable: bool) -> None:
+        super().__init__()
+        _check_temperature(temperature, temperature_min, temperature_max)
+        self.min_log_scale = -math.log(temperature_max)
+        self.max_log_scale = -math.log(temperature_min)
+        value = torch.tensor(-math.log(temperature))
+        if learnable:
+            self.log_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("log_scale", value)
+
+    def logit_scale(self) -> Tensor:
+        """exp of the clamped log scale, i.e. 1/temperature.
+
+        The stored value itself is clamped (as open_clip does after each optimizer step and ALBEF
+        at the start of forward), so an optimizer that overshoots the bound still gets gradients and
+        can move back. Only ``exp`` reads the parameter and it saves its output, not its input, so
+        this in-place clamp is safe even when called several times before one backward.
+        """
+        with torch.no_grad():
+            self.log_scale.clamp_(self.min_log_scale, self.max_log_scale)
+        return self.log_scale.float().exp()
+
+
+class ContrastiveLoss(_LogScale):
+    """Softmax image-text contrastive loss (ITC) with a learnable temperature.
+
+    Defaults follow open_clip (temperature 0.07, scale <= 100); ALBEF uses temperature in
+    [0.001, 0.5]. ``local_loss``: see :func:`contrastive_loss`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        temperature_min: float = 0.01,
+        temperature_max: float = 100.0,
+        learnable: bool = True,
+        local_loss: bool = False,
+    ) -> None:
+        super().__init__(temperature, temperature_min, temperature_max, learnable)
+        self.local_loss = local_loss
+
+    def forward(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None = None) -> LossOutput:
+        scale = self.logit_scale()
+        loss = contrastive_loss(image_emb, text_emb, scale, local_loss=self.local_loss, image_ids=image_ids)
+        return LossOutput(loss, {"itc": loss, "temperature": (1 / scale).detach()})
+
+
+class SigLipLoss(_LogScale):
+    """Sigmoid image-text loss with a learnable temperature and bias.
+
+    Defaults follow the SigLIP paper's initialization: log scale ln 10 (temperature 0.1), bias -10.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        bias: float = -10.0,
+        temperature_min: float = 0.01,
+        temperature_max: float = 100.0,
+        learnable: bool = True,
+    ) -> None:
+        super().__init__(temperature, temperature_min, temperature_max, learnable)
+        value = torch.tensor(float(bias))
+        if learnable:
+            self.bias = nn.Parameter(value)
+        else:
+            self.register_buffer("bias", value)
+
+    def forward(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None = None) -> LossOutput:
+        scale = self.logit_scale()
+        loss = siglip_loss(image_emb, text_emb, scale, self.bias, image_ids=image_ids)
+        terms = {"siglip": loss, "temperature": (1 / scale).detach(), "bias": self.bias.detach().float()}
+        return LossOutput(loss, terms)
+
+
+losses.register("itc")(ContrastiveLoss)
+losses.register("siglip")(SigLipLoss)

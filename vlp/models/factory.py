@@ -1,0 +1,82 @@
+"""Factories: the only code that reads model configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from vlp.config.io import _read_yaml, from_dict, load_model_dict
+from vlp.config.schema import ModelConfig
+from vlp.config.validate import validate_model_config
+from vlp.errors import ConfigError
+from vlp.models.vlp_model import VLPModel
+from vlp.registry import fusions, image_encoders, text_encoders
+
+__all__ = ["build_model", "build_temperature", "model_config_from"]
+
+
+def model_config_from(source: str | Path | dict[str, Any] | ModelConfig) -> ModelConfig:
+    """A ModelConfig from a preset path/name, a full run YAML (its ``model:`` section), a dict, or itself."""
+    if isinstance(source, ModelConfig):
+        return source
+    if isinstance(source, dict):
+        data = source
+        base = Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            data, base = load_model_dict(str(source), Path.cwd()), Path.cwd()
+        else:
+            data, base = _read_yaml(path), path.parent
+    if "model" in data and isinstance(data["model"], (dict, str)) and not {"image", "text"} & set(data):
+        data = data["model"] if isinstance(data["model"], dict) else load_model_dict(data["model"], base)
+    config = from_dict(ModelConfig, data, prefix="model")
+    validate_model_config(config)
+    return config
+
+
+def build_temperature(config: ModelConfig) -> nn.Module:
+    """The learnable logit scale (and SigLIP bias) lives with the model so checkpoints carry it."""
+    from vlp.losses import ContrastiveLoss, SigLipLoss
+
+    if config.contrastive == "siglip":
+        return SigLipLoss(temperature=config.temperature, bias=config.siglip_bias, learnable=config.learn_temperature)
+    return ContrastiveLoss(
+        temperature=config.temperature,
+        temperature_min=config.temperature_min,
+        temperature_max=config.temperature_max,
+        learnable=config.learn_temperature,
+    )
+
+
+def build_model(config: ModelConfig, tokenizer: Any = None) -> VLPModel:
+    """Build tokenizer, encoders, fusion and heads from a model config."""
+    import vlp.encoders  # noqa: F401  (registers encoders)
+    import vlp.fusion  # noqa: F401  (registers fusion blocks)
+    from vlp.data.tokenizers import build_tokenizer
+
+    try:
+        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.text)
+        image_encoder = image_encoders.get(config.image.type)(config.image)
+        text_encoder = text_encoders.get(config.text.type)(config.text, tokenizer)
+        fusion = fusions.get(config.fusion.type)(config.fusion, text_encoder.width)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0]) if exc.args else str(exc)) from None
+    return VLPModel(
+        image_encoder,
+        text_encoder,
+        fusion,
+        temperature=build_temperature(config),
+        embed_dim=config.embed_dim,
+        itm_head=config.itm_head,
+        mlm_head=config.mlm_head,
+        tokenizer=tokenizer,
+        config=config,
+    )
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

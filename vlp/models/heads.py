@@ -1,0 +1,34 @@
+"""Task heads on top of the fused representation: ITM classifier and the BERT-style MLM head."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["ITMHead", "MLMHead"]
+
+
+class ITMHead(nn.Module):
+    """Binary match classifier on the fusion's pooled output; column 1 = match."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(in_dim, 2)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.classifier(pooled)
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense + GELU + LayerNorm, then a decoder tied to the input embeddings."""
+
+    def __init__(self, dim: int, vocab_size: int, tied_embedding: nn.Embedding | None = None) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
+        self.decoder = nn.Linear(dim, vocab_size)
+        if tied_embedding is not None and tied_embedding.weight.shape == self.decoder.weight.shape:
+            self.decoder.weight = tied_embedding.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.decoder(self.norm(self.act(self.dense(tokens))))

@@ -1,0 +1,171 @@
+"""VLPModel: receives built encoders, fusion and heads; embeds, fuses and scores image-text pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlp.encoders.base import ImageEncoder, TextEncoder
+from vlp.models.heads import ITMHead, MLMHead
+from vlp.types import EncoderOutput, FusionOutput
+
+__all__ = ["VLPModel", "ImageContext"]
+
+
+@dataclass
+class ImageContext:
+    """Fusion-ready image tokens of a gallery, computed once and indexed per candidate pair.
+
+    ``kv`` holds each fusion layer's cross-attention keys/values when the fusion can reuse them
+    (one-way dual stream), so re-ranking never recomputes the image side.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    kv: list[tuple[Tensor, Tensor]] | None = None
+
+    def select(self, index: Tensor) -> ImageContext:
+        kv = None if self.kv is None else [(k[index], v[index]) for k, v in self.kv]
+        return ImageContext(self.tokens[index], self.mask[index], kv)
+
+
+class VLPModel(nn.Module):
+    """A vision-language model assembled from built parts (only factories read configs)."""
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        fusion: nn.Module | None,
+        temperature: nn.Module,
+        embed_dim: int = 256,
+        itm_head: bool = True,
+        mlm_head: bool = False,
+        tokenizer: Any = None,
+        config: Any = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.fusion = fusion
+        self.temperature = temperature
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_proj: nn.Module = nn.Linear(image_encoder.embed_dim, embed_dim) if embed_dim else nn.Identity()
+        self.text_proj: nn.Module = nn.Linear(text_encoder.embed_dim, embed_dim) if embed_dim else nn.Identity()
+        fusion_dim = text_encoder.width
+        self.image_to_fusion: nn.Module = (
+            nn.Linear(image_encoder.width, fusion_dim)
+            if fusion is not None and image_encoder.width != fusion_dim else nn.Identity()
+        )
+        self.itm_head = ITMHead(int(fusion.out_dim)) if fusion is not None and itm_head else None
+        embedding = getattr(text_encoder, "embeddings", None)
+        self.mlm_head = (
+            MLMHead(fusion_dim, text_encoder.vocab_size, embedding if isinstance(embedding, nn.Embedding) else None)
+            if fusion is not None and mlm_head else None
+        )
+
+    @property
+    def has_fusion(self) -> bool:
+        return self.fusion is not None
+
+    # embeddings -----------------------------------------------------------------------------
+    def image_features(self, images: Tensor) -> tuple[EncoderOutput, Tensor]:
+        """The encoder output (for fusion) and the L2-normalized fp32 contrastive embedding."""
+        out = self.image_encoder(images)
+        return out, F.normalize(self.image_proj(out.pooled).float(), dim=-1)
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[EncoderOutput, Tensor]:
+        out = self.text_encoder(input_ids, attention_mask.bool())
+        return out, F.normalize(self.text_proj(out.pooled).float(), dim=-1)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.image_features(images)[1]
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.text_features(input_ids, attention_mask)[1]
+
+    def logit_scale(self) -> Tensor:
+        return self.temperature.logit_scale()  # type: ignore[operator,no-any-return]
+
+    # fusion -----------------------------------------------------------------------------------
+    def _require_fusion(self) -> nn.Module:
+        if self.fusion is None:
+            from vlp.errors import UserError
+
+            raise UserError("this model has no fusion block (fusion.type: none): ITM/VQA need a fused model")
+        return self.fusion
+
+    def fuse(self, text_out: EncoderOutput, image_out: EncoderOutput, return_attention: bool = False) -> FusionOutput:
+        fusion = self._require_fusion()
+        image_tokens = self.image_to_fusion(image_out.tokens)
+        result: FusionOutput = fusion(text_out.tokens, image_tokens, text_out.mask, image_out.mask,
+                                      return_attention=return_attention)
+        return result
+
+    def itm_scores(self, fused: FusionOutput) -> Tensor:
+        if self.itm_head is None:
+            from vlp.errors import UserError
+
+            raise UserError("this model has no ITM head (model.itm_head: false)")
+        return self.itm_head(fused.pooled).float()  # type: ignore[no-any-return]
+
+    def itm_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, 2] match logits of aligned (image, text) rows; column 1 = match."""
+        image_out = self.image_encoder(images)
+        text_out = self.text_encoder(input_ids, attention_mask.bool())
+        return self.itm_scores(self.fuse(text_out, image_out))
+
+    def image_context(self, image_out: EncoderOutput) -> ImageContext:
+        fusion = self._require_fusion()
+        tokens = self.image_to_fusion(image_out.tokens)
+        kv = fusion.image_kv(tokens) if hasattr(fusion, "image_kv") and not getattr(fusion, "update_image", True) else None
+        return ImageContext(tokens, image_out.mask, kv)
+
+    def itm_logits_from(self, text_out: EncoderOutput, context: ImageContext, index: Tensor) -> Tensor:
+        """Match logits pairing text row b with gallery image ``index[b]`` of a precomputed context."""
+        fusion = self._require_fusion()
+        picked = context.select(index)
+        kwargs: dict[str, Any] = {} if picked.kv is None else {"image_kv": picked.kv}
+        fused = fusion(text_out.tokens, picked.tokens, text_out.mask, picked.mask, **kwargs)
+        return self.itm_scores(fused)
+
+    # construction / persistence ---------------------------------------------------------------
+    def image_transform(self, train: bool = False) -> Any:
+        from vlp.data.transforms import eval_transform, train_transform
+
+        enc = self.image_encoder
+        if train:
+            return train_transform(enc.image_size, enc.mean, enc.std)
+        return eval_transform(enc.image_size, enc.mean, enc.std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.image_encoder.set_grad_checkpointing(enable)
+        self.text_encoder.set_grad_checkpointing(enable)
+        if self.fusion is not None and hasattr(self.fusion, "set_grad_checkpointing"):
+            self.fusion.set_grad_checkpointing(enable)
+
+    @classmethod
+    def from_config(cls, source: str | Path | dict[str, Any] | Any) -> VLPModel:
+        from vlp.models.factory import build_model, model_config_from
+
+        return build_model(model_config_from(source))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> VLPModel:
+        from vlp.models.persist import load_pretrained
+
+        return load_pretrained(directory)
+
+    def save_pretrained(self, directory: str | Path, extra_config: dict[str, Any] | None = None) -> None:
+        from vlp.models.persist import save_pretrained
+
+        save_pretrained(self, directory, extra_config)
+
+    def device(self) -> torch.device:
+        return next(self.parameters()).device

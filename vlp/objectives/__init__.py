@@ -1,0 +1,5 @@
+"""Pretraining objectives: they own the training step (forward, backward, momentum and queue updates)."""
+
+from vlp.objectives.pretrain import PretrainObjective
+
+__all__ = ["PretrainObjective"]

@@ -1,0 +1,345 @@
+"""The pretraining loop: accumulation, clipping, AdamW + schedule, checkpoints, metrics, periodic eval.
+
+``pretrain(config)`` is the Python entry point behind ``vlp pretrain``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+from vlp.config.io import save_config, to_dict
+from vlp.config.schema import Config
+from vlp.errors import UserError
+from vlp.models import VLPModel, build_model
+from vlp.objectives import PretrainObjective
+from vlp.train import checkpoint as ckpt
+from vlp.train.distributed import DistInfo, cleanup, init_distributed
+from vlp.train.metrics import MetricsLogger, plot_metrics
+from vlp.train.optim import build_optimizer, scaled_lr
+from vlp.train.sampler import ResumableSampler, SeededDataset
+from vlp.train.schedule import build_scheduler
+from vlp.train.seeding import rng_state, seed_everything, set_rng_state
+
+__all__ = ["pretrain", "autocast_factory", "run_dir_for"]
+
+log = logging.getLogger("vlp")
+
+
+def run_dir_for(config: Config, output_dir: str | Path | None) -> Path:
+    return Path(output_dir) if output_dir else Path("runs") / config.name
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def prepare_model(config: Config, model: VLPModel) -> VLPModel:
+    """Freezing, LoRA and activation checkpointing as the train section asks."""
+    t = config.train
+    if t.freeze_image:
+        model.image_encoder.requires_grad_(False)
+    if t.freeze_text:
+        model.text_encoder.requires_grad_(False)
+    if t.lora_rank > 0 and model.fusion is not None:
+        from vlp.train.lora import apply_lora
+
+        apply_lora(model.fusion, t.lora_rank)
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+class TrainState:
+    """Counters that make a run resumable: optimizer steps, epoch and position inside it."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.bad_samples = 0
+        self.samples_seen = 0
+
+
+def build_loader(config: Config, model: VLPModel, dist: DistInfo) -> tuple[DataLoader[Any], Any, ResumableSampler | None]:
+    from vlp.data.collate import Collator
+    from vlp.data.datasets import build_pretrain_dataset
+    from vlp.data.transforms import train_transform
+
+    d = config.data
+    enc = model.image_encoder
+    transform = train_transform(enc.image_size, enc.mean, enc.std, crop_scale=tuple(d.crop_scale), hflip=d.hflip)
+    dataset = build_pretrain_dataset(d, transform, enc.image_size)
+    collate = Collator(model.tokenizer, config.model.text.max_length)
+    kwargs: dict[str, Any] = dict(batch_size=d.batch_size, collate_fn=collate, num_workers=d.num_workers,
+                                  pin_memory=dist.device.type == "cuda", drop_last=True)
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, **kwargs), dataset, None
+    seeded = SeededDataset(dataset, config.train.seed)
+    if len(seeded) < d.batch_size * dist.world_size:
+        raise UserError(f"data.batch_size {d.batch_size} x {dist.world_size} process(es) exceeds the "
+                        f"{len(seeded)} training samples")
+    sampler = ResumableSampler(len(seeded), config.train.seed, dist.rank, dist.world_size, d.batch_size)
+    return DataLoader(seeded, sampler=sampler, **kwargs), seeded, sampler
+
+
+def batches(loader: DataLoader[Any], dataset: Any, sampler: ResumableSampler | None, state: TrainState) -> Iterator[Any]:
+    """Endless batches across epochs, starting at the saved position (exact for map-style data;
+    skip-by-count for streaming data)."""
+    skip = state.batches_in_epoch
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(state.epoch)
+        if sampler is not None:
+            sampler.set_epoch(state.epoch, start=skip * loader.batch_size)  # type: ignore[operator]
+        produced = False
+        for i, batch in enumerate(loader):
+            if sampler is None and i < skip:
+                continue
+            produced = True
+            yield batch
+        if not produced and skip == 0:
+            raise UserError("the training data produced no batch (empty data or batch_size too large)")
+        state.epoch += 1
+        state.batches_in_epoch = 0
+        skip = 0
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool = False) -> Path:
+    """Run pretraining as ``config`` says; returns the run directory."""
+    dist = init_distributed()
+    if config.train.device == "cuda" and dist.device.type != "cuda":
+        raise UserError("train.device is cuda but no CUDA device is available")
+    run_dir = run_dir_for(config, output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    main = dist.rank == 0
+    if main:
+        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    seed_everything(config.train.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    model = prepare_model(config, build_model(config.model)).to(dist.device)
+    autocast = autocast_factory(config.train.precision, dist.device)
+    objective = PretrainObjective(model, config.objective, autocast=autocast).to(dist.device)
+    if dist.world_size > 1:
+        from vlp.train.distributed import wrap_model
+
+        objective.engine = wrap_model(objective, dist)
+
+    effective = config.data.batch_size * config.train.grad_accum * dist.world_size
+    lr = scaled_lr(config.optim.lr, config.optim.base_batch_size, effective, config.optim.lr_scaling)
+    optimizer = build_optimizer(model, config.optim, lr, dist.device.type)
+    scheduler = build_scheduler(optimizer, config.schedule, config.train.max_steps)
+    state = TrainState()
+
+    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    if resume and latest is None and main:
+        log.warning("--resume: no complete checkpoint in %s, starting from scratch", ckpt_root)
+    if latest is not None:
+        _restore(latest, model, objective, optimizer, scheduler, state, dist)
+
+    loader, dataset, sampler = build_loader(config, model, dist)
+    metrics = MetricsLogger(run_dir, enabled=main)
+    if main and state.step == 0:
+        metrics.log({"step": 0, "lr_scaled": lr, "effective_batch_size": effective})
+    stop = _StopFlag()
+    data_iter = batches(loader, dataset, sampler, state)
+    bar = tqdm(total=config.train.max_steps, initial=state.step, disable=not (main and config.train.progress),
+               desc=f"pretrain {config.name}", dynamic_ncols=True)
+    last_ckpt = latest
+    window_start, window_samples = time.perf_counter(), 0
+    try:
+        while state.step < config.train.max_steps:
+            model.train()
+            terms_sum: dict[str, float] = {}
+            for _ in range(config.train.grad_accum):
+                batch = _to_device(next(data_iter), dist.device)
+                state.batches_in_epoch += 1
+                state.bad_samples += int(batch.get("bad", 0))
+                out = objective.training_step(batch, scale=1.0 / config.train.grad_accum)
+                for key, value in out.terms.items():
+                    terms_sum[key] = terms_sum.get(key, 0.0) + float(value) / config.train.grad_accum
+                terms_sum["loss"] = terms_sum.get("loss", 0.0) + float(out.total) / config.train.grad_accum
+                window_samples += batch["images"].shape[0] * dist.world_size
+            stepped = _optimizer_step(config, model, optimizer, state)
+            if stepped:
+                scheduler.step()
+                objective.after_optimizer_step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.samples_seen += effective
+            bar.update(1)
+            if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": window_samples / max(elapsed, 1e-9), "bad_samples": state.bad_samples,
+                          "nonfinite_steps": state.nonfinite_total, **terms_sum}
+                metrics.log(record)
+                bar.set_postfix(loss=f"{terms_sum['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                sps=f"{record['samples_per_s']:.0f}")
+                window_start, window_samples = time.perf_counter(), 0
+            _check_bad_data(config, state)
+            every = config.train.checkpoint_every
+            if stop.requested or (every and state.step % every == 0 and state.step < config.train.max_steps):
+                last_ckpt = _save(config, ckpt_root, model, objective, optimizer, scheduler, state, dist)
+                if stop.requested:
+                    raise UserError(f"interrupted by signal; checkpoint saved at {last_ckpt} (resume with --resume)")
+            e = config.eval.every
+            if e > 0 and state.step % e == 0 and state.step < config.train.max_steps:
+                _evaluate(config, model, run_dir, state.step, metrics, dist, final=False)
+        last_ckpt = _save(config, ckpt_root, model, objective, optimizer, scheduler, state, dist)
+        if main:
+            if (run_dir / "final").exists():
+                import shutil
+
+                shutil.rmtree(run_dir / "final")
+            ckpt.write_atomic(run_dir / "final", lambda d: model.save_pretrained(d, {"run": to_dict(config)}))
+        if config.eval.every >= 0:
+            _evaluate(config, model, run_dir, state.step, metrics, dist, final=True)
+    finally:
+        bar.close()
+        stop.restore()
+    if main:
+        plot_metrics(run_dir)
+    cleanup()
+    return run_dir
+
+
+def _optimizer_step(config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> bool:
+    """Clip and step; a non-finite gradient skips the step (counted), N in a row stop the run."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
+    if not torch.isfinite(norm):
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        log.warning("step %d: non-finite loss or gradient, step skipped", state.step + 1)
+        if state.nonfinite_in_row >= config.train.max_nonfinite_steps:
+            raise UserError(f"{state.nonfinite_in_row} non-finite steps in a row at step {state.step + 1}; "
+                            f"the last good checkpoint is in the run's checkpoints/ directory")
+        return False
+    state.nonfinite_in_row = 0
+    optimizer.step()
+    return True
+
+
+def _check_bad_data(config: Config, state: TrainState) -> None:
+    read = state.samples_seen + state.bad_samples
+    if read >= 200 and state.bad_samples > config.data.max_bad_fraction * read:
+        raise UserError(f"{state.bad_samples} of {read} samples were unreadable, above data.max_bad_fraction="
+                        f"{config.data.max_bad_fraction} (the paths are in the log)")
+
+
+def _save(config: Config, root: Path, model: VLPModel, objective: PretrainObjective, optimizer: torch.optim.Optimizer,
+          scheduler: Any, state: TrainState, dist: DistInfo) -> Path:
+    target = root / f"step_{state.step}"
+    if dist.rank == 0:
+        def write(directory: Path) -> None:
+            model.save_pretrained(directory, {"run": to_dict(config)})
+            extra = objective.extra_state_dict()
+            if extra:
+                ckpt.save_tensors(directory / "objective.safetensors", extra)
+            ckpt.save_trainer_state(directory / "trainer_state.pt", {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+                "nonfinite_total": state.nonfinite_total, "bad_samples": state.bad_samples,
+                "samples_seen": state.samples_seen, "rng": rng_state(),
+            })
+
+        ckpt.write_atomic(target, write)
+        ckpt.prune_checkpoints(root, config.train.keep_last)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return target
+
+
+def _restore(directory: Path, model: VLPModel, objective: PretrainObjective, optimizer: torch.optim.Optimizer,
+             scheduler: Any, state: TrainState, dist: DistInfo) -> None:
+    import safetensors.torch
+
+    missing, unexpected = safetensors.torch.load_model(model, str(directory / "model.safetensors"), strict=False,
+                                                       device=str(dist.device))
+    if missing or unexpected:
+        raise UserError(f"{directory}: checkpoint does not match the config (missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]})")
+    extra_path = directory / "objective.safetensors"
+    if extra_path.is_file():
+        objective.load_extra_state_dict({k: v.to(dist.device) for k, v in ckpt.load_tensors(extra_path).items()})
+    trainer = ckpt.load_trainer_state(directory / "trainer_state.pt")
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    state.step, state.epoch = int(trainer["step"]), int(trainer["epoch"])
+    state.batches_in_epoch = int(trainer["batches_in_epoch"])
+    state.nonfinite_total = int(trainer.get("nonfinite_total", 0))
+    state.bad_samples = int(trainer.get("bad_samples", 0))
+    state.samples_seen = int(trainer.get("samples_seen", 0))
+    set_rng_state(trainer["rng"])
+    log.info("resumed from %s at step %d", directory, state.step)
+
+
+def _evaluate(config: Config, model: VLPModel, run_dir: Path, step: int, metrics: MetricsLogger, dist: DistInfo,
+              final: bool) -> None:
+    from vlp.eval.plots import plot_recall_curve
+    from vlp.eval.retrieval import evaluate_retrieval
+    from vlp.train.eval_data import retrieval_split_for
+
+    if dist.rank != 0:
+        return
+    split = retrieval_split_for(config)
+    if split is None:
+        return
+    e = config.eval
+    model.eval()
+    result = evaluate_retrieval(model, split, model.image_transform(train=False), k_test=e.k_test, score=e.score,
+                                batch_size=e.batch_size, precision=e.precision, device=str(dist.device),
+                                progress=config.train.progress, max_images=e.max_images)
+    flat = {f"eval/{kind}/{name}": value for kind in ("itc", "itm") if kind in result
+            for name, value in result[kind].items()}
+    metrics.log({"step": step, **flat})
+    if final:
+        (run_dir / "eval_retrieval.json").write_text(json.dumps(result, indent=2))
+        plot_recall_curve(result, run_dir / "plots" / "recall_at_k.png")
+    model.train()
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to save a checkpoint and exit at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,183 @@
+"""Metrics as JSON lines (``<run_dir>/metrics.jsonl``) and their plots (``<run_dir>/plots/*.png``).
+
+Each line is one record: ``{"step": N, "<key>": value, ...}``; training and evaluation records may carry
+different keys. Plots pick keys by name:
+
+- ``loss.png``: every key containing ``loss`` (the total and each term);
+- ``lr.png``: ``lr`` and keys ending in ``/lr`` or starting with ``lr/`` (one per parameter group);
+- ``temperature.png``: keys containing ``temperature`` or ``logit_scale`` (one panel each);
+- ``retrieval.png``: recall keys ``[prefix/]txt_r{1,5,10}`` (image->text) and ``img_r{1,5,10}`` (text->image).
+
+A plot is written only when its keys occur in the records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from torch import Tensor
+
+from vlp.errors import UserError
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+_RECALL = re.compile(r"^(?:.*/)?(txt|img)_r(1|5|10)$")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().item()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return float(value)
+
+
+class MetricsLogger:
+    """Appends one JSON line per ``log`` call to ``<run_dir>/metrics.jsonl`` and flushes it at once.
+
+    ``enabled=False`` (non-main ranks) makes every call a no-op and creates no file. Tensors are read with
+    ``.item()``; NaN/inf are written as the JSON extensions ``NaN``/``Infinity`` that ``read_metrics`` reads back.
+    """
+
+    def __init__(self, run_dir: Path | str, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+        self._handle: IO[str] | None = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, values: Mapping[str, Any] | None = None, **more: Any) -> None:
+        """Write ``{"step": step, **values, **more}`` as one line."""
+        if self._handle is None:
+            return
+        record: dict[str, Any] = {"step": int(step)}
+        for key, value in {**(values or {}), **more}.items():
+            record[key] = _plain(value)
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def read_metrics(path: Path | str) -> list[dict[str, Any]]:
+    """The records of a metrics file (or of ``<path>/metrics.jsonl`` when ``path`` is a run directory).
+
+    A truncated last line (a crash mid-write) is skipped; a malformed line elsewhere is a ``UserError``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: metrics file not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}:{number}: not a JSON record ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "step" in record:
+            steps.append(float(record["step"]))
+            values.append(float(value))
+    return steps, values
+
+
+def _numeric_keys(records: list[dict[str, Any]]) -> list[str]:
+    keys: dict[str, None] = {}
+    for record in records:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                keys[key] = None
+    return list(keys)
+
+
+def _is_lr(key: str) -> bool:
+    return key == "lr" or key.endswith("/lr") or key.startswith("lr/")
+
+
+def _draw(records: list[dict[str, Any]], panels: list[tuple[str, list[str]]], ylabel: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), squeeze=False)
+    try:
+        for ax, (title, keys) in zip(axes[:, 0], panels):
+            for key in keys:
+                steps, values = _series(records, key)
+                finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+                sparse = len(finite) <= 50
+                ax.plot([s for s, _ in finite], [v for _, v in finite], label=key,
+                        marker="o" if sparse else None, markersize=3)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_metrics(run_dir: Path | str) -> list[Path]:
+    """Write ``loss.png``, ``lr.png``, ``temperature.png`` and ``retrieval.png`` (those with data) into
+    ``<run_dir>/plots/`` from ``<run_dir>/metrics.jsonl``; returns the written paths."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / METRICS_FILE)
+    keys = _numeric_keys(records)
+    plots_dir = run_dir / "plots"
+    written: list[Path] = []
+
+    def emit(name: str, panels: list[tuple[str, list[str]]], ylabel: str) -> None:
+        panels = [(title, panel_keys) for title, panel_keys in panels if panel_keys]
+        if panels:
+            plots_dir.mkdir(parents=True, exist_ok=True)
+            written.append(_draw(records, panels, ylabel, plots_dir / name))
+
+    emit("loss.png", [("training losses", [k for k in keys if "loss" in k.lower()])], "loss")
+    emit("lr.png", [("learning rate", [k for k in keys if _is_lr(k)])], "lr")
+    emit("temperature.png", [(k, [k]) for k in keys if "temperature" in k or "logit_scale" in k], "value")
+    recall = {k: _RECALL.match(k) for k in keys}
+    by_direction = {
+        direction: sorted((k for k, m in recall.items() if m and m.group(1) == direction),
+                          key=lambda k: int(recall[k].group(2)))  # type: ignore[union-attr]
+        for direction in ("txt", "img")
+    }
+    emit("retrieval.png", [("image -> text retrieval (txt_r@K)", by_direction["txt"]),
+                           ("text -> image retrieval (img_r@K)", by_direction["img"])], "recall (%)")
+    return written

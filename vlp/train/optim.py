@@ -1,0 +1,103 @@
+"""AdamW with weight-decay groups, and learning-rate scaling with the effective batch size.
+
+Which parameters are not decayed (``no_decay``) -- the rule, in order:
+
+1. parameters owned by a normalization layer (any module whose class name contains ``Norm``:
+   LayerNorm, RMSNorm, BatchNorm, GroupNorm) or by an ``nn.Embedding`` (word, position, type embeddings);
+2. every parameter with fewer than 2 dimensions: biases, norm gains, the learned temperature /
+   logit scale (0-D) and the SigLIP logit bias;
+3. every parameter whose own attribute name (the last dotted component of its name) contains one of
+   ``NO_DECAY_KEYWORDS``: position embeddings and class/mask tokens stored as bare parameters
+   (``pos_embed``, ``positional_embedding``, ``cls_token``, ``class_embedding``, ``mask_token``), and the
+   temperature / logit-scale / logit-bias parameters whatever their shape.
+
+Rule 3 reads only the attribute name, never the module path, so a linear or convolution weight that lives
+*inside* a module named ``patch_embed`` or ``token_proj`` (``patch_embed.proj.weight``) is decayed like every
+other matrix. This matches timm's grouping (ndim <= 1 plus ``pos_embed``/``cls_token``) and BERT's (biases and
+LayerNorm), and additionally spares embedding tables as ALBEF/METER-style recipes do. Frozen parameters
+(``requires_grad=False``) are left out of the optimizer altogether.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlp.config.schema import OptimConfig
+from vlp.errors import ConfigError, UserError
+
+__all__ = ["NO_DECAY_KEYWORDS", "param_groups", "scaled_lr", "build_optimizer"]
+
+NO_DECAY_KEYWORDS: tuple[str, ...] = ("embed", "pos", "token", "temperature", "logit_scale", "logit_bias", "bias")
+
+
+def _is_no_decay(module: nn.Module, attr_name: str, param: nn.Parameter) -> bool:
+    if isinstance(module, nn.Embedding) or "Norm" in type(module).__name__:
+        return True
+    if param.ndim < 2:
+        return True
+    lowered = attr_name.lower()
+    return any(keyword in lowered for keyword in NO_DECAY_KEYWORDS)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW parameter groups, ``decay`` then ``no_decay`` (see the module docstring for the rule).
+
+    Each group holds ``params``, ``param_names`` (full dotted names; torch stores them in the optimizer's
+    state_dict) and ``weight_decay``. Empty groups are dropped; a parameter shared by several modules
+    (tied weights) appears once, under its first name.
+    """
+    decay: dict[str, nn.Parameter] = {}
+    no_decay: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for attr_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full_name = f"{module_name}.{attr_name}" if module_name else attr_name
+            target = no_decay if _is_no_decay(module, attr_name, param) else decay
+            target[full_name] = param
+    if not decay and not no_decay:
+        raise UserError("the model has no trainable parameters (every parameter is frozen)")
+    groups = []
+    for named, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        if named:
+            groups.append({"params": list(named.values()), "param_names": list(named), "weight_decay": wd})
+    return groups
+
+
+def scaled_lr(lr: float, base_batch_size: int, effective_batch: int, rule: str) -> float:
+    """The peak lr for ``effective_batch`` given ``lr`` tuned at ``base_batch_size``.
+
+    ``linear``: lr * eff / base (Goyal et al.); ``sqrt``: lr * sqrt(eff / base), the usual rule for Adam;
+    ``none``: lr unchanged.
+    """
+    if base_batch_size <= 0:
+        raise ConfigError(f"optim.base_batch_size: must be positive, got {base_batch_size}")
+    if effective_batch <= 0:
+        raise ConfigError(f"effective batch size must be positive, got {effective_batch}")
+    ratio = effective_batch / base_batch_size
+    if rule == "linear":
+        return lr * ratio
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    if rule == "none":
+        return lr
+    raise ConfigError(f"optim.lr_scaling: unknown rule '{rule}'; known: linear, sqrt, none")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device_type: str) -> torch.optim.AdamW:
+    """AdamW over ``param_groups(model, cfg.weight_decay)`` at peak ``lr`` (already scaled).
+
+    The fused kernel runs on CUDA (one launch for all parameters); on CPU the multi-tensor ``foreach`` path.
+    """
+    if len(cfg.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two values, got {list(cfg.betas)}")
+    beta1, beta2 = (float(b) for b in cfg.betas)
+    groups = param_groups(model, cfg.weight_decay)
+    if device_type == "cuda":
+        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=cfg.eps, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=cfg.eps, foreach=True)
