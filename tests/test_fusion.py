@@ -3,6 +3,8 @@ gradient flow, cached image keys/values, grad checkpointing, registry builders."
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -17,7 +19,7 @@ from vlp.layers import TransformerBlock
 from vlp.registry import fusions
 from vlp.types import FusionOutput
 
-DIM, HEADS, B, T, I = 32, 4, 3, 7, 5
+DIM, HEADS, B, TEXT_LEN, IMAGE_LEN = 32, 4, 3, 7, 5
 TEXT_LENGTHS, IMAGE_LENGTHS = [7, 4, 2], [5, 5, 3]
 
 Fusion = SingleStreamFusion | DualStreamFusion
@@ -58,8 +60,8 @@ def _mask(lengths: list[int], n: int) -> Tensor:
 
 def _inputs(seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, T, DIM, generator=gen), torch.randn(B, I, DIM, generator=gen),
-            _mask(TEXT_LENGTHS, T), _mask(IMAGE_LENGTHS, I))
+    return (torch.randn(B, TEXT_LEN, DIM, generator=gen), torch.randn(B, IMAGE_LEN, DIM, generator=gen),
+            _mask(TEXT_LENGTHS, TEXT_LEN), _mask(IMAGE_LENGTHS, IMAGE_LEN))
 
 
 def _pad(tokens: Tensor, mask: Tensor, extra: int) -> tuple[Tensor, Tensor]:
@@ -83,9 +85,9 @@ def test_padding_does_not_change_real_positions(name: str) -> None:
         padded_text, padded_text_mask = _pad(noisy_text, text_mask, 4)
         padded_image, padded_image_mask = _pad(noisy_image, image_mask, 3)
         padded = block(padded_text, padded_image, padded_text_mask, padded_image_mask)
-    assert padded.text.shape == (B, T + 4, DIM) and padded.image.shape == (B, I + 3, DIM)
-    _assert_real_close(padded.text[:, :T], base.text, text_mask)
-    _assert_real_close(padded.image[:, :I], base.image, image_mask)
+    assert padded.text.shape == (B, TEXT_LEN + 4, DIM) and padded.image.shape == (B, IMAGE_LEN + 3, DIM)
+    _assert_real_close(padded.text[:, :TEXT_LEN], base.text, text_mask)
+    _assert_real_close(padded.image[:, :IMAGE_LEN], base.image, image_mask)
     torch.testing.assert_close(padded.pooled, base.pooled, atol=1e-5, rtol=1e-5)
     assert base.pooled.shape == (B, block.out_dim)
 
@@ -94,7 +96,7 @@ def test_padding_does_not_change_real_positions(name: str) -> None:
 def test_no_mask_equals_all_true_mask_and_long_mask_equals_bool(name: str) -> None:
     block = _block(name)
     text, image, text_mask, image_mask = _inputs()
-    all_text, all_image = torch.ones(B, T, dtype=torch.bool), torch.ones(B, I, dtype=torch.bool)
+    all_text, all_image = torch.ones(B, TEXT_LEN, dtype=torch.bool), torch.ones(B, IMAGE_LEN, dtype=torch.bool)
     with torch.no_grad():
         unmasked, explicit = block(text, image), block(text, image, all_text, all_image)
         only_text = block(text, image, text_mask)
@@ -156,16 +158,15 @@ def _extended_mask(mask: Tensor) -> Tensor:
     return (~mask[:, None, None, :]).float() * torch.finfo(torch.float32).min
 
 
-def test_one_way_layer_equals_hf_bert_layer_with_cross_attention() -> None:
-    torch.manual_seed(0)
-    fusion = DualStreamFusion(DIM, 1, HEADS, mlp_ratio=4.0, update_image=False).eval()
-    _randomize(fusion)
-    config = BertConfig(hidden_size=DIM, num_attention_heads=HEADS, intermediate_size=4 * DIM, hidden_act="gelu",
-                        layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        is_decoder=True, add_cross_attention=True, attn_implementation="eager")
-    reference = BertLayer(config).eval()
-    ours = fusion.text_layers[0]
+def _hf_bert_layer(ours: nn.Module) -> BertLayer:
+    """A Hugging Face BertLayer with cross-attention holding ``ours``'s weights."""
     assert isinstance(ours, TransformerBlock) and ours.cross_attn is not None and ours.norm_cross is not None
+    settings: dict[str, Any] = dict(
+        hidden_size=DIM, num_attention_heads=HEADS, intermediate_size=4 * DIM, hidden_act="gelu",
+        layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        is_decoder=True, add_cross_attention=True, attn_implementation="eager",
+    )
+    reference = BertLayer(BertConfig(**settings)).eval()
     for hf_attention, attn, norm in [(reference.attention, ours.attn, ours.norm1),
                                      (reference.crossattention, ours.cross_attn, ours.norm_cross)]:
         _copy_linear(hf_attention.self.query, attn.q)
@@ -176,17 +177,51 @@ def test_one_way_layer_equals_hf_bert_layer_with_cross_attention() -> None:
     _copy_linear(reference.intermediate.dense, ours.mlp.fc1)
     _copy_linear(reference.output.dense, ours.mlp.fc2)
     _copy_norm(reference.output.LayerNorm, ours.norm2)
+    return reference
 
+
+def _run_hf(layer: BertLayer, tokens: Tensor, mask: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+    # An explicit (padding) mask also keeps HF's decoder self-attention bidirectional.
+    out = layer(tokens, attention_mask=_extended_mask(mask), encoder_hidden_states=context,
+                encoder_attention_mask=_extended_mask(context_mask))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_one_way_layer_equals_hf_bert_layer_with_cross_attention() -> None:
+    torch.manual_seed(0)
+    fusion = DualStreamFusion(DIM, 1, HEADS, mlp_ratio=4.0, update_image=False).eval()
+    _randomize(fusion)
+    reference = _hf_bert_layer(fusion.text_layers[0])
     text, image, text_mask, image_mask = _inputs()
     with torch.no_grad():
-        # An explicit (padding) mask also keeps HF's decoder self-attention bidirectional.
-        expected = reference(text, attention_mask=_extended_mask(text_mask), encoder_hidden_states=image,
-                             encoder_attention_mask=_extended_mask(image_mask))
-        expected = expected[0] if isinstance(expected, tuple) else expected
+        expected = _run_hf(reference, text, text_mask, image, image_mask)
         out = fusion(text, image, text_mask, image_mask)
     torch.testing.assert_close(out.text, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.pooled, expected[:, 0], atol=1e-5, rtol=1e-5)
     assert torch.equal(out.image, image)
+
+
+def test_co_attention_equals_hf_bert_layers_reading_previous_states() -> None:
+    torch.manual_seed(0)
+    fusion = DualStreamFusion(DIM, 2, HEADS, mlp_ratio=4.0, update_image=True).eval()
+    _randomize(fusion)
+    assert fusion.text_pooler is not None and fusion.image_pooler is not None
+    text_layers = [_hf_bert_layer(layer) for layer in fusion.text_layers]
+    image_layers = [_hf_bert_layer(layer) for layer in fusion.image_layers]
+    text, image, text_mask, image_mask = _inputs()
+    with torch.no_grad():
+        expected_text, expected_image = text, image
+        for text_layer, image_layer in zip(text_layers, image_layers):
+            expected_text, expected_image = (
+                _run_hf(text_layer, expected_text, text_mask, expected_image, image_mask),
+                _run_hf(image_layer, expected_image, image_mask, expected_text, text_mask),
+            )
+        expected_pooled = torch.cat([torch.tanh(fusion.text_pooler(expected_text[:, 0])),
+                                     torch.tanh(fusion.image_pooler(expected_image[:, 0]))], -1)
+        out = fusion(text, image, text_mask, image_mask)
+    torch.testing.assert_close(out.text, expected_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.image, expected_image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, expected_pooled, atol=1e-5, rtol=1e-5)
 
 
 def test_single_stream_layer_equals_hf_vilt_layer() -> None:
@@ -216,15 +251,16 @@ def test_single_stream_layer_equals_hf_vilt_layer() -> None:
         hidden = reference(joint, attention_mask=_extended_mask(torch.cat([text_mask, image_mask], 1)))[0]
         hidden = fusion.norm(hidden)
         out = fusion(text, image, text_mask, image_mask)
-    torch.testing.assert_close(out.text, hidden[:, :T], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.image, hidden[:, T:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.text, hidden[:, :TEXT_LEN], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.image, hidden[:, TEXT_LEN:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.pooled, pooler(hidden), atol=1e-5, rtol=1e-5)
 
 
 def _loss(out: FusionOutput, seed: int = 2) -> Tensor:
     # Random projections: a plain sum would give zero gradient through LayerNorm outputs.
     gen = torch.Generator().manual_seed(seed)
-    return sum((part * torch.randn(part.shape, generator=gen)).sum() for part in (out.text, out.image, out.pooled))
+    parts = (out.text, out.image, out.pooled)
+    return torch.stack([(part * torch.randn(part.shape, generator=gen)).sum() for part in parts]).sum()
 
 
 @pytest.mark.parametrize("name", BLOCK_NAMES)
@@ -269,10 +305,12 @@ def test_grad_checkpointing_gives_same_gradients(name: str) -> None:
 
 def test_image_kv_cache_equals_recomputation_and_indexes_per_candidate() -> None:
     block = _block("one_way")
+    co_attention = _block("co_attention")
+    assert isinstance(block, DualStreamFusion) and isinstance(co_attention, DualStreamFusion)
     text, image, text_mask, image_mask = _inputs()
     with torch.no_grad():
         kv = block.image_kv(image)
-        assert len(kv) == 2 and kv[0][0].shape == (B, HEADS, I, DIM // HEADS)
+        assert len(kv) == 2 and kv[0][0].shape == (B, HEADS, IMAGE_LEN, DIM // HEADS)
         plain = block(text, image, text_mask, image_mask)
         cached = block(text, image, text_mask, image_mask, image_kv=kv)
         torch.testing.assert_close(cached.text, plain.text)
@@ -288,14 +326,14 @@ def test_image_kv_cache_equals_recomputation_and_indexes_per_candidate() -> None
     with pytest.raises(ValueError, match="entries"):
         block(text, image, image_kv=kv[:1])
     with pytest.raises(ValueError, match="update_image=False"):
-        _block("co_attention").image_kv(image)
+        co_attention.image_kv(image)
 
 
 def test_bad_shapes_raise_clear_errors() -> None:
     block = _block("single_stream")
     text, image, text_mask, _ = _inputs()
     with pytest.raises(ValueError, match="fusion width is 32"):
-        block(text, torch.randn(B, I, 16))
+        block(text, torch.randn(B, IMAGE_LEN, 16))
     with pytest.raises(ValueError, match="batch"):
         block(text, image[:2])
     with pytest.raises(ValueError, match="text_mask"):

@@ -209,12 +209,12 @@ def test_mlp_dropout_applied_once_per_branch_in_block() -> None:
 
 def test_init_transformer_weights() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.Embedding(300, 256), nn.LayerNorm(256))
+    linear, embedding, norm = nn.Linear(256, 512), nn.Embedding(300, 256), nn.LayerNorm(256)
+    model = nn.Sequential(linear, embedding, norm)
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(3.0)
     model.apply(init_transformer_weights)
-    linear, embedding, norm = model
     assert abs(linear.weight.std().item() - 0.02) < 0.001 and abs(linear.weight.mean().item()) < 0.001
     assert abs(embedding.weight.std().item() - 0.02) < 0.001
     assert linear.bias.abs().max() == 0

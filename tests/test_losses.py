@@ -197,7 +197,7 @@ def test_fixed_temperature_and_bad_values() -> None:
 def test_siglip_module_init_and_registry() -> None:
     module = SigLipLoss()
     assert module.logit_scale().item() == pytest.approx(10.0, rel=1e-6)
-    assert module.bias.item() == -10.0
+    assert module.logit_bias().item() == -10.0
     image, text = _pair()
     out = module(image, text)
     assert torch.allclose(out.total, siglip_loss(image, text, 10.0, -10.0))
@@ -359,4 +359,4 @@ def test_feature_queue_wraps_around() -> None:
     queue.enqueue(*batch(30, 7))  # longer than the queue: the newest five stay, the oldest slot comes next
     _, _, ids = queue.features()
     assert sorted(ids.tolist()) == [32, 33, 34, 35, 36]
-    assert ids[queue.ptr.item()].item() == 32
+    assert ids[int(queue.ptr.item())].item() == 32

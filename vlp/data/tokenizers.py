@@ -176,16 +176,22 @@ def _clip_backend_json() -> str:
 def clip_tokenizer() -> Tokenizer:
     """open_clip's BPE (same ids as ``open_clip.SimpleTokenizer``) with ``<|mask|>`` appended (id 49408)."""
     backend = RustTokenizer.from_str(_clip_backend_json())
-    sot, eot = backend.token_to_id("<start_of_text>"), backend.token_to_id("<end_of_text>")
-    mask = backend.token_to_id(APPENDED_MASK)
+    sot, eot, mask = (_token_id(backend, t) for t in ("<start_of_text>", "<end_of_text>", APPENDED_MASK))
     return Tokenizer(backend, pad_id=0, mask_id=mask, cls_id=sot, special_ids=[sot, eot, mask])
+
+
+def _token_id(backend: RustTokenizer, token: str) -> int:
+    token_id = backend.token_to_id(token)
+    if token_id is None:
+        raise UserError(f"tokenizer has no token '{token}'")
+    return int(token_id)
 
 
 def _with_mask(backend: RustTokenizer, mask_id: int | None) -> int:
     if mask_id is not None:
-        return mask_id
+        return int(mask_id)
     backend.add_special_tokens([AddedToken(APPENDED_MASK, special=True)])
-    return int(backend.token_to_id(APPENDED_MASK))
+    return _token_id(backend, APPENDED_MASK)
 
 
 def _first_present(backend: RustTokenizer, names: Sequence[str]) -> int | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlp.fusion.single_stream import LAYER_NORM_EPS, as_bool_mask, check_fusion_inputs
+from vlp.fusion.single_stream import LAYER_NORM_EPS, as_bool_mask, check_fusion_inputs, transformer_blocks
 from vlp.layers import Attention, TransformerBlock, init_transformer_weights
 from vlp.types import FusionOutput
 
@@ -52,7 +52,7 @@ class DualStreamFusion(nn.Module):
         self.apply(init_transformer_weights)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for layer in [*self.text_layers, *self.image_layers]:
+        for layer in transformer_blocks(self.text_layers) + transformer_blocks(self.image_layers):
             layer.grad_checkpointing = enable
 
     def image_kv(self, image: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -63,7 +63,7 @@ class DualStreamFusion(nn.Module):
         if self.update_image:
             raise ValueError("image_kv needs DualStreamFusion(update_image=False): co-attention changes the "
                              "image states in every layer")
-        return [_cross_attention(layer).key_value(image) for layer in self.text_layers]
+        return [_cross_attention(layer).key_value(image) for layer in transformer_blocks(self.text_layers)]
 
     def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, image_mask: Tensor | None = None,
                 return_attention: bool = False, image_kv: list[tuple[Tensor, Tensor]] | None = None) -> FusionOutput:
@@ -80,7 +80,7 @@ class DualStreamFusion(nn.Module):
             return self._co_attention(text, image, text_mask, image_mask, return_attention)
 
         attentions: list[dict[str, Tensor]] = []
-        for index, layer in enumerate(self.text_layers):
+        for index, layer in enumerate(transformer_blocks(self.text_layers)):
             kv = image_kv[index] if image_kv is not None else None
             text, weights = layer.forward_with_weights(text, text_mask, context=image, context_mask=image_mask,
                                                        return_weights=return_attention, context_kv=kv)
@@ -102,7 +102,7 @@ class DualStreamFusion(nn.Module):
     def _co_attention(self, text: Tensor, image: Tensor, text_mask: Tensor | None, image_mask: Tensor | None,
                       return_attention: bool) -> FusionOutput:
         attentions: list[dict[str, Tensor]] = []
-        for text_layer, image_layer in zip(self.text_layers, self.image_layers):
+        for text_layer, image_layer in zip(transformer_blocks(self.text_layers), transformer_blocks(self.image_layers)):
             # Both streams read the other's states from the previous layer, as in METER.
             new_text, text_weights = text_layer.forward_with_weights(
                 text, text_mask, context=image, context_mask=image_mask, return_weights=return_attention)

@@ -5,6 +5,8 @@ Axis legend: b = batch, t = text tokens, i = image tokens, d = width.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -30,6 +32,11 @@ def check_fusion_inputs(dim: int, text: Tensor, image: Tensor, text_mask: Tensor
     for name, mask, tokens in (("text_mask", text_mask, text), ("image_mask", image_mask, image)):
         if mask is not None and tuple(mask.shape) != tuple(tokens.shape[:2]):
             raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected {tuple(tokens.shape[:2])}")
+
+
+def transformer_blocks(layers: nn.ModuleList) -> list[TransformerBlock]:
+    """The blocks of a ModuleList, typed (iterating a ModuleList yields plain ``nn.Module``)."""
+    return [cast(TransformerBlock, layer) for layer in layers]
 
 
 def as_bool_mask(mask: Tensor | None) -> Tensor | None:
@@ -58,7 +65,7 @@ class SingleStreamFusion(nn.Module):
         self.apply(init_transformer_weights)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for block in self.blocks:
+        for block in transformer_blocks(self.blocks):
             block.grad_checkpointing = enable
 
     def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, image_mask: Tensor | None = None,
@@ -76,7 +83,7 @@ class SingleStreamFusion(nn.Module):
             mask = torch.cat([text_real, image_real], dim=1)
 
         attentions: list[dict[str, Tensor]] = []
-        for block in self.blocks:
+        for block in transformer_blocks(self.blocks):
             tokens, weights = block.forward_with_weights(tokens, mask, return_weights=return_attention)
             if return_attention:
                 attentions.append({"self": weights["self"]})

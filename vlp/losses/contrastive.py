@@ -198,10 +198,14 @@ class SigLipLoss(_LogScale):
         else:
             self.register_buffer("bias", value)
 
+    def logit_bias(self) -> Tensor:
+        """The learned bias added to every scaled similarity, in fp32."""
+        return self.bias.float()
+
     def forward(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None = None) -> LossOutput:
-        scale = self.logit_scale()
-        loss = siglip_loss(image_emb, text_emb, scale, self.bias, image_ids=image_ids)
-        terms = {"siglip": loss, "temperature": (1 / scale).detach(), "bias": self.bias.detach().float()}
+        scale, bias = self.logit_scale(), self.logit_bias()
+        loss = siglip_loss(image_emb, text_emb, scale, bias, image_ids=image_ids)
+        terms = {"siglip": loss, "temperature": (1 / scale).detach(), "bias": bias.detach()}
         return LossOutput(loss, terms)
 
 

@@ -14,9 +14,14 @@ from torch import Tensor
 
 __all__ = ["gather_with_grad", "gather_no_grad", "rank_and_world"]
 
-# torch >= 2.10 renamed the tensor-output collectives; older releases only have the first names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+def _all_gather_single(out: Tensor, x: Tensor) -> None:
+    # Recent torch renamed the tensor-output collectives (the old names warn); older releases lack the new.
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x)
+
+
+def _reduce_scatter_single(out: Tensor, x: Tensor) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x)
 
 
 def rank_and_world() -> tuple[int, int]:

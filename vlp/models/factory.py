@@ -43,7 +43,8 @@ def build_temperature(config: ModelConfig) -> nn.Module:
     from vlp.losses import ContrastiveLoss, SigLipLoss
 
     if config.contrastive == "siglip":
-        return SigLipLoss(temperature=config.temperature, bias=config.siglip_bias, learnable=config.learn_temperature)
+        return SigLipLoss(temperature=config.temperature, bias=config.siglip_bias, temperature_min=config.temperature_min,
+                          temperature_max=config.temperature_max, learnable=config.learn_temperature)
     return ContrastiveLoss(
         temperature=config.temperature,
         temperature_min=config.temperature_min,

@@ -9,10 +9,12 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.schedule import build_scheduler
 from vlp.train.seeding import rng_state, seed_everything, set_rng_state
 
-__all__ = ["pretrain", "autocast_factory", "run_dir_for"]
+__all__ = ["pretrain", "run_training", "TrainingJob", "autocast_factory", "run_dir_for", "load_model_weights"]
 
 log = logging.getLogger("vlp")
 
@@ -126,24 +128,73 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool = False) -> Path:
-    """Run pretraining as ``config`` says; returns the run directory."""
+@dataclass
+class TrainingJob:
+    """What the loop needs besides the config: the module whose parameters are optimized, the objective
+    that owns the step, the data, and how to save/load weights and evaluate."""
+
+    module: nn.Module
+    objective: Any
+    loader: DataLoader[Any]
+    dataset: Any
+    sampler: ResumableSampler | None
+    save_weights: Callable[[Path], None]
+    load_weights: Callable[[Path], None]
+    evaluate: Callable[[int, bool], dict[str, float]] | None = None
+
+
+def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool = False,
+             model: VLPModel | None = None) -> Path:
+    """Run pretraining (or retrieval fine-tuning of ``model``) as ``config`` says; returns the run directory."""
     dist = init_distributed()
+    run_dir = run_dir_for(config, output_dir)
+    seed_everything(config.train.seed)
+    model = prepare_model(config, model if model is not None else build_model(config.model)).to(dist.device)
+    autocast = autocast_factory(config.train.precision, dist.device)
+    objective = PretrainObjective(model, config.objective, autocast=autocast).to(dist.device)
+    loader, dataset, sampler = build_loader(config, model, dist)
+
+    def save_weights(directory: Path) -> None:
+        model.save_pretrained(directory, {"run": to_dict(config)})
+        extra = objective.extra_state_dict()
+        if extra:
+            ckpt.save_tensors(directory / "objective.safetensors", extra)
+
+    def load_weights(directory: Path) -> None:
+        load_model_weights(model, directory / "model.safetensors", dist.device)
+        extra_path = directory / "objective.safetensors"
+        if extra_path.is_file():
+            objective.load_extra_state_dict({k: v.to(dist.device) for k, v in ckpt.load_tensors(extra_path).items()})
+
+    def evaluate(step: int, final: bool) -> dict[str, float]:
+        return evaluate_run(config, model, run_dir, dist, final)
+
+    job = TrainingJob(model, objective, loader, dataset, sampler, save_weights, load_weights, evaluate)
+    return run_training(config, job, run_dir, dist, resume)
+
+
+def load_model_weights(model: nn.Module, path: Path, device: torch.device) -> None:
+    import safetensors.torch
+
+    missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=str(device))
+    if missing or unexpected:
+        raise UserError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]})")
+
+
+def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo, resume: bool) -> Path:
+    """The generic loop: accumulation, clipping, optimizer + schedule, checkpoints, metrics, evaluation."""
     if config.train.device == "cuda" and dist.device.type != "cuda":
         raise UserError("train.device is cuda but no CUDA device is available")
-    run_dir = run_dir_for(config, output_dir)
     ckpt_root = run_dir / "checkpoints"
     main = dist.rank == 0
     if main:
         (run_dir / "plots").mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    seed_everything(config.train.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-    model = prepare_model(config, build_model(config.model)).to(dist.device)
-    autocast = autocast_factory(config.train.precision, dist.device)
-    objective = PretrainObjective(model, config.objective, autocast=autocast).to(dist.device)
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    objective, module = job.objective, job.module
     if dist.world_size > 1:
         from vlp.train.distributed import wrap_model
 
@@ -151,7 +202,7 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
 
     effective = config.data.batch_size * config.train.grad_accum * dist.world_size
     lr = scaled_lr(config.optim.lr, config.optim.base_batch_size, effective, config.optim.lr_scaling)
-    optimizer = build_optimizer(model, config.optim, lr, dist.device.type)
+    optimizer = build_optimizer(module, config.optim, lr, dist.device.type)
     scheduler = build_scheduler(optimizer, config.schedule, config.train.max_steps)
     state = TrainState()
 
@@ -159,21 +210,21 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
     if resume and latest is None and main:
         log.warning("--resume: no complete checkpoint in %s, starting from scratch", ckpt_root)
     if latest is not None:
-        _restore(latest, model, objective, optimizer, scheduler, state, dist)
+        job.load_weights(latest)
+        _restore_trainer(latest, optimizer, scheduler, state)
 
-    loader, dataset, sampler = build_loader(config, model, dist)
     metrics = MetricsLogger(run_dir, enabled=main)
     if main and state.step == 0:
         metrics.log({"step": 0, "lr_scaled": lr, "effective_batch_size": effective})
     stop = _StopFlag()
-    data_iter = batches(loader, dataset, sampler, state)
+    data_iter = batches(job.loader, job.dataset, job.sampler, state)
     bar = tqdm(total=config.train.max_steps, initial=state.step, disable=not (main and config.train.progress),
-               desc=f"pretrain {config.name}", dynamic_ncols=True)
-    last_ckpt = latest
+               desc=f"{config.name}", dynamic_ncols=True)
     window_start, window_samples = time.perf_counter(), 0
+    saver = _Saver(config, ckpt_root, job, optimizer, scheduler, state, dist)
     try:
         while state.step < config.train.max_steps:
-            model.train()
+            module.train()
             terms_sum: dict[str, float] = {}
             for _ in range(config.train.grad_accum):
                 batch = _to_device(next(data_iter), dist.device)
@@ -184,8 +235,7 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
                     terms_sum[key] = terms_sum.get(key, 0.0) + float(value) / config.train.grad_accum
                 terms_sum["loss"] = terms_sum.get("loss", 0.0) + float(out.total) / config.train.grad_accum
                 window_samples += batch["images"].shape[0] * dist.world_size
-            stepped = _optimizer_step(config, model, optimizer, state)
-            if stepped:
+            if _optimizer_step(config, module, optimizer, state):
                 scheduler.step()
                 objective.after_optimizer_step()
             optimizer.zero_grad(set_to_none=True)
@@ -204,21 +254,21 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
             _check_bad_data(config, state)
             every = config.train.checkpoint_every
             if stop.requested or (every and state.step % every == 0 and state.step < config.train.max_steps):
-                last_ckpt = _save(config, ckpt_root, model, objective, optimizer, scheduler, state, dist)
+                saved = saver.save()
                 if stop.requested:
-                    raise UserError(f"interrupted by signal; checkpoint saved at {last_ckpt} (resume with --resume)")
+                    raise UserError(f"interrupted by signal; checkpoint saved at {saved} (resume with --resume)")
             e = config.eval.every
-            if e > 0 and state.step % e == 0 and state.step < config.train.max_steps:
-                _evaluate(config, model, run_dir, state.step, metrics, dist, final=False)
-        last_ckpt = _save(config, ckpt_root, model, objective, optimizer, scheduler, state, dist)
+            if job.evaluate is not None and e > 0 and state.step % e == 0 and state.step < config.train.max_steps:
+                metrics.log({"step": state.step, **job.evaluate(state.step, False)})
+                window_start = time.perf_counter()
+        saver.save()
         if main:
-            if (run_dir / "final").exists():
-                import shutil
-
-                shutil.rmtree(run_dir / "final")
-            ckpt.write_atomic(run_dir / "final", lambda d: model.save_pretrained(d, {"run": to_dict(config)}))
-        if config.eval.every >= 0:
-            _evaluate(config, model, run_dir, state.step, metrics, dist, final=True)
+            final = run_dir / "final"
+            if final.exists():
+                shutil.rmtree(final)
+            ckpt.write_atomic(final, job.save_weights)
+        if job.evaluate is not None and config.eval.every >= 0:
+            metrics.log({"step": state.step, **job.evaluate(state.step, True)})
     finally:
         bar.close()
         stop.restore()
@@ -253,41 +303,34 @@ def _check_bad_data(config: Config, state: TrainState) -> None:
                         f"{config.data.max_bad_fraction} (the paths are in the log)")
 
 
-def _save(config: Config, root: Path, model: VLPModel, objective: PretrainObjective, optimizer: torch.optim.Optimizer,
-          scheduler: Any, state: TrainState, dist: DistInfo) -> Path:
-    target = root / f"step_{state.step}"
-    if dist.rank == 0:
-        def write(directory: Path) -> None:
-            model.save_pretrained(directory, {"run": to_dict(config)})
-            extra = objective.extra_state_dict()
-            if extra:
-                ckpt.save_tensors(directory / "objective.safetensors", extra)
-            ckpt.save_trainer_state(directory / "trainer_state.pt", {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
-                "nonfinite_total": state.nonfinite_total, "bad_samples": state.bad_samples,
-                "samples_seen": state.samples_seen, "rng": rng_state(),
-            })
+class _Saver:
+    def __init__(self, config: Config, root: Path, job: TrainingJob, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, state: TrainState, dist: DistInfo) -> None:
+        self.config, self.root, self.job, self.optimizer = config, root, job, optimizer
+        self.scheduler, self.state, self.dist = scheduler, state, dist
 
-        ckpt.write_atomic(target, write)
-        ckpt.prune_checkpoints(root, config.train.keep_last)
-    if dist.world_size > 1:
-        torch.distributed.barrier()
-    return target
+    def save(self) -> Path:
+        """An atomic checkpoint with everything needed to resume exactly."""
+        state = self.state
+        target = self.root / f"step_{state.step}"
+        if self.dist.rank == 0:
+            def write(directory: Path) -> None:
+                self.job.save_weights(directory)
+                ckpt.save_trainer_state(directory / "trainer_state.pt", {
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+                    "nonfinite_total": state.nonfinite_total, "bad_samples": state.bad_samples,
+                    "samples_seen": state.samples_seen, "rng": rng_state(),
+                })
+
+            ckpt.write_atomic(target, write)
+            ckpt.prune_checkpoints(self.root, self.config.train.keep_last)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+        return target
 
 
-def _restore(directory: Path, model: VLPModel, objective: PretrainObjective, optimizer: torch.optim.Optimizer,
-             scheduler: Any, state: TrainState, dist: DistInfo) -> None:
-    import safetensors.torch
-
-    missing, unexpected = safetensors.torch.load_model(model, str(directory / "model.safetensors"), strict=False,
-                                                       device=str(dist.device))
-    if missing or unexpected:
-        raise UserError(f"{directory}: checkpoint does not match the config (missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]})")
-    extra_path = directory / "objective.safetensors"
-    if extra_path.is_file():
-        objective.load_extra_state_dict({k: v.to(dist.device) for k, v in ckpt.load_tensors(extra_path).items()})
+def _restore_trainer(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
     trainer = ckpt.load_trainer_state(directory / "trainer_state.pt")
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
@@ -300,29 +343,28 @@ def _restore(directory: Path, model: VLPModel, objective: PretrainObjective, opt
     log.info("resumed from %s at step %d", directory, state.step)
 
 
-def _evaluate(config: Config, model: VLPModel, run_dir: Path, step: int, metrics: MetricsLogger, dist: DistInfo,
-              final: bool) -> None:
+def evaluate_run(config: Config, model: VLPModel, run_dir: Path, dist: DistInfo, final: bool) -> dict[str, float]:
+    """Retrieval on the run's held-out split; flat ``eval/...`` metrics for metrics.jsonl."""
     from vlp.eval.plots import plot_recall_curve
     from vlp.eval.retrieval import evaluate_retrieval
     from vlp.train.eval_data import retrieval_split_for
 
     if dist.rank != 0:
-        return
+        return {}
     split = retrieval_split_for(config)
     if split is None:
-        return
+        return {}
     e = config.eval
     model.eval()
     result = evaluate_retrieval(model, split, model.image_transform(train=False), k_test=e.k_test, score=e.score,
                                 batch_size=e.batch_size, precision=e.precision, device=str(dist.device),
                                 progress=config.train.progress, max_images=e.max_images)
-    flat = {f"eval/{kind}/{name}": value for kind in ("itc", "itm") if kind in result
-            for name, value in result[kind].items()}
-    metrics.log({"step": step, **flat})
+    model.train()
     if final:
         (run_dir / "eval_retrieval.json").write_text(json.dumps(result, indent=2))
         plot_recall_curve(result, run_dir / "plots" / "recall_at_k.png")
-    model.train()
+    return {f"eval/{kind}/{name}": float(value) for kind in ("itc", "itm") if kind in result
+            for name, value in result[kind].items()}
 
 
 class _StopFlag:

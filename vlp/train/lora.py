@@ -37,9 +37,9 @@ class LoRALinear(nn.Linear):
             self.bias.requires_grad_(False)
         self.rank = rank
         self.scaling = (alpha if alpha is not None else rank) / rank
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         # A as a regular linear init, B zero: the product is zero at init but gradients reach B at once.
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.register_load_state_dict_pre_hook(_keep_missing_adapters)

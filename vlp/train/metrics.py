@@ -3,7 +3,8 @@
 Each line is one record: ``{"step": N, "<key>": value, ...}``; training and evaluation records may carry
 different keys. Plots pick keys by name:
 
-- ``loss.png``: every key containing ``loss`` (the total and each term);
+- ``loss.png``: every key containing ``loss`` (the total and each term), and the objective's term names
+  ``LOSS_TERMS`` (``itc``, ``itm``, ``mlm``, ...) alone or after a ``prefix/``;
 - ``lr.png``: ``lr`` and keys ending in ``/lr`` or starting with ``lr/`` (one per parameter group);
 - ``temperature.png``: keys containing ``temperature`` or ``logit_scale`` (one panel each);
 - ``retrieval.png``: recall keys ``[prefix/]txt_r{1,5,10}`` (image->text) and ``img_r{1,5,10}`` (text->image).
@@ -25,9 +26,10 @@ from torch import Tensor
 
 from vlp.errors import UserError
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_metrics"]
+__all__ = ["LOSS_TERMS", "MetricsLogger", "read_metrics", "plot_panels", "plot_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
+LOSS_TERMS = ("itc", "itm", "mlm", "siglip", "distill", "vqa")
 _RECALL = re.compile(r"^(?:.*/)?(txt|img)_r(1|5|10)$")
 
 
@@ -40,7 +42,7 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends one JSON line per ``log`` call to ``<run_dir>/metrics.jsonl`` and flushes it at once.
+    """Appends one JSON line per ``log(record)`` call to ``<run_dir>/metrics.jsonl`` and flushes it at once.
 
     ``enabled=False`` (non-main ranks) makes every call a no-op and creates no file. Tensors are read with
     ``.item()``; NaN/inf are written as the JSON extensions ``NaN``/``Infinity`` that ``read_metrics`` reads back.
@@ -54,14 +56,15 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self.path, "a", encoding="utf-8")
 
-    def log(self, step: int, values: Mapping[str, Any] | None = None, **more: Any) -> None:
-        """Write ``{"step": step, **values, **more}`` as one line."""
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Write ``record`` (which must hold ``step``) as one line, ``step`` first."""
+        if "step" not in record:
+            raise ValueError(f"a metrics record needs a 'step' key, got keys {sorted(record)}")
         if self._handle is None:
             return
-        record: dict[str, Any] = {"step": int(step)}
-        for key, value in {**(values or {}), **more}.items():
-            record[key] = _plain(value)
-        self._handle.write(json.dumps(record) + "\n")
+        line = {"step": int(record["step"])}
+        line.update({key: _plain(value) for key, value in record.items() if key != "step"})
+        self._handle.write(json.dumps(line) + "\n")
         self._handle.flush()
 
     def close(self) -> None:
@@ -123,6 +126,10 @@ def _numeric_keys(records: list[dict[str, Any]]) -> list[str]:
     return list(keys)
 
 
+def _is_loss(key: str) -> bool:
+    return "loss" in key.lower() or key.rsplit("/", 1)[-1] in LOSS_TERMS
+
+
 def _is_lr(key: str) -> bool:
     return key == "lr" or key.endswith("/lr") or key.startswith("lr/")
 
@@ -154,30 +161,39 @@ def _draw(records: list[dict[str, Any]], panels: list[tuple[str, list[str]]], yl
     return path
 
 
+_Panels = list[tuple[str, list[str]]]
+
+
+def plot_panels(records: list[dict[str, Any]]) -> dict[str, tuple[str, _Panels]]:
+    """Which keys each plot shows: ``{file name: (y label, [(panel title, keys), ...])}``, plots without data left out."""
+    keys = _numeric_keys(records)
+    recall = {k: match for k in keys if (match := _RECALL.match(k))}
+
+    def recall_keys(direction: str) -> list[str]:
+        chosen = [k for k, match in recall.items() if match.group(1) == direction]
+        return sorted(chosen, key=lambda k: int(recall[k].group(2)))
+
+    plots: dict[str, tuple[str, _Panels]] = {
+        "loss.png": ("loss", [("losses", [k for k in keys if _is_loss(k)])]),
+        "lr.png": ("lr", [("learning rate", [k for k in keys if _is_lr(k)])]),
+        "temperature.png": ("value", [(k, [k]) for k in keys if "temperature" in k or "logit_scale" in k]),
+        "retrieval.png": ("recall (%)", [("image -> text retrieval (txt_r@K)", recall_keys("txt")),
+                                         ("text -> image retrieval (img_r@K)", recall_keys("img"))]),
+    }
+    result = {}
+    for name, (ylabel, panels) in plots.items():
+        filled = [(title, panel_keys) for title, panel_keys in panels if panel_keys]
+        if filled:
+            result[name] = (ylabel, filled)
+    return result
+
+
 def plot_metrics(run_dir: Path | str) -> list[Path]:
     """Write ``loss.png``, ``lr.png``, ``temperature.png`` and ``retrieval.png`` (those with data) into
     ``<run_dir>/plots/`` from ``<run_dir>/metrics.jsonl``; returns the written paths."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / METRICS_FILE)
-    keys = _numeric_keys(records)
-    plots_dir = run_dir / "plots"
-    written: list[Path] = []
-
-    def emit(name: str, panels: list[tuple[str, list[str]]], ylabel: str) -> None:
-        panels = [(title, panel_keys) for title, panel_keys in panels if panel_keys]
-        if panels:
-            plots_dir.mkdir(parents=True, exist_ok=True)
-            written.append(_draw(records, panels, ylabel, plots_dir / name))
-
-    emit("loss.png", [("training losses", [k for k in keys if "loss" in k.lower()])], "loss")
-    emit("lr.png", [("learning rate", [k for k in keys if _is_lr(k)])], "lr")
-    emit("temperature.png", [(k, [k]) for k in keys if "temperature" in k or "logit_scale" in k], "value")
-    recall = {k: _RECALL.match(k) for k in keys}
-    by_direction = {
-        direction: sorted((k for k, m in recall.items() if m and m.group(1) == direction),
-                          key=lambda k: int(recall[k].group(2)))  # type: ignore[union-attr]
-        for direction in ("txt", "img")
-    }
-    emit("retrieval.png", [("image -> text retrieval (txt_r@K)", by_direction["txt"]),
-                           ("text -> image retrieval (img_r@K)", by_direction["img"])], "recall (%)")
-    return written
+    plots = plot_panels(records)
+    if plots:
+        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+    return [_draw(records, panels, ylabel, run_dir / "plots" / name) for name, (ylabel, panels) in plots.items()]

@@ -46,20 +46,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW parameter groups, ``decay`` then ``no_decay`` (see the module docstring for the rule).
 
     Each group holds ``params``, ``param_names`` (full dotted names; torch stores them in the optimizer's
-    state_dict) and ``weight_decay``. Empty groups are dropped; a parameter shared by several modules
-    (tied weights) appears once, under its first name.
+    state_dict) and ``weight_decay``. Empty groups are dropped. A parameter shared by several modules
+    (tied weights, e.g. an MLM decoder tied to the word embeddings) appears once, under its first name, and is
+    not decayed when any of its owners exempts it.
     """
-    decay: dict[str, nn.Parameter] = {}
-    no_decay: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
+    names: dict[int, str] = {}
+    params: dict[int, nn.Parameter] = {}
+    exempt: set[int] = set()
     for module_name, module in model.named_modules():
         for attr_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
+            if not param.requires_grad:
                 continue
-            seen.add(id(param))
-            full_name = f"{module_name}.{attr_name}" if module_name else attr_name
-            target = no_decay if _is_no_decay(module, attr_name, param) else decay
-            target[full_name] = param
+            key = id(param)
+            names.setdefault(key, f"{module_name}.{attr_name}" if module_name else attr_name)
+            params[key] = param
+            if _is_no_decay(module, attr_name, param):
+                exempt.add(key)
+    decay = {names[key]: param for key, param in params.items() if key not in exempt}
+    no_decay = {names[key]: param for key, param in params.items() if key in exempt}
     if not decay and not no_decay:
         raise UserError("the model has no trainable parameters (every parameter is frozen)")
     groups = []

@@ -47,9 +47,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_s
     The multiplier is a closure, so the scheduler's state_dict holds only its counters (``last_epoch``):
     resuming with a changed ``max_steps`` or warmup follows the new config from the restored step.
     """
-    lr_factor(0, cfg.warmup_steps, max_steps, cfg.type, cfg.min_lr_ratio)  # validates the schedule name
     if cfg.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps: must be >= 0, got {cfg.warmup_steps}")
+    lr_factor(0, cfg.warmup_steps, max_steps, cfg.type, cfg.min_lr_ratio)  # validates the schedule name
 
     def factor(step: int) -> float:
         return lr_factor(step, cfg.warmup_steps, max_steps, cfg.type, cfg.min_lr_ratio)

@@ -1,0 +1,401 @@
+"""Retrieval metrics, chunked scoring, batched ITM re-ranking and the evaluate_retrieval harness.
+
+The models here are small stand-ins with VLPModel's evaluation interface, so these tests do not depend
+on the model package.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vlp.errors import UserError
+from vlp.eval.plots import plot_recall_curve
+from vlp.eval.rerank import rerank_candidates
+from vlp.eval.retrieval import chunked_ranks, chunked_topk, evaluate_retrieval, positives_from_txt2img, retrieval_metrics
+from vlp.types import EncoderOutput
+
+# ---------------------------------------------------------------------------------------------- stand-ins
+PAD, CLS = 0, 1
+
+
+class WordTokenizer:
+    """Hashes words to ids; [CLS] first; right-padded to the longest text of the batch."""
+
+    def __init__(self, vocab_size: int = 64) -> None:
+        self.vocab_size = vocab_size
+
+    def word_id(self, word: str) -> int:
+        return 2 + zlib.crc32(word.encode()) % (self.vocab_size - 2)
+
+    def __call__(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
+        rows = [[CLS] + [self.word_id(w) for w in text.split()][: max_length - 1] for text in texts]
+        length = max(len(row) for row in rows)
+        ids = torch.tensor([row + [PAD] * (length - len(row)) for row in rows])
+        return {"input_ids": ids, "attention_mask": ids != PAD}
+
+
+@dataclass
+class Context:
+    tokens: Tensor
+    mask: Tensor
+    kv: tuple[Tensor, Tensor]
+
+    def select(self, index: Tensor) -> Context:
+        return Context(self.tokens[index], self.mask[index], (self.kv[0][index], self.kv[1][index]))
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    weights = mask.float()[..., None]
+    return (tokens * weights).sum(1) / weights.sum(1)
+
+
+class TinyFused(nn.Module):
+    """Patch-linear image encoder, embedding text encoder, one cross-attention layer + ITM head."""
+
+    def __init__(self, dim: int = 16, embed_dim: int = 8, fused: bool = True) -> None:
+        super().__init__()
+        self.tokenizer = WordTokenizer()
+        self.config = SimpleNamespace(text=SimpleNamespace(max_length=12))
+        self.has_fusion = fused
+        self.patch = nn.Linear(3 * 4 * 4, dim)
+        self.words = nn.Embedding(self.tokenizer.vocab_size, dim)
+        self.image_proj, self.text_proj = nn.Linear(dim, embed_dim), nn.Linear(dim, embed_dim)
+        self.key, self.value, self.query = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.itm_head = nn.Linear(2 * dim, 2)
+
+    def image_features(self, images: Tensor) -> tuple[EncoderOutput, Tensor]:
+        patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=4, p2=4)
+        tokens = torch.tanh(self.patch(patches))
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        return EncoderOutput(tokens, mask, tokens[:, 0]), F.normalize(self.image_proj(tokens[:, 0]), dim=-1)
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[EncoderOutput, Tensor]:
+        tokens = self.words(input_ids)
+        pooled = masked_mean(tokens, attention_mask.bool())
+        return EncoderOutput(tokens, attention_mask.bool(), pooled), F.normalize(self.text_proj(pooled), dim=-1)
+
+    def image_context(self, image_out: EncoderOutput) -> Context:
+        return Context(image_out.tokens, image_out.mask, (self.key(image_out.tokens), self.value(image_out.tokens)))
+
+    def itm_logits_from(self, text_out: EncoderOutput, context: Context, index: Tensor) -> Tensor:
+        picked = context.select(index)
+        keys, values = picked.kv
+        attended = F.scaled_dot_product_attention(self.query(text_out.tokens), keys, values,
+                                                  attn_mask=picked.mask[:, None, :])
+        pooled = masked_mean(attended, text_out.mask)
+        return self.itm_head(torch.cat([pooled, text_out.pooled], dim=-1)).float()
+
+    def itm_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        context = self.image_context(self.image_features(images)[0])
+        text_out, _ = self.text_features(input_ids, attention_mask)
+        return self.itm_logits_from(text_out, context, torch.arange(len(images)))
+
+
+@dataclass
+class Split:
+    images: list[Tensor]
+    captions: list[str]
+    txt2img: list[int]
+    img2txt: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.img2txt = [[t for t, i in enumerate(self.txt2img) if i == image] for image in range(self.num_images)]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    def image_dataset(self, transform: Any) -> list[Tensor]:
+        return [image if transform is None else transform(image) for image in self.images]
+
+
+WORDS = "red blue green cat dog bird sits runs on a the small big tree car".split()
+
+
+def make_split(num_images: int, captions_per_image: int = 2, seed: int = 0) -> Split:
+    generator = torch.Generator().manual_seed(seed)
+    images = list(torch.rand(num_images, 3, 8, 8, generator=generator))
+    captions, txt2img = [], []
+    for image in range(num_images):
+        for _ in range(captions_per_image):
+            length = int(torch.randint(2, 7, (1,), generator=generator))
+            picks = torch.randint(0, len(WORDS), (length,), generator=generator).tolist()
+            captions.append(" ".join(WORDS[p] for p in picks))
+            txt2img.append(image)
+    return Split(images, captions, txt2img)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def brute_force_metrics(scores_i2t: Tensor, txt2img: list[int], scores_t2i: Tensor | None = None) -> dict[str, float]:
+    """Per-query loop: sort by score, ties broken against the ground truth; a query's rank is its first hit."""
+    t2i = scores_i2t.T if scores_t2i is None else scores_t2i
+
+    def rank(row: list[float], truths: set[int]) -> int:
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j in truths))
+        return next(position for position, j in enumerate(order) if j in truths)
+
+    txt = [rank(scores_i2t[i].tolist(), {t for t, img in enumerate(txt2img) if img == i}) for i in range(len(scores_i2t))]
+    img = [rank(t2i[t].tolist(), {txt2img[t]}) for t in range(len(txt2img))]
+    out = {}
+    for side, ranks in (("txt", txt), ("img", img)):
+        for k in (1, 5, 10):
+            out[f"{side}_r{k}"] = 100.0 * sum(r < k for r in ranks) / len(ranks)
+        out[f"{side}_r_mean"] = (out[f"{side}_r1"] + out[f"{side}_r5"] + out[f"{side}_r10"]) / 3
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -> None:
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_match_brute_force_with_ties_and_several_captions(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    num_images = 13
+    txt2img = torch.randint(0, num_images, (40,), generator=generator).tolist()
+    txt2img[:num_images] = range(num_images)  # every image has a caption
+    scores = torch.randint(0, 6, (num_images, 40), generator=generator).float()  # many ties
+    assert_metrics_equal(retrieval_metrics(scores, txt2img), brute_force_metrics(scores, txt2img))
+    continuous = torch.randn(num_images, 40, generator=generator)
+    assert_metrics_equal(retrieval_metrics(continuous, txt2img), brute_force_metrics(continuous, txt2img))
+    t2i = torch.randint(0, 3, (40, num_images), generator=generator).float()
+    assert_metrics_equal(retrieval_metrics(scores, txt2img, t2i), brute_force_metrics(scores, txt2img, t2i))
+
+
+def test_perfect_and_worst_rankings() -> None:
+    txt2img = [i for i in range(12) for _ in range(2)]
+    truth = (torch.tensor(txt2img)[None, :] == torch.arange(12)[:, None]).float()
+    perfect = retrieval_metrics(truth, txt2img)
+    assert all(value == 100.0 for value in perfect.values())
+    worst = retrieval_metrics(-truth, txt2img)  # every ground truth below 22 / 11 other items
+    assert all(value == 0.0 for value in worst.values())
+
+
+def test_ties_rank_pessimistically() -> None:
+    scores = torch.tensor([[0.5, 0.5], [0.2, 0.9]])
+    metrics = retrieval_metrics(scores, [0, 1])
+    # Image 0's caption ties with caption 1, so it ranks second; caption queries have no ties.
+    assert metrics["txt_r1"] == 50.0 and metrics["txt_r5"] == 100.0
+    assert metrics["img_r1"] == 100.0
+    assert retrieval_metrics(torch.zeros(3, 3), [0, 1, 2])["txt_r1"] == 0.0
+
+
+def test_image_query_ranks_its_best_caption() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.2, 0.5], [0.9, 0.8, 0.7, 0.6]])
+    metrics = retrieval_metrics(scores, [0, 0, 0, 1], img2txt=[[0, 1, 2], [3]])
+    assert metrics["txt_r1"] == 50.0  # image 0: caption 1 first; image 1: its caption is 4th
+    assert metrics["txt_r5"] == 100.0
+    # caption queries: captions 0 and 2 score image 1 higher, captions 1 and 3 rank their image first
+    assert metrics["img_r1"] == 50.0
+    assert metrics["txt_r_mean"] == pytest.approx((50 + 100 + 100) / 3)
+    assert metrics["r_mean"] == pytest.approx((metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2)
+
+
+def test_separate_t2i_scores_are_used() -> None:
+    txt2img = [i for i in range(11)]
+    truth = torch.eye(11)
+    metrics = retrieval_metrics(truth, txt2img, scores_t2i=-truth)
+    assert metrics["txt_r1"] == 100.0 and metrics["img_r10"] == 0.0
+
+
+def test_bad_metric_inputs_are_user_errors() -> None:
+    with pytest.raises(UserError, match="img2txt and txt2img disagree"):
+        retrieval_metrics(torch.zeros(2, 3), [0, 1, 1], img2txt=[[0, 1], [2]])
+    with pytest.raises(UserError, match="no ground-truth caption"):
+        retrieval_metrics(torch.zeros(3, 2), [0, 1])
+    with pytest.raises(UserError, match="scores_t2i"):
+        retrieval_metrics(torch.zeros(2, 2), [0, 1], scores_t2i=torch.zeros(3, 2))
+
+
+# ---------------------------------------------------------------------------------------------- chunking
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 53, 1000])
+def test_chunked_topk_equals_full_topk(chunk_size: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    queries, gallery = torch.randn(37, 6, generator=generator), torch.randn(53, 6, generator=generator)
+    expected_values, expected_indices = (queries @ gallery.T).topk(7, dim=1)
+    values, indices = chunked_topk(queries, gallery, 7, chunk_size=chunk_size)
+    torch.testing.assert_close(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+    values, indices = chunked_topk(queries, gallery, 7, memory_mb=0.0005)  # ~131 scores per block
+    assert torch.equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("memory_mb", [0.0001, 0.001, 64])
+def test_chunked_ranks_equal_full_matrix_ranks(memory_mb: float) -> None:
+    generator = torch.Generator().manual_seed(2)
+    images, texts = torch.randn(9, 5, generator=generator), torch.randn(27, 5, generator=generator)
+    txt2img = torch.arange(27) % 9
+    expected = brute_force_metrics(images @ texts.T, txt2img.tolist())
+    positives = positives_from_txt2img(txt2img, 9)
+    from vlp.eval.retrieval import recall_metrics
+
+    metrics = recall_metrics(chunked_ranks(images, texts, positives, memory_mb),
+                             chunked_ranks(texts, images, txt2img[:, None], memory_mb))
+    assert_metrics_equal(metrics, expected)
+
+
+# ---------------------------------------------------------------------------------------------- re-ranking
+def per_pair_logits(model: TinyFused, split: Split, image: int, text: int) -> float:
+    tokens = model.tokenizer([split.captions[text]], max_length=model.config.text.max_length)
+    logits = model.itm_logits(split.images[image][None], tokens["input_ids"], tokens["attention_mask"])
+    return float(logits[0, 1])
+
+
+def encoded(model: TinyFused, split: Split) -> Any:
+    from vlp.eval.retrieval import encode_split
+
+    return encode_split(model, split, None, batch_size=4, progress=False)
+
+
+def test_batched_rerank_equals_per_pair_calls() -> None:
+    torch.manual_seed(0)
+    model, split = TinyFused().eval(), make_split(7, captions_per_image=3)
+    with torch.no_grad():
+        enc = encoded(model, split)
+        _, i2t = chunked_topk(enc.image_emb, enc.text_emb, 5)
+        _, t2i = chunked_topk(enc.text_emb, enc.image_emb, 4)
+        i2t_scores, t2i_scores = rerank_candidates(model, enc.image_out, enc.text_out, i2t, t2i, batch_size=3)
+        for image in range(7):
+            for j in range(5):
+                assert float(i2t_scores[image, j]) == pytest.approx(
+                    per_pair_logits(model, split, image, int(i2t[image, j])), abs=1e-5)
+        for text in range(21):
+            for j in range(4):
+                assert float(t2i_scores[text, j]) == pytest.approx(
+                    per_pair_logits(model, split, int(t2i[text, j]), text), abs=1e-5)
+
+
+@pytest.mark.parametrize("score", ["itm", "itm+itc"])
+def test_evaluate_retrieval_equals_full_reranked_matrices(score: str) -> None:
+    """evaluate_retrieval never builds N x M; its metrics equal retrieval_metrics on the full matrices where
+    re-scored candidates sit above every other item and the rest keep their ITC order."""
+    torch.manual_seed(1)
+    model, split = TinyFused(), make_split(9, captions_per_image=2, seed=3)
+    k = 4
+    result = evaluate_retrieval(model, split, None, k_test=k, score=score, batch_size=5, progress=False)
+    assert model.training  # mode restored
+    model.eval()
+    with torch.no_grad():
+        enc = encoded(model, split)
+    sims = (enc.image_emb @ enc.text_emb.T).double()
+    assert_metrics_equal(result["itc"], brute_force_metrics(sims, split.txt2img))
+
+    def reranked(matrix: Tensor, pair: Any) -> Tensor:
+        top = matrix.topk(k, dim=1).indices
+        full = matrix - 1000.0  # below every re-scored candidate, same order
+        for query in range(matrix.shape[0]):
+            for gallery in top[query].tolist():
+                logit = per_pair_logits(model, split, *pair(query, gallery))
+                full[query, gallery] = logit + (float(matrix[query, gallery]) if score == "itm+itc" else 0.0)
+        return full
+
+    with torch.no_grad():
+        i2t = reranked(sims, lambda q, g: (q, g))
+        t2i = reranked(sims.T.contiguous(), lambda q, g: (g, q))
+    assert_metrics_equal(result["itm"], brute_force_metrics(i2t, split.txt2img, t2i))
+    assert result["score"] == score and result["k_test"] == k
+    assert (result["num_images"], result["num_texts"]) == (9, 18)
+    curve = result["curves"]["itm"]["txt"]
+    assert [curve[0], curve[4], curve[9]] == pytest.approx(
+        [result["itm"]["txt_r1"], result["itm"]["txt_r5"], result["itm"]["txt_r10"]])
+
+
+class OracleFused(nn.Module):
+    """Fixed ITC embeddings; the ITM logit is 1 exactly for ground-truth pairs."""
+
+    def __init__(self, txt2img: list[int], noise: float, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.txt2img = torch.tensor(txt2img)
+        self.image_table = F.normalize(torch.randn(int(self.txt2img.max()) + 1, 8, generator=generator), dim=-1)
+        self.text_table = F.normalize(self.image_table[self.txt2img] + noise * torch.randn(len(txt2img), 8,
+                                                                                             generator=generator), dim=-1)
+        self.tokenizer = lambda texts, max_length: {"input_ids": torch.tensor([[CLS, 2 + int(t)] for t in texts]),
+                                                    "attention_mask": torch.ones(len(texts), 2, dtype=torch.bool)}
+        self.config = SimpleNamespace(text=SimpleNamespace(max_length=4))
+        self.has_fusion = True
+
+    def image_features(self, images: Tensor) -> tuple[EncoderOutput, Tensor]:
+        ids = images[:, 0, 0, 0].long()
+        tokens = ids.float()[:, None, None]
+        return EncoderOutput(tokens, torch.ones(len(ids), 1, dtype=torch.bool), tokens[:, 0]), self.image_table[ids]
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[EncoderOutput, Tensor]:
+        ids = input_ids[:, 1] - 2
+        tokens = ids.float()[:, None, None].expand(-1, input_ids.shape[1], 1)
+        return EncoderOutput(tokens, attention_mask.bool(), tokens[:, 0]), self.text_table[ids]
+
+    def image_context(self, image_out: EncoderOutput) -> Context:
+        return Context(image_out.tokens, image_out.mask, (image_out.tokens, image_out.tokens))
+
+    def itm_logits_from(self, text_out: EncoderOutput, context: Context, index: Tensor) -> Tensor:
+        texts, images = text_out.tokens[:, 0, 0].long(), context.select(index).tokens[:, 0, 0].long()
+        match = (self.txt2img[texts] == images).float()
+        return torch.stack([torch.zeros_like(match), match], dim=1)
+
+
+@pytest.mark.parametrize("k_test", [5, 10])
+def test_oracle_itm_moves_recall_at_k_to_recall_at_1(k_test: int) -> None:
+    txt2img = [i for i in range(30) for _ in range(2)]
+    model = OracleFused(txt2img, noise=1.2)
+    images = [torch.full((3, 2, 2), float(i)) for i in range(30)]
+    split = Split(images, [str(t) for t in range(60)], txt2img)
+    result = evaluate_retrieval(model, split, None, k_test=k_test, batch_size=7, progress=False)
+    itc, itm = result["itc"], result["itm"]
+    assert itc["txt_r1"] < itc[f"txt_r{k_test}"] < 100 and itc["img_r1"] < itc[f"img_r{k_test}"] < 100
+    assert itm["txt_r1"] == itc[f"txt_r{k_test}"]
+    assert itm["img_r1"] == itc[f"img_r{k_test}"]
+    # A ground truth outside the re-ranked candidates keeps its ITC rank, so recall beyond k_test is unchanged.
+    assert (itm["txt_r10"], itm["img_r10"]) == (itc["txt_r10"], itc["img_r10"])
+
+
+def test_dual_encoder_has_no_itm_and_max_images_subsets() -> None:
+    torch.manual_seed(2)
+    model, split = TinyFused(fused=False), make_split(8, seed=5)
+    result = evaluate_retrieval(model, split, None, k_test=100, progress=False)  # k_test unused without fusion
+    assert "itm" not in result and set(result["curves"]) == {"itc"}
+    small = evaluate_retrieval(model, split, None, max_images=3, progress=False)
+    first3 = Split(split.images[:3], split.captions[:6], split.txt2img[:6])
+    assert small["itc"] == evaluate_retrieval(model, first3, None, progress=False)["itc"]
+    assert (small["num_images"], small["num_texts"]) == (3, 6)
+
+
+def test_bf16_encoding_runs_close_to_fp32() -> None:
+    torch.manual_seed(3)
+    model, split = TinyFused(), make_split(6, seed=1)
+    fp32 = evaluate_retrieval(model, split, None, k_test=3, progress=False)
+    bf16 = evaluate_retrieval(model, split, None, k_test=3, precision="bf16", progress=False)
+    assert set(bf16) == set(fp32) and 0.0 <= bf16["itm"]["r_mean"] <= 100.0
+
+
+def test_bad_eval_settings_are_user_errors() -> None:
+    model, split = TinyFused(), make_split(4)
+    with pytest.raises(UserError, match=r"eval\.k_test=5 .*4 images"):
+        evaluate_retrieval(model, split, None, k_test=5, progress=False)
+    with pytest.raises(UserError, match=r"eval\.score"):
+        evaluate_retrieval(model, split, None, score="itc", progress=False)
+    with pytest.raises(UserError, match=r"eval\.precision"):
+        evaluate_retrieval(model, split, None, k_test=2, precision="fp16", progress=False)
+
+
+def test_recall_curve_png(tmp_path: Any) -> None:
+    model, split = TinyFused(), make_split(5, seed=2)
+    result = evaluate_retrieval(model, split, None, k_test=3, progress=False)
+    path = plot_recall_curve(result, tmp_path / "plots" / "recall.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    assert result["curves"]["itc"]["img"][-1] == 100.0 and len(result["curves"]["itc"]["img"]) == 5
+    with pytest.raises(UserError, match="recall curves"):
+        plot_recall_curve({"itc": {"txt_r1": 1.0}}, tmp_path / "bad.png")

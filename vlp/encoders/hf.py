@@ -1,0 +1,116 @@
+"""A Hugging Face transformers text model as a bidirectional text encoder.
+
+``name`` set: ``AutoModel.from_pretrained(name, local_files_only=True)`` from a local directory (the model's
+own dropout settings are kept; ``options`` are config overrides). ``name`` empty: a randomly initialised
+``BertModel(BertConfig(...))`` whose defaults come from the text config (``width``, ``depth``, ``num_heads``,
+``mlp_ratio``, ``dropout``, ``max_length``, vocabulary = ``vocab_size`` or the tokenizer's) and are
+overridden by ``options`` (any ``BertConfig`` field). Models that have a pooler are built without it.
+tokens = ``last_hidden_state``; pooled = by ``cfg.pooling`` (``cls`` = the [CLS] state, the default).
+If the tokenizer has more ids than the embedding table (an appended mask token), the table is resized.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from vlp.config.schema import TextEncoderConfig
+from vlp.data.tokenizers import Tokenizer
+from vlp.encoders.base import TextEncoder
+from vlp.encoders.text_transformer import POOLINGS, pool_tokens
+from vlp.errors import ConfigError, UserError
+from vlp.registry import text_encoders
+from vlp.types import EncoderOutput
+
+__all__ = ["HFTextEncoder", "build_hf"]
+
+
+class HFTextEncoder(TextEncoder):
+    """Wraps a ``transformers.PreTrainedModel`` that returns ``last_hidden_state``."""
+
+    model: Any  # a transformers PreTrainedModel
+
+    def __init__(self, model: Any, pooling: str = "cls") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling '{pooling}' is not one of {', '.join(POOLINGS)}")
+        self.model = model
+        self.pooling = pooling
+        self.width = self.embed_dim = int(model.config.hidden_size)
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.bidirectional = True
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        """The input token embedding (an MLM head ties its decoder weight to it)."""
+        embedding: nn.Embedding = self.model.get_input_embeddings()
+        return embedding
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
+        mask = attention_mask.bool()
+        tokens = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pool_tokens(tokens, mask, self.pooling))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+
+def _random_bert(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> Any:
+    from transformers import BertConfig, BertModel
+
+    defaults: dict[str, Any] = {
+        "vocab_size": cfg.vocab_size or tokenizer.vocab_size,
+        "hidden_size": cfg.width,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": int(cfg.width * cfg.mlp_ratio),
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout,
+        "max_position_embeddings": max(512, cfg.max_length),
+        "pad_token_id": tokenizer.pad_id,
+    }
+    try:
+        config = BertConfig(**{**defaults, **cfg.options})
+        return BertModel(config, add_pooling_layer=False)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"text.options is not a valid BertConfig: {' '.join(str(error).split())}") from error
+
+
+def _local_model(cfg: TextEncoderConfig) -> Any:
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    directory = Path(cfg.name).expanduser()
+    if not directory.is_dir():
+        raise UserError(f"text.name '{cfg.name}' is not a local model directory (vlp never downloads models)")
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True, **cfg.options)
+        model_class: Any = MODEL_MAPPING[type(config)]
+        accepts_pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+        kwargs = {"add_pooling_layer": False} if accepts_pooler else {}
+        return AutoModel.from_pretrained(str(directory), config=config, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot load a Hugging Face model from {directory}: {' '.join(str(error).split())}") from error
+
+
+@text_encoders.register("hf")
+def build_hf(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> HFTextEncoder:
+    if cfg.pooling not in POOLINGS:
+        raise ConfigError(f"text.pooling '{cfg.pooling}' is not one of {', '.join(POOLINGS)}")
+    if cfg.causal:
+        raise ConfigError("text.causal is not supported by the hf encoder (it wraps bidirectional encoders)")
+    if cfg.weights:
+        raise ConfigError("text.weights is not used by the hf encoder: point text.name at the model directory")
+    model = _local_model(cfg) if cfg.name else _random_bert(cfg, tokenizer)
+    if tokenizer.vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(tokenizer.vocab_size)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and cfg.max_length > max_positions:
+        raise ConfigError(f"text.max_length {cfg.max_length} exceeds the model's {max_positions} positions")
+    return HFTextEncoder(model, pooling=cfg.pooling)

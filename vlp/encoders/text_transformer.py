@@ -1,0 +1,113 @@
+"""Native text transformer: token + learned position embeddings and a stack of vlp.layers blocks.
+
+Two layouts, picked by ``causal`` so each matches the model family it stands for:
+
+- ``causal=False`` (BERT-like, bidirectional, what MLM needs): embedding LayerNorm, post-norm blocks
+  (``norm(x + f(x))``, LayerNorm eps 1e-12 as BERT); the last block's output is already normalized.
+- ``causal=True`` (CLIP-like text tower): pre-norm blocks (``x + f(norm(x))``) and a final LayerNorm.
+
+Pooling: ``cls`` = first token (not allowed with ``causal``: it would only see itself), ``eos`` = last
+real token (CLIP's end-of-text, as inputs are right-padded), ``mean`` = mean over real tokens.
+There is no projection: ``embed_dim == width``. Axis legend: b = batch, t = tokens, d = width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vlp.config.schema import TextEncoderConfig
+from vlp.data.tokenizers import Tokenizer
+from vlp.encoders.base import TextEncoder
+from vlp.encoders.vit import init_transformer_weights
+from vlp.errors import ConfigError
+from vlp.layers import TransformerBlock
+from vlp.registry import text_encoders
+from vlp.types import EncoderOutput
+
+__all__ = ["TextTransformer", "build_text_transformer", "POOLINGS"]
+
+POOLINGS = ("cls", "eos", "mean")
+
+
+def pool_tokens(tokens: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """[b, t, d] tokens and bool mask [b, t] -> [b, d] by ``cls`` / ``eos`` (last real token) / ``mean``."""
+    if pooling == "cls":
+        return tokens[:, 0]
+    if pooling == "eos":
+        # index of the last True per row, also correct if padding is not a contiguous suffix
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class TextTransformer(TextEncoder):
+    """input_ids [b, t], attention_mask [b, t] -> tokens [b, t, width], pooled [b, width]."""
+
+    def __init__(self, vocab_size: int, max_length: int, width: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False, pooling: str = "cls") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling '{pooling}' is not one of {', '.join(POOLINGS)}")
+        if causal and pooling == "cls":
+            raise ValueError("pooling 'cls' with causal attention: the first token only sees itself; use 'eos'")
+        self.width = self.embed_dim = width
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.causal = causal
+        self.bidirectional = not causal
+        self.pooling = pooling
+        eps = 1e-6 if causal else 1e-12
+        self.embeddings = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(max_length, width))
+        self.embed_norm: nn.Module = nn.Identity() if causal else nn.LayerNorm(width, eps=eps)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, dropout=dropout, pre_norm=causal, eps=eps)
+            for _ in range(depth))
+        self.final_norm: nn.Module = nn.LayerNorm(width, eps=eps) if causal else nn.Identity()
+        self.grad_checkpointing = False
+        self.apply(init_transformer_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
+        length = input_ids.shape[1]
+        if length > self.max_length:
+            raise ValueError(f"{length} tokens exceed the encoder's max_length {self.max_length}")
+        mask = attention_mask.bool()
+        x = self.drop(self.embed_norm(self.embeddings(input_ids) + self.pos_embed[:length]))
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, causal=self.causal, use_reentrant=False)
+            else:
+                x = block(x, mask, causal=self.causal)
+        tokens = self.final_norm(x)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pool_tokens(tokens, mask, self.pooling))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+
+@text_encoders.register("transformer")
+def build_text_transformer(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> TextTransformer:
+    if cfg.pooling not in POOLINGS:
+        raise ConfigError(f"text.pooling '{cfg.pooling}' is not one of {', '.join(POOLINGS)}")
+    if cfg.causal and cfg.pooling == "cls":
+        raise ConfigError("text.pooling 'cls' with text.causal: the first token only sees itself; use 'eos'")
+    if cfg.width % cfg.num_heads != 0:
+        raise ConfigError(f"text.width {cfg.width} is not divisible by text.num_heads {cfg.num_heads}")
+    if cfg.options:
+        raise ConfigError(f"text.options {sorted(cfg.options)} are not used by the native transformer encoder")
+    vocab_size = cfg.vocab_size or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"text.vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    encoder = TextTransformer(vocab_size, cfg.max_length, cfg.width, cfg.depth, cfg.num_heads,
+                              mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=cfg.causal, pooling=cfg.pooling)
+    if cfg.weights:
+        from vlp.encoders.timm_encoder import load_weights, read_weights
+
+        load_weights(encoder, read_weights(cfg.weights), cfg.weights)
+    return encoder

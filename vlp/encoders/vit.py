@@ -1,0 +1,90 @@
+"""Native Vision Transformer: conv patch embedding, CLS token, learned positions, pre-norm blocks, final norm.
+
+Axis legend: b = batch, d = width, h/w = patch grid, n = tokens (CLS + patches).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vlp.config.schema import CLIP_MEAN, CLIP_STD, ImageEncoderConfig
+from vlp.encoders.base import ImageEncoder
+from vlp.errors import ConfigError
+from vlp.layers import TransformerBlock
+from vlp.registry import image_encoders
+from vlp.types import EncoderOutput
+
+__all__ = ["VisionTransformer", "build_vit"]
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """ViT/BERT initialisation: truncated normal (std 0.02) linear and embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(ImageEncoder):
+    """images [b, 3, H, W] -> tokens [b, 1 + (H/p)(W/p), width] (CLS first, after the final norm); pooled = CLS."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> None:
+        super().__init__()
+        if image_size % patch_size != 0:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.width = self.embed_dim = width
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, width))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, dropout=dropout, pre_norm=True)
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.grad_checkpointing = False
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_transformer_weights)
+
+    def forward(self, images: Tensor) -> EncoderOutput:
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected images of {self.image_size}x{self.image_size}, got {list(images.shape)}")
+        patches = rearrange(self.patch_embed(images), "b d h w -> b (h w) d")
+        cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
+        x = self.drop(torch.cat([cls, patches], dim=1) + self.pos_embed)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        tokens = self.norm(x)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=tokens[:, 0])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+
+@image_encoders.register("vit")
+def build_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
+    if cfg.image_size % cfg.patch_size != 0:
+        raise ConfigError(f"image.image_size {cfg.image_size} is not divisible by image.patch_size {cfg.patch_size}")
+    if cfg.width % cfg.num_heads != 0:
+        raise ConfigError(f"image.width {cfg.width} is not divisible by image.num_heads {cfg.num_heads}")
+    if cfg.options:
+        raise ConfigError(f"image.options {sorted(cfg.options)} are not used by the native vit encoder")
+    encoder = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads,
+                                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, mean=cfg.mean, std=cfg.std)
+    if cfg.weights:
+        from vlp.encoders.timm_encoder import load_weights, read_weights
+
+        load_weights(encoder, read_weights(cfg.weights), cfg.weights)
+    return encoder

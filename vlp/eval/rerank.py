@@ -1,0 +1,112 @@
+"""ITM re-ranking of retrieval candidates, batched across (text, image) pairs.
+
+All pairs of both directions are grouped by image, so each image's fusion context (its fusion-width
+tokens and cached cross-attention keys/values) is built once and indexed by every pair that uses it.
+
+Axis legend: q = queries, k = candidates per query, p = ground truths per query, n = pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vlp.types import EncoderOutput
+
+__all__ = ["FusedRetrievalModel", "itm_pair_scores", "rerank_candidates", "reranked_ranks"]
+
+AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+class FusedRetrievalModel(Protocol):
+    """The two model methods re-ranking uses (VLPModel implements them)."""
+
+    def image_context(self, image_out: EncoderOutput) -> Any: ...
+    def itm_logits_from(self, text_out: EncoderOutput, context: Any, index: Tensor) -> Tensor: ...
+
+
+def select_rows(out: EncoderOutput, rows: Tensor) -> EncoderOutput:
+    """Rows of an encoder output, with columns that are padding in every selected row dropped."""
+    mask = out.mask[rows]
+    # Fusion outputs do not depend on padding, so a batch of short captions need not carry the longest one's.
+    length = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else mask.shape[1]
+    return EncoderOutput(out.tokens[rows, :length], mask[:, :length], out.pooled[rows])
+
+
+def slice_rows(out: EncoderOutput, start: int, end: int) -> EncoderOutput:
+    return EncoderOutput(out.tokens[start:end], out.mask[start:end], out.pooled[start:end])
+
+
+def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_out: EncoderOutput,
+                    pair_image: Tensor, pair_text: Tensor, batch_size: int = 128,
+                    autocast: AutocastFactory = contextlib.nullcontext, progress: bool = False,
+                    image_chunk: int | None = None) -> Tensor:
+    """Match logits (ITM column 1, fp32) of the pairs (image ``pair_image[n]``, text ``pair_text[n]``).
+
+    image_out / text_out: encoder outputs of the whole gallery / caption set. Images are processed in chunks
+    of ``image_chunk`` (default ``batch_size``); within a chunk, its pairs are scored ``batch_size`` at a time.
+    """
+    num_pairs = pair_image.shape[0]
+    num_images = image_out.tokens.shape[0]
+    chunk = image_chunk or batch_size
+    device = image_out.tokens.device
+    pair_image, pair_text = pair_image.to(device), pair_text.to(device)
+    order = torch.argsort(pair_image, stable=True)
+    chunk_starts = torch.arange(0, num_images + chunk, chunk, device=device).clamp(max=num_images)
+    bounds = torch.searchsorted(pair_image[order], chunk_starts).tolist()
+    scores = torch.empty(num_pairs, dtype=torch.float32, device=device)
+    with tqdm(total=num_pairs, desc="itm re-rank", disable=not progress) as bar:
+        for c, image_start in enumerate(range(0, num_images, chunk)):
+            low, high = bounds[c], bounds[c + 1]
+            if low == high:
+                continue
+            with autocast():
+                context = model.image_context(slice_rows(image_out, image_start, image_start + chunk))
+            for start in range(low, high, batch_size):
+                pairs = order[start:min(start + batch_size, high)]
+                with autocast():
+                    logits = model.itm_logits_from(select_rows(text_out, pair_text[pairs]), context,
+                                                   pair_image[pairs] - image_start)
+                scores[pairs] = logits[:, 1].float()
+                bar.update(len(pairs))
+    return scores
+
+
+def rerank_candidates(model: FusedRetrievalModel, image_out: EncoderOutput, text_out: EncoderOutput,
+                      i2t_candidates: Tensor, t2i_candidates: Tensor, batch_size: int = 128,
+                      autocast: AutocastFactory = contextlib.nullcontext,
+                      progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Match logits of every image's candidate captions [N_img, k] and every caption's candidate images [N_txt, k].
+
+    Both directions share one pass over the images, so each image context is built once.
+    """
+    num_images, k_i2t = i2t_candidates.shape
+    num_texts, k_t2i = t2i_candidates.shape
+    device = i2t_candidates.device
+    pair_image = torch.cat([torch.arange(num_images, device=device).repeat_interleave(k_i2t),
+                            t2i_candidates.reshape(-1).to(device)])
+    pair_text = torch.cat([i2t_candidates.reshape(-1),
+                           torch.arange(num_texts, device=device).repeat_interleave(k_t2i)])
+    scores = itm_pair_scores(model, image_out, text_out, pair_image, pair_text, batch_size, autocast, progress)
+    scores = scores.to(i2t_candidates.device)
+    return scores[: num_images * k_i2t].view(num_images, k_i2t), scores[num_images * k_i2t:].view(num_texts, k_t2i)
+
+
+def reranked_ranks(candidates: Tensor, scores: Tensor, positives: Tensor, fallback_ranks: Tensor) -> Tensor:
+    """Pessimistic rank of each query's best ground truth after re-ranking its candidates.
+
+    candidates [q, k] gallery indices with their new scores [q, k]; positives [q, p] (padded with -1).
+    Re-scored candidates rank above every other item and the rest keep their ITC order, so a query whose
+    ground truths all lie outside its candidates keeps its ITC rank (``fallback_ranks`` [q]).
+    """
+    candidates, scores = candidates.cpu(), scores.cpu().double()
+    positives, fallback_ranks = positives.cpu(), fallback_ranks.cpu()
+    is_positive = ((candidates[:, :, None] == positives[:, None, :]) & (positives[:, None, :] >= 0)).any(dim=-1)
+    best = scores.masked_fill(~is_positive, float("-inf")).amax(dim=1)
+    above = ((scores >= best[:, None]) & ~is_positive).sum(dim=1)
+    return torch.where(is_positive.any(dim=1), above, fallback_ranks)

@@ -1,0 +1,151 @@
+"""Zero-shot image classification: prompt-ensemble class embeddings (CLIP), optionally re-ranked by ITM.
+
+Axis legend: c = classes, t = templates, b = images, k = re-ranked classes, e = embedding width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from vlp.errors import UserError
+from vlp.eval.rerank import itm_pair_scores, reranked_ranks
+from vlp.eval.retrieval import autocast_context, cat_outputs, max_text_length, resolve_device, stack_images
+from vlp.types import EncoderOutput
+
+__all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "zeroshot_classifier", "evaluate_zeroshot"]
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+class ZeroShotSplitLike(Protocol):
+    """Labelled images: ``labels[i]`` (a class index or class name) is the class of image i."""
+
+    @property
+    def labels(self) -> Sequence[int | str]: ...
+    def image_dataset(self, transform: Any) -> Dataset[Any]: ...
+
+
+def _check_prompts(classnames: Sequence[str], templates: Sequence[str]) -> None:
+    if not classnames:
+        raise UserError("zero-shot classification needs at least one class name")
+    if not templates:
+        raise UserError("zero-shot classification needs at least one prompt template")
+    for template in templates:
+        if "{}" not in template:
+            raise UserError(f"prompt template '{template}' has no '{{}}' for the class name")
+
+
+def _encode_prompts(model: Any, prompts: list[str], batch_size: int, device: torch.device, precision: str,
+                    keep_tokens: bool) -> tuple[Tensor, EncoderOutput | None]:
+    autocast = autocast_context(precision, device)
+    embs, outs = [], []
+    for start in range(0, len(prompts), batch_size):
+        tokens = model.tokenizer(prompts[start:start + batch_size], max_length=max_text_length(model))
+        with autocast():
+            out, emb = model.text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        embs.append(F.normalize(emb.float(), dim=-1))
+        if keep_tokens:
+            outs.append(out)
+    return torch.cat(embs), cat_outputs(outs) if keep_tokens else None
+
+
+@torch.no_grad()
+def zeroshot_classifier(model: Any, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                        device: str | torch.device | None = None, batch_size: int = 256,
+                        precision: str = "fp32") -> Tensor:
+    """Class embeddings [c, e]: each class's prompts embedded and normalized, averaged, renormalized (CLIP)."""
+    _check_prompts(classnames, templates)
+    target = resolve_device(model, device)
+    prompts = [template.format(name) for name in classnames for template in templates]
+    embs, _ = _encode_prompts(model, prompts, batch_size, target, precision, keep_tokens=False)
+    per_template = rearrange(embs, "(c t) e -> c t e", t=len(templates))
+    return F.normalize(per_template.mean(dim=1), dim=-1)
+
+
+def _label_indices(labels: Sequence[int | str], classnames: Sequence[str]) -> Tensor:
+    index = {name: i for i, name in enumerate(classnames)}
+    resolved = []
+    for label in labels:
+        if isinstance(label, str):
+            if label not in index:
+                raise UserError(f"label '{label}' is not in the classes file")
+            resolved.append(index[label])
+        elif 0 <= int(label) < len(classnames):
+            resolved.append(int(label))
+        else:
+            raise UserError(f"label {label} is outside the {len(classnames)} classes")
+    return torch.as_tensor(resolved, dtype=torch.long)
+
+
+def _accuracy(ranks: Tensor, k: int) -> float:
+    return 100.0 * (ranks < k).double().mean().item()
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, classnames: Sequence[str],
+                      templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128, precision: str = "fp32",
+                      device: str | torch.device | None = None, progress: bool = True, itm_rerank_k: int = 0,
+                      num_workers: int = 0) -> dict[str, Any]:
+    """Top-1/top-5 zero-shot accuracy (percent) of the ITC classifier; for a fused model with
+    ``itm_rerank_k`` > 0 also after re-scoring each image's top-k classes with the ITM match logit of the
+    class's first prompt (re-scored classes rank first; the rest keep their ITC order).
+
+    Ties rank pessimistically. Result: {"itc_top1", "itc_top5", ["itm_top1", "itm_top5"], "num_images",
+    "num_classes", "itm_rerank_k"} (``itm_rerank_k`` is 0 when no re-ranking ran: the model has no fusion).
+    """
+    _check_prompts(classnames, templates)
+    labels = _label_indices(split.labels, classnames)
+    num_classes = len(classnames)
+    rerank_k = itm_rerank_k if model.has_fusion else 0
+    if not 0 <= rerank_k <= num_classes:
+        raise UserError(f"itm_rerank_k={itm_rerank_k} must be between 0 and the {num_classes} classes")
+    target = resolve_device(model, device)
+    autocast = autocast_context(precision, target)
+    was_training = model.training
+    model.eval()
+    try:
+        classifier = zeroshot_classifier(model, classnames, templates, target, batch_size, precision)
+        class_text_out: EncoderOutput | None = None
+        if rerank_k:
+            prompts = [templates[0].format(name) for name in classnames]
+            _, class_text_out = _encode_prompts(model, prompts, batch_size, target, precision, keep_tokens=True)
+        dataset = split.image_dataset(transform)
+        if len(dataset) != len(labels) or not len(labels):  # type: ignore[arg-type]
+            raise UserError(f"the zero-shot split has {len(dataset)} images and {len(labels)} labels; "  # type: ignore[arg-type]
+                            "it needs one label per image and at least one image")
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=stack_images, pin_memory=target.type == "cuda")
+        itc_ranks, itm_ranks = [], []
+        start = 0
+        for images in tqdm(loader, desc="zero-shot", disable=not progress):
+            with autocast():
+                image_out, emb = model.image_features(images.to(target, non_blocking=True))
+            batch_labels = labels[start:start + len(images)]
+            start += len(images)
+            scores = F.normalize(emb.float(), dim=-1) @ classifier.T  # [b, c]
+            label_scores = scores.gather(1, batch_labels.to(target)[:, None])
+            # Pessimistic: every other class scoring >= the true class is ranked above it.
+            ranks = ((scores >= label_scores).sum(dim=1) - 1).cpu()
+            itc_ranks.append(ranks)
+            if class_text_out is not None:
+                _, candidates = scores.topk(rerank_k, dim=1)  # [b, k]
+                pair_image = torch.arange(len(images), device=target).repeat_interleave(rerank_k)
+                match = itm_pair_scores(model, image_out, class_text_out, pair_image, candidates.reshape(-1),
+                                        batch_size, autocast)
+                itm_ranks.append(reranked_ranks(candidates, match.view(-1, rerank_k), batch_labels[:, None], ranks))
+    finally:
+        model.train(was_training)
+    result: dict[str, Any] = {"itc_top1": _accuracy(torch.cat(itc_ranks), 1),
+                              "itc_top5": _accuracy(torch.cat(itc_ranks), 5)}
+    if rerank_k:
+        result.update(itm_top1=_accuracy(torch.cat(itm_ranks), 1), itm_top5=_accuracy(torch.cat(itm_ranks), 5))
+    result.update(num_images=start, num_classes=num_classes, itm_rerank_k=rerank_k)
+    return result
