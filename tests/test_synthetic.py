@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlp.data.datasets import JsonPairs
+from vlp.data.retrieval_split import load_retrieval_split
 from vlp.data.synthetic import (
     BACKGROUND,
     COLORS,
@@ -23,8 +25,6 @@ from vlp.data.synthetic import (
     SyntheticScenes,
     write_synthetic,
 )
-from vlp.data.datasets import JsonPairs
-from vlp.data.retrieval_split import load_retrieval_split
 from vlp.data.transforms import eval_transform
 from vlp.data.vqa_data import load_vqa, load_zeroshot, synthetic_vqa, synthetic_zeroshot
 

@@ -106,8 +106,11 @@ def synthetic_retrieval_split(scenes: SyntheticScenes) -> RetrievalSplit:
 
 
 class ImageSource(Protocol):
-    load_image: Callable[[int], Image.Image]
-    num_images: int
+    @property
+    def load_image(self) -> Callable[[int], Image.Image]: ...
+
+    @property
+    def num_images(self) -> int: ...
 
 
 class ImageDataset(Dataset[dict[str, Any]]):

@@ -24,7 +24,7 @@ def _to_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform
 
 
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                    crop_scale: Sequence[float] = (0.5, 1.0), hflip: bool = False) -> ImageTransform:
+                    crop_scale: Sequence[float] = (0.5, 1.0), hflip: bool = False) -> v2.Compose:
     """RandomResizedCrop (bicubic) -> optional horizontal flip -> float tensor -> Normalize.
 
     The flip is off by default because captions name left and right.
@@ -36,7 +36,7 @@ def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
     return v2.Compose(steps + _to_tensor(mean, std))
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Resize the shorter side (bicubic) -> CenterCrop -> float tensor -> Normalize (open_clip's eval transform)."""
     steps: list[v2.Transform] = [
         v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),

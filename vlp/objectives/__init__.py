@@ -1,5 +1,6 @@
-"""Pretraining objectives: they own the training step (forward, backward, momentum and queue updates)."""
+"""Objectives: they own the training step (forward, backward, momentum and queue updates)."""
 
+from vlp.objectives.base import Objective
 from vlp.objectives.pretrain import PretrainObjective
 
-__all__ = ["PretrainObjective"]
+__all__ = ["Objective", "PretrainObjective"]

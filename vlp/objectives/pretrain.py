@@ -7,7 +7,6 @@ The objective owns the step's math: ``training_step`` runs forward and backward,
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -32,6 +31,7 @@ from vlp.losses import (
     soft_cross_entropy,
 )
 from vlp.models.vlp_model import VLPModel
+from vlp.objectives.base import Objective
 from vlp.types import EncoderOutput, LossOutput
 
 __all__ = ["PretrainObjective"]
@@ -51,16 +51,14 @@ def _gather_tokens(out: EncoderOutput) -> EncoderOutput:
     return EncoderOutput(gather_with_grad(tokens), gather_no_grad(mask), gather_with_grad(out.pooled))
 
 
-class PretrainObjective(nn.Module):
+class PretrainObjective(Objective):
     def __init__(self, model: VLPModel, config: ObjectiveConfig,
                  autocast: Callable[[], AbstractContextManager[Any]] | None = None,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__()
+        super().__init__(autocast)
         self.model = model
         self.config = config
-        self.autocast = autocast or contextlib.nullcontext
         self.generator = generator
-        self.engine: nn.Module = self  # replaced by a DistributedDataParallel wrapper in multi-process runs
         self.use_itm = config.itm_weight > 0 and model.itm_head is not None
         self.use_mlm = config.mlm_weight > 0 and model.mlm_head is not None
         self.momentum: nn.ModuleDict | None = None
@@ -90,16 +88,11 @@ class PretrainObjective(nn.Module):
             self.queue.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("queue.")})
 
     # the step ----------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], scale: float = 1.0) -> LossOutput:
-        """Forward and backward of one micro-batch; ``scale`` (1/accumulation) multiplies the gradient."""
-        with self.autocast():
-            out: LossOutput = self.engine(batch)
-        (out.total * scale).backward()
+    def after_backward(self) -> None:
         pending = getattr(self, "_pending_enqueue", None)
         if self.queue is not None and pending is not None:  # ALBEF enqueues after every forward
             self.queue.enqueue(*pending)
             self._pending_enqueue = None
-        return LossOutput(out.total.detach(), {k: v.detach() for k, v in out.terms.items()})
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -134,9 +127,12 @@ class PretrainObjective(nn.Module):
                      image_ids: Tensor | None) -> Tensor:
         model, cfg = self.model, self.config
         if model.config is not None and model.config.contrastive == "siglip":
-            return siglip_loss(image_emb, text_emb, model.logit_scale(), model.temperature.logit_bias())  # type: ignore[operator]
+            return siglip_loss(image_emb, text_emb, model.logit_scale(), model.temperature.logit_bias(),  # type: ignore[operator]
+                               image_ids=image_ids)
         if self.momentum is None:
-            return contrastive_loss(image_emb, text_emb, model.logit_scale(), local_loss=cfg.local_loss)
+            # captions of one image are all positives (ALBEF's retrieval fine-tuning uses the same targets)
+            return contrastive_loss(image_emb, text_emb, model.logit_scale(), local_loss=cfg.local_loss,
+                                    image_ids=image_ids)
         return self._distilled_contrastive(images, ids, mask, image_emb, text_emb, image_ids)
 
     def _distilled_contrastive(self, images: Tensor, ids: Tensor, mask: Tensor, image_emb: Tensor, text_emb: Tensor,

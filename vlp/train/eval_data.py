@@ -10,7 +10,7 @@ from vlp.config.schema import Config
 __all__ = ["retrieval_split_for"]
 
 
-def retrieval_split_for(config: Config) -> Any:
+def retrieval_split_for(config: Config, image_size: int) -> Any:
     """The config's test split: a JSON/JSONL file, or the synthetic test split; None when there is none."""
     d = config.data
     if d.test:
@@ -22,6 +22,6 @@ def retrieval_split_for(config: Config) -> Any:
         from vlp.data.synthetic import SyntheticScenes
 
         scenes = SyntheticScenes(d.synthetic_test_size, seed=d.synthetic_seed, split="test",
-                                 image_size=config.model.image.image_size)
+                                 image_size=image_size)
         return synthetic_retrieval_split(scenes)
     return None

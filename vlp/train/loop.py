@@ -89,7 +89,7 @@ def build_loader(config: Config, model: VLPModel, dist: DistInfo) -> tuple[DataL
     enc = model.image_encoder
     transform = train_transform(enc.image_size, enc.mean, enc.std, crop_scale=tuple(d.crop_scale), hflip=d.hflip)
     dataset = build_pretrain_dataset(d, transform, enc.image_size)
-    collate = Collator(model.tokenizer, config.model.text.max_length)
+    collate = Collator(model.tokenizer, model.config.text.max_length)
     kwargs: dict[str, Any] = dict(batch_size=d.batch_size, collate_fn=collate, num_workers=d.num_workers,
                                   pin_memory=dist.device.type == "cuda", drop_last=True)
     if isinstance(dataset, IterableDataset):
@@ -351,7 +351,7 @@ def evaluate_run(config: Config, model: VLPModel, run_dir: Path, dist: DistInfo,
 
     if dist.rank != 0:
         return {}
-    split = retrieval_split_for(config)
+    split = retrieval_split_for(config, model.image_encoder.image_size)
     if split is None:
         return {}
     e = config.eval

@@ -1,0 +1,168 @@
+"""``vlp finetune`` and ``vlp eval`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vlp.errors import UserError
+
+__all__ = ["add_eval_commands", "add_finetune_commands"]
+
+
+def _checkpoint(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise UserError(f"--checkpoint: directory not found: {value}")
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"--checkpoint: not a vlp checkpoint (no config.yaml): {value}")
+    return path
+
+
+def _file(flag: str, value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise UserError(f"{flag}: not found: {value}")
+    return path
+
+
+def _image_root(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise UserError(f"--image-root: directory not found: {value}")
+    return path
+
+
+def _write(result: dict[str, Any], output: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+    print(text)
+
+
+def _device(value: str) -> str:
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return value
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from vlp.data.retrieval_split import load_retrieval_split
+    from vlp.eval.plots import plot_recall_curve
+    from vlp.eval.retrieval import evaluate_retrieval
+    from vlp.models import VLPModel
+
+    checkpoint = _checkpoint(args.checkpoint)
+    split = load_retrieval_split(_file("--data", args.data), _image_root(args.image_root))
+    if args.k_test <= 0:
+        raise UserError(f"--k-test must be positive, got {args.k_test}")
+    model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
+    result = evaluate_retrieval(model, split, model.image_transform(train=False), k_test=args.k_test,
+                                score=args.score, batch_size=args.batch_size, precision=args.precision,
+                                device=_device(args.device), progress=not args.no_progress)
+    if args.output:
+        plot_recall_curve(result, Path(args.output).with_suffix(".png"))
+    _write(result, args.output)
+    return 0
+
+
+def cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from vlp.data.retrieval_split import load_image_file
+    from vlp.data.vqa_data import load_vqa
+    from vlp.train.finetune import evaluate_vqa_split, load_vqa_checkpoint
+
+    checkpoint = _checkpoint(args.checkpoint)
+    questions = load_vqa(_file("--data", args.data), _image_root(args.image_root))
+    vqa_model, vocab = load_vqa_checkpoint(checkpoint)
+    device = _device(args.device)
+    predictions, metrics = evaluate_vqa_split(vqa_model.to(device), vocab, questions, load_image_file,
+                                              args.batch_size, device, not args.no_progress, args.precision)
+    if args.output:
+        out = Path(args.output)
+        predictions_path = out.with_name(out.stem + "_predictions.json")
+        predictions_path.parent.mkdir(parents=True, exist_ok=True)
+        predictions_path.write_text(json.dumps(predictions))
+        metrics = {**metrics, "predictions": str(predictions_path)}
+    _write(metrics, args.output)
+    return 0
+
+
+def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from vlp.data.vqa_data import load_zeroshot
+    from vlp.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot
+    from vlp.models import VLPModel
+
+    checkpoint = _checkpoint(args.checkpoint)
+    split = load_zeroshot(_file("--data", args.data), _image_root(args.image_root), _file("--classes", args.classes))
+    templates = DEFAULT_TEMPLATES
+    if args.templates:
+        templates = json.loads(_file("--templates", args.templates).read_text())
+    model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
+    result = evaluate_zeroshot(model, split, model.image_transform(train=False), split.classes, templates,
+                               batch_size=args.batch_size, precision=args.precision, device=_device(args.device),
+                               progress=not args.no_progress, itm_rerank_k=args.itm_k if model.has_fusion else 0)
+    _write(result, args.output)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from vlp.config import load_config
+    from vlp.train.finetune import finetune_retrieval, finetune_vqa
+
+    config_path = _file("CONFIG", args.config)
+    init = _checkpoint(args.init)
+    config = load_config(config_path, args.set)
+    run = finetune_vqa if args.task == "vqa" else finetune_retrieval
+    print(run(config, init, output_dir=args.output_dir, resume=args.resume))
+    return 0
+
+
+def _eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--image-root", required=True)
+    parser.add_argument("--output", default=None, help="write the result JSON here")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def add_eval_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    ev = sub.add_parser("eval", help="evaluate a checkpoint")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    r = ev_sub.add_parser("retrieval", help="image-text retrieval: ITC ranking + ITM re-ranking of the top k")
+    _eval_options(r)
+    r.add_argument("--k-test", type=int, default=16)
+    r.add_argument("--score", choices=("itm", "itm+itc"), default="itm")
+    add_common(r)
+    r.set_defaults(handler=cmd_eval_retrieval)
+    v = ev_sub.add_parser("vqa", help="VQA predictions and the official VQA accuracy")
+    _eval_options(v)
+    add_common(v)
+    v.set_defaults(handler=cmd_eval_vqa)
+    z = ev_sub.add_parser("zeroshot", help="zero-shot classification (ITC; ITM re-scoring for fused models)")
+    _eval_options(z)
+    z.add_argument("--classes", required=True)
+    z.add_argument("--templates", default=None, help="JSON list of prompt templates with {}")
+    z.add_argument("--itm-k", type=int, default=5, help="classes re-scored by ITM (fused models)")
+    add_common(z)
+    z.set_defaults(handler=cmd_eval_zeroshot)
+
+
+def add_finetune_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint for VQA or retrieval")
+    p.add_argument("task", choices=("vqa", "retrieval"))
+    p.add_argument("config")
+    p.add_argument("--init", required=True, help="pretrained checkpoint directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--resume", action="store_true")
+    add_common(p)
+    p.set_defaults(handler=cmd_finetune)
