@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from vlp.config.schema import DataConfig
+from vlp.config.schema import DataConfig, VQAConfig
 from vlp.data import (
     BadSampleMonitor,
     Collator,
@@ -31,6 +31,8 @@ from vlp.data import (
     VQADataset,
     WebDatasetPairs,
     build_pretrain_dataset,
+    build_retrieval_split,
+    build_vqa_questions,
     eval_transform,
     load_retrieval_split,
     load_vqa,
@@ -38,6 +40,7 @@ from vlp.data import (
     open_image,
     seed_worker,
     synthetic_retrieval_split,
+    synthetic_vqa,
     train_transform,
 )
 from vlp.errors import ConfigError, UserError
@@ -70,7 +73,8 @@ def _png(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (20, 2
 
 
 def _loader(dataset: Any, workers: int = 2, batch_size: int = 3) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=Collator(WordTokenizer(), 16),
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      collate_fn=Collator(WordTokenizer(), 16),
                       worker_init_fn=seed_worker)
 
 
@@ -110,13 +114,15 @@ def test_image_modes_converted_to_rgb(tmp_path: Path) -> None:
     rgba.save(tmp_path / "rgba.png")
     Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
     Image.fromarray(np.full((4, 4), 257 * 100, dtype=np.uint16)).save(tmp_path / "deep.png")
-    Image.new("RGB", (4, 4), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png")
+    palette = Image.new("RGB", (4, 4), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.save(tmp_path / "palette.png")
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
     assert open_image(tmp_path / "gray.png").getpixel((1, 1)) == (77, 77, 77)
     converted = open_image(tmp_path / "rgba.png")
     assert converted.getpixel((0, 0)) == (255, 255, 255) and converted.getpixel((2, 2)) == (10, 200, 30)
     assert np.abs(np.asarray(open_image(tmp_path / "cmyk.jpg"))[1, 1].astype(int) - (255, 0, 0)).max() <= 3
-    assert open_image(tmp_path / "deep.png").getpixel((1, 1)) == (100, 100, 100)  # rescaled, not clipped to 255
+    # 16-bit is rescaled, not clipped to 255
+    assert open_image(tmp_path / "deep.png").getpixel((1, 1)) == (100, 100, 100)
     assert open_image(tmp_path / "palette.png").getpixel((1, 1)) == (200, 10, 10)
     assert open_image((tmp_path / "gray.png").read_bytes()).mode == "RGB"
 
@@ -160,7 +166,8 @@ def test_json_pairs_expand_caption_lists_and_skip_bad_samples(tmp_path: Path, ca
 
 def test_jsonl_with_bad_bytes_and_bad_files(tmp_path: Path) -> None:
     _png(tmp_path / "a.png", (0, 9, 0))
-    lines = [json.dumps({"image": "a.png", "caption": "caf\u00e9 ok"}).encode(), b"", b'{"image": "a.png", "caption": "x\xff y"}']
+    lines = [json.dumps({"image": "a.png", "caption": "caf\u00e9 ok"}).encode(), b"",
+             b'{"image": "a.png", "caption": "x\xff y"}']
     (tmp_path / "pairs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     data = JsonPairs(tmp_path / "pairs.jsonl", tmp_path, EVAL)
     samples = [data[i] for i in range(2)]
@@ -224,7 +231,8 @@ def test_webdataset_shards_through_two_workers(tmp_path: Path) -> None:
                 Image.new("L" if k == 1 else "RGB", (12, 12), 90).save(png, format="PNG")
                 _tar_member(tar, f"{key}.png", png.getvalue() if (shard, k) != (2, 3) else b"broken")
                 if k == 2:
-                    _tar_member(tar, f"{key}.json", json.dumps({"caption": f"c {key}", "image_id": 7}).encode())
+                    meta = {"caption": f"c {key}", "image_id": 7}
+                    _tar_member(tar, f"{key}.json", json.dumps(meta).encode())
                 else:
                     _tar_member(tar, f"{key}.txt", f"c {key}".encode())
                 if (shard, k) != (2, 3):
@@ -308,8 +316,8 @@ def test_retrieval_split_from_file_and_synthetic(tmp_path: Path) -> None:
     assert split.txt2img == [0, 0, 0, 1, 2, 2] and split.img2txt == [[0, 1, 2], [3], [4, 5]]
     assert split.load_image(1).getpixel((0, 0)) == (70, 5, 5)
     head = split.first(2)
-    assert (head.num_images, head.captions, head.txt2img, head.img2txt) == (2, ["a", "b", "d", "c"], [0, 0, 0, 1],
-                                                                              [[0, 1, 2], [3]])
+    assert (head.num_images, head.captions) == (2, ["a", "b", "d", "c"])
+    assert (head.txt2img, head.img2txt) == ([0, 0, 0, 1], [[0, 1, 2], [3]])
     batches = list(DataLoader(ImageDataset(split, EVAL), batch_size=2, num_workers=2))
     assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2]
     assert torch.allclose(batches[1]["image"][0], EVAL(Image.new("RGB", (20, 24), (140, 5, 5))))
@@ -333,8 +341,8 @@ def test_vqa_loading_and_dataset(tmp_path: Path) -> None:
     assert [q["answer"] for q in loaded] == [["a"] * 10, []] and loaded[1]["image_id"] == 0
     data = VQADataset(loaded, open_image, EVAL)
     item = data[0]
-    assert (item["question"], item["question_id"], item["answers"], item["answer_type"]) == ("what?", 1, ["a"] * 10,
-                                                                                             "other")
+    assert (item["question"], item["question_id"]) == ("what?", 1)
+    assert (item["answers"], item["answer_type"]) == (["a"] * 10, "other")
     assert item["image"].shape == (3, SIZE, SIZE)
     for broken, message in (([{"question_id": 1, "image": "q.png"}], "entry 0: missing key 'question'"),
                             ([questions[0], questions[0]], "duplicate question_id 1"),
@@ -361,3 +369,22 @@ def test_zeroshot_from_json_and_folder(tmp_path: Path) -> None:
     (tmp_path / "classes.json").write_text(json.dumps(["cat"]))
     with pytest.raises(UserError, match="label 'dog' is not in the classes file"):
         load_zeroshot(tmp_path / "zs.json", tmp_path, tmp_path / "classes.json")
+
+
+def test_config_factories_for_eval_splits(tmp_path: Path) -> None:
+    synthetic = build_retrieval_split(DataConfig(synthetic_test_size=7, synthetic_seed=1), image_size=32)
+    scenes = SyntheticScenes(7, seed=1, split="test", image_size=32)
+    assert synthetic.captions == [c for i in range(7) for c in scenes.captions(i)]
+    assert synthetic.load_image(3).size == (32, 32)
+    _png(tmp_path / "i.png", (3, 3, 3))
+    (tmp_path / "t.json").write_text(json.dumps([{"image": "i.png", "caption": ["x", "y"]}]))
+    from_file = build_retrieval_split(DataConfig(source="json", test=str(tmp_path / "t.json"),
+                                                 test_image_root=str(tmp_path)), image_size=32)
+    assert from_file.captions == ["x", "y"] and from_file.img2txt == [[0, 1]]
+    with pytest.raises(ConfigError, match="data.test is empty"):
+        build_retrieval_split(DataConfig(source="json"), image_size=32)
+    questions, loader = build_vqa_questions(VQAConfig(), DataConfig(synthetic_train_size=5), 32, train=True)
+    assert questions == synthetic_vqa(SyntheticScenes(5, seed=0, split="train", image_size=32))
+    assert loader(questions[0]["image"]).size == (32, 32)
+    with pytest.raises(ConfigError, match="vqa.val is empty"):
+        build_vqa_questions(VQAConfig(), DataConfig(source="hf"), 32, train=False)

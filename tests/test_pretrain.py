@@ -75,7 +75,9 @@ def test_resume_gives_identical_final_weights(tmp_path: Path, accum: int, monkey
     b = safetensors.torch.load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+        pass
+    bad = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not bad, bad
     qa = safetensors.torch.load_file(str(straight / "checkpoints" / "step_4" / "objective.safetensors"))
     qb = safetensors.torch.load_file(str(tmp_path / "resumed" / "checkpoints" / "step_4" / "objective.safetensors"))
     for key in qa:

@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from vlp.errors import UserError
 from vlp.eval.plots import plot_recall_curve
 from vlp.eval.rerank import rerank_candidates
-from vlp.eval.retrieval import chunked_ranks, chunked_topk, evaluate_retrieval, positives_from_txt2img, retrieval_metrics
+from vlp.eval.retrieval import (
+    chunked_ranks,
+    chunked_topk,
+    evaluate_retrieval,
+    positives_from_txt2img,
+    retrieval_metrics,
+)
 from vlp.types import EncoderOutput
 
 # ---------------------------------------------------------------------------------------------- stand-ins

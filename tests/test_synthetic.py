@@ -93,7 +93,8 @@ def test_captions_fully_describe_the_scene() -> None:
             for caption in [*scene.captions, scene.description, scenes.caption(i, 0), scenes.caption(i, 1)]:
                 assert parse_caption(caption) == truth, caption
     scenes = SyntheticScenes(100, seed=1)
-    assert sum(scenes.caption(i, 0) != scenes.caption(i, 1) for i in range(100)) > 60  # new paraphrase per epoch
+    # a new paraphrase per epoch
+    assert sum(scenes.caption(i, 0) != scenes.caption(i, 1) for i in range(100)) > 60
 
 
 def test_words_cover_every_caption_question_and_answer() -> None:
@@ -186,7 +187,8 @@ def test_write_synthetic_files_and_formats(tmp_path: Path) -> None:
         assert files[name].is_file(), name
     train_lines = [json.loads(line) for line in files["train"].read_text().splitlines()]
     assert len(train_lines) == 6 * 5
-    assert all(set(r) == {"image", "caption", "image_id"} and isinstance(r["caption"], str) for r in train_lines)
+    assert all(set(r) == {"image", "caption", "image_id"} for r in train_lines)
+    assert all(isinstance(r["caption"], str) for r in train_lines)
     assert Counter(r["image_id"] for r in train_lines) == {i: 5 for i in range(6)}
     test = json.loads(files["test"].read_text())
     scenes = SyntheticScenes(40, seed=0, split="test", image_size=32)
@@ -199,7 +201,8 @@ def test_write_synthetic_files_and_formats(tmp_path: Path) -> None:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(scenes.render(record["image_id"])))
     for name in ("vqa_train", "vqa_test"):
         vqa = json.loads(files[name].read_text())
-        assert vqa and all(set(q) == {"question_id", "image", "question", "answer", "answer_type"} for q in vqa)
+        keys = {"question_id", "image", "question", "answer", "answer_type"}
+        assert vqa and all(set(q) == keys for q in vqa)
         assert all(len(q["answer"]) == 10 and (tmp_path / q["image"]).is_file() for q in vqa)
     classes = json.loads(files["classes"].read_text())
     zeroshot = json.loads(files["zeroshot"].read_text())

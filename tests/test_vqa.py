@@ -96,7 +96,7 @@ def test_soft_scores() -> None:
     assert [vqa_soft_score(count) for count in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
 
 
-QUESTIONS = [
+QUESTIONS: list[dict[str, Any]] = [
     {"question_id": 1, "image": "0", "question": "how many", "answer": ["Two", "2", "2", "yes", "nope"],
      "answer_type": "number"},
     {"question_id": 2, "image": "1", "question": "is it", "answer": ["yes"] * 6 + ["no"] * 4, "answer_type": "yes/no"},
@@ -122,11 +122,12 @@ def test_answer_vocab_build_targets_and_save(tmp_path: Any) -> None:
 
 def test_vqa_head_matches_vilt_layout() -> None:
     head = VQAHead(8, 5, hidden_mult=2)
-    layers = list(head.classifier)
-    assert [type(layer) for layer in layers] == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear]
-    assert (layers[0].in_features, layers[0].out_features, layers[3].out_features) == (8, 16, 5)
+    first, norm, act, last = head.classifier
+    assert isinstance(first, nn.Linear) and isinstance(norm, nn.LayerNorm) and isinstance(last, nn.Linear)
+    assert isinstance(act, nn.GELU)
+    assert (first.in_features, first.out_features, last.out_features) == (8, 16, 5)
     pooled = torch.randn(3, 8)
-    expected = layers[3](F.gelu(F.layer_norm(layers[0](pooled), (16,), layers[1].weight, layers[1].bias)))
+    expected = last(F.gelu(F.layer_norm(first(pooled), (16,), norm.weight, norm.bias)))
     torch.testing.assert_close(head(pooled), expected)
 
 

@@ -9,6 +9,7 @@ from vlp.data.datasets import HFPairs, JsonPairs, SyntheticPairs, WebDatasetPair
 from vlp.data.retrieval_split import (
     ImageDataset,
     RetrievalSplit,
+    build_retrieval_split,
     load_retrieval_split,
     synthetic_retrieval_split,
 )
@@ -17,6 +18,7 @@ from vlp.data.transforms import eval_transform, open_image, train_transform
 from vlp.data.vqa_data import (
     VQADataset,
     ZeroShotSplit,
+    build_vqa_questions,
     load_vqa,
     load_zeroshot,
     synthetic_vqa,
@@ -28,6 +30,8 @@ __all__ = [
     "SyntheticPairs", "JsonPairs", "HFPairs", "WebDatasetPairs", "build_pretrain_dataset",
     "train_transform", "eval_transform", "open_image",
     "Collator", "seed_worker", "BadSampleMonitor",
-    "RetrievalSplit", "load_retrieval_split", "synthetic_retrieval_split", "ImageDataset",
-    "VQADataset", "ZeroShotSplit", "load_vqa", "synthetic_vqa", "load_zeroshot", "synthetic_zeroshot",
+    "RetrievalSplit", "load_retrieval_split", "build_retrieval_split", "synthetic_retrieval_split",
+    "ImageDataset",
+    "VQADataset", "ZeroShotSplit", "load_vqa", "build_vqa_questions", "synthetic_vqa",
+    "load_zeroshot", "synthetic_zeroshot",
 ]

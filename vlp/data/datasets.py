@@ -105,7 +105,8 @@ class _PairReader:
             self._warned.add(name)
             logger.warning("skipping sample %s: %s", name, reason)
 
-    def _make(self, source: str | Path | bytes | None, caption: Any, image_id: int, name: str) -> Sample | None:
+    def _make(self, source: str | Path | bytes | None, caption: Any, image_id: int,
+              name: str) -> Sample | None:
         self.samples_read += 1
         text = _clean_caption(caption)
         if not text:
@@ -164,7 +165,8 @@ class JsonPairs(_PairReader, Dataset[Sample | None]):
                 image_id = given
             else:
                 image_id = ids.setdefault(image if given is None else f"id:{given}", len(ids))
-            self.samples += [(image, caption, image_id) for caption in captions_of_record(record, path, location)]
+            captions = captions_of_record(record, path, location)
+            self.samples += [(image, caption, image_id) for caption in captions]
         if not self.samples:
             raise UserError(f"{path}: no samples")
 
@@ -246,7 +248,8 @@ class WebDatasetPairs(_PairReader, IterableDataset[Sample | None]):
     ``shuffle_buffer`` > 0 shuffles shards and samples, seeded from (seed, epoch, worker).
     """
 
-    def __init__(self, pattern: str, transform: ImageTransform, shuffle_buffer: int = 0, seed: int = 0) -> None:
+    def __init__(self, pattern: str, transform: ImageTransform, shuffle_buffer: int = 0,
+                 seed: int = 0) -> None:
         super().__init__(transform)
         import webdataset as wds
 
@@ -278,7 +281,8 @@ class WebDatasetPairs(_PairReader, IterableDataset[Sample | None]):
         meta = meta if isinstance(meta, dict) else {}
         caption = sample.get("txt", sample.get("caption", meta.get("caption", meta.get("text"))))
         given = meta.get("image_id")
-        image_id = given if isinstance(given, int) else zlib.crc32(str(sample.get("__key__")).encode()) & 0x7FFFFFFF
+        key_hash = zlib.crc32(str(sample.get("__key__")).encode()) & 0x7FFFFFFF
+        image_id = given if isinstance(given, int) else key_hash
         return self._make(image, caption, image_id, name)
 
     def __iter__(self) -> Iterator[Sample | None]:

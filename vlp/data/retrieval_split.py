@@ -10,17 +10,18 @@ from typing import Any, Protocol
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vlp.config.schema import DataConfig
 from vlp.data.datasets import captions_of_record, read_json_records
 from vlp.data.synthetic import SyntheticScenes
 from vlp.data.transforms import ImageTransform, open_image
-from vlp.errors import UserError
+from vlp.errors import ConfigError, UserError
 
-__all__ = ["RetrievalSplit", "load_retrieval_split", "synthetic_retrieval_split", "ImageDataset", "ImageFiles",
-           "load_image_file", "check_images_exist"]
+__all__ = ["RetrievalSplit", "load_retrieval_split", "synthetic_retrieval_split", "build_retrieval_split",
+           "ImageDataset", "ImageFiles", "load_image_file", "check_images_exist"]
 
 
 def load_image_file(path: str | Path) -> Image.Image:
-    """An evaluation image as RGB; unlike training, an unreadable one is an error (it would bias the scores)."""
+    """An evaluation image as RGB; unlike in training, an unreadable one is an error (it would bias scores)."""
     try:
         return open_image(path)
     except FileNotFoundError:
@@ -32,7 +33,8 @@ def load_image_file(path: str | Path) -> Image.Image:
 def check_images_exist(paths: list[Path], data_file: str | Path) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise UserError(f"{data_file}: image not found: {missing[0]} ({len(missing)} of {len(paths)} missing)")
+        raise UserError(f"{data_file}: image not found: {missing[0]} "
+                        f"({len(missing)} of {len(paths)} missing)")
 
 
 class ImageFiles:
@@ -67,7 +69,8 @@ class RetrievalSplit:
         kept = [t for texts in img2txt for t in texts]
         new_index = {t: k for k, t in enumerate(kept)}
         return RetrievalSplit(self.load_image, num_images, [self.captions[t] for t in kept],
-                              [self.txt2img[t] for t in kept], [[new_index[t] for t in texts] for texts in img2txt],
+                              [self.txt2img[t] for t in kept],
+                              [[new_index[t] for t in texts] for texts in img2txt],
                               None if self.image_paths is None else self.image_paths[:num_images])
 
 
@@ -92,7 +95,8 @@ def load_retrieval_split(path: str | Path, image_root: str | Path) -> RetrievalS
         image = record.get("image")
         if not isinstance(image, str) or not image:
             raise UserError(f"{path}: {location}: 'image' must be a non-empty string (a path)")
-        groups.setdefault(image, []).extend(" ".join(c.split()) for c in captions_of_record(record, path, location))
+        captions = captions_of_record(record, path, location)
+        groups.setdefault(image, []).extend(" ".join(c.split()) for c in captions)
     if not groups:
         raise UserError(f"{path}: no images")
     paths = [root / image for image in groups]
@@ -126,3 +130,14 @@ class ImageDataset(Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"image": self.transform(self.split.load_image(index)), "index": index}
+
+
+def build_retrieval_split(data_cfg: DataConfig, image_size: int) -> RetrievalSplit:
+    """The held-out split of a config: ``data.test`` when set, else the synthetic test split."""
+    if data_cfg.test:
+        return load_retrieval_split(data_cfg.test, data_cfg.test_image_root or data_cfg.image_root)
+    if data_cfg.source != "synthetic":
+        raise ConfigError(f"data.test is empty; data.source '{data_cfg.source}' needs a held-out "
+                          "retrieval file")
+    return synthetic_retrieval_split(
+        SyntheticScenes(data_cfg.synthetic_test_size, data_cfg.synthetic_seed, "test", image_size))

@@ -172,7 +172,8 @@ def _box(cell: int, size: int, jitter: tuple[float, float], image_size: int) -> 
     return x0, y0, x0 + side, y0 + side
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, ...]) -> None:
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
+          fill: tuple[int, ...]) -> None:
     x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1  # PIL coordinates are inclusive
     mid_x, mid_y = (x0 + x1) / 2, (y0 + y1) / 2
     if shape == "circle":
@@ -207,7 +208,8 @@ class SyntheticScenes:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if size < 0 or image_size < 12:
-            raise UserError(f"synthetic data needs size >= 0 and image_size >= 12, got {size} and {image_size}")
+            raise UserError(f"synthetic data needs size >= 0 and image_size >= 12, "
+                            f"got {size} and {image_size}")
         self.size, self.seed, self.split, self.image_size = size, seed, split, image_size
         self.num_captions = _NUM_CAPTIONS
         self._specs = _generate(size, seed, split)
@@ -261,7 +263,8 @@ class SyntheticScenes:
             obj = rng.choice(unique_kind)
             asked.append((f"what size is the {obj.color} {obj.shape}?", obj.size, "other", SIZES))
         obj = rng.choice(objects)
-        asked.append((f"is there {_article(obj.color)} {obj.color} {obj.shape}?", "yes", "yes/no", ("yes", "no")))
+        asked.append((f"is there {_article(obj.color)} {obj.color} {obj.shape}?", "yes", "yes/no",
+                      ("yes", "no")))
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in kinds]
         color, shape = rng.choice(absent)
         asked.append((f"is there {_article(color)} {color} {shape}?", "no", "yes/no", ("yes", "no")))
@@ -293,7 +296,8 @@ def _write_json(path: Path, value: Any) -> None:
 
 def write_synthetic(out_dir: str | Path, train_size: int = 20000, test_size: int = 1000, seed: int = 0,
                     image_size: int = 64) -> dict[str, Path]:
-    """Write the synthetic dataset in vlp's file formats; image paths in the files are relative to ``out_dir``.
+    """Write the synthetic dataset in vlp's file formats; image paths in the files are relative to
+    ``out_dir``.
 
     train.jsonl has one caption per line (several lines per image, ``image_id`` set), test.json is Karpathy
     style (``caption`` a list), vqa_*.json hold 10 answers per question, zeroshot.json labels the
@@ -314,7 +318,8 @@ def write_synthetic(out_dir: str | Path, train_size: int = 20000, test_size: int
                 scene, image = scenes.scene(index), _image_path(split, index)
                 scenes.render(index).save(root / image)
                 boxes.append({"image": image, "objects": [
-                    {"color": o.color, "shape": o.shape, "size": o.size, "position": o.position, "box": list(o.box)}
+                    {"color": o.color, "shape": o.shape, "size": o.size, "position": o.position,
+                     "box": list(o.box)}
                     for o in scene.objects]})
                 vqa[split] += [{**{k: v for k, v in q.items() if k != "image_id"}, "image": image}
                                for q in scene.questions]
@@ -327,7 +332,8 @@ def write_synthetic(out_dir: str | Path, train_size: int = 20000, test_size: int
                     zeroshot.append({"image": image, "label": scene.objects[0].shape})
     files = {"root": root, "train": root / "train.jsonl", "test": root / "test.json",
              "vqa_train": root / "vqa_train.json", "vqa_test": root / "vqa_test.json",
-             "zeroshot": root / "zeroshot.json", "classes": root / "classes.json", "boxes": root / "boxes.json"}
+             "zeroshot": root / "zeroshot.json", "classes": root / "classes.json",
+             "boxes": root / "boxes.json"}
     _write_json(files["test"], test_pairs)
     _write_json(files["vqa_train"], vqa["train"])
     _write_json(files["vqa_test"], vqa["test"])

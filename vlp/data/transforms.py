@@ -29,15 +29,16 @@ def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
 
     The flip is off by default because captions name left and right.
     """
-    steps: list[v2.Transform] = [v2.RandomResizedCrop(image_size, scale=(crop_scale[0], crop_scale[1]),
-                                                      interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    crop = v2.RandomResizedCrop(image_size, scale=(crop_scale[0], crop_scale[1]),
+                                interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    steps: list[v2.Transform] = [crop]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps + _to_tensor(mean, std))
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Resize the shorter side (bicubic) -> CenterCrop -> float tensor -> Normalize (open_clip's eval transform)."""
+    """Resize the shorter side (bicubic) -> CenterCrop -> float tensor -> Normalize (as open_clip's eval)."""
     steps: list[v2.Transform] = [
         v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(image_size),
@@ -56,7 +57,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         scale = 255.0 if values.size and values.max() <= 1.0 else 1.0  # float images are usually in [0, 1]
         return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+    if has_alpha or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)

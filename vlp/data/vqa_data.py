@@ -11,13 +11,15 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vlp.config.schema import DataConfig, VQAConfig
 from vlp.data.datasets import read_json_records
-from vlp.data.retrieval_split import ImageFiles, check_images_exist
+from vlp.data.retrieval_split import ImageFiles, check_images_exist, load_image_file
 from vlp.data.synthetic import COLORS, SHAPES, SyntheticScenes
 from vlp.data.transforms import ImageTransform
-from vlp.errors import UserError
+from vlp.errors import ConfigError, UserError
 
-__all__ = ["load_vqa", "synthetic_vqa", "VQADataset", "ZeroShotSplit", "load_zeroshot", "synthetic_zeroshot"]
+__all__ = ["load_vqa", "synthetic_vqa", "VQADataset", "ZeroShotSplit", "load_zeroshot", "synthetic_zeroshot",
+           "build_vqa_questions"]
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -44,7 +46,8 @@ def load_vqa(path: str | Path, image_root: str | Path) -> list[dict[str, Any]]:
             if key not in record:
                 raise UserError(f"{path}: {location}: missing key '{key}'")
             if not isinstance(record[key], kinds) or isinstance(record[key], bool):
-                raise UserError(f"{path}: {location}: '{key}' has the wrong type ({type(record[key]).__name__})")
+                kind = type(record[key]).__name__
+                raise UserError(f"{path}: {location}: '{key}' has the wrong type ({kind})")
         if record["question_id"] in seen:
             raise UserError(f"{path}: {location}: duplicate question_id {record['question_id']!r}")
         seen.add(record["question_id"])
@@ -68,8 +71,8 @@ def synthetic_vqa(scenes: SyntheticScenes) -> list[dict[str, Any]]:
 
 class VQADataset(Dataset[dict[str, Any]]):
     """questions (from ``load_vqa``/``synthetic_vqa``) -> ``{"image" Tensor, "question", "question_id",
-    "answers" (list, maybe empty), "answer_type"}``; ``image_loader`` maps a question's ``image`` to RGB: ``load_image_file`` for
-    ``load_vqa`` questions, ``scenes.render`` for synthetic ones."""
+    "answers" (list, maybe empty), "answer_type"}``. ``image_loader`` maps a question's ``image`` to RGB:
+    ``load_image_file`` for ``load_vqa`` questions, ``scenes.render`` for synthetic ones."""
 
     def __init__(self, questions: list[dict[str, Any]], image_loader: Callable[[Any], Image.Image],
                  transform: ImageTransform) -> None:
@@ -82,7 +85,8 @@ class VQADataset(Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         question = self.questions[index]
-        return {"image": self.transform(self.image_loader(question["image"])), "question": question["question"],
+        image = self.transform(self.image_loader(question["image"]))
+        return {"image": image, "question": question["question"],
                 "question_id": question["question_id"], "answers": list(question.get("answer") or []),
                 "answer_type": question.get("answer_type", "")}
 
@@ -112,7 +116,8 @@ def _read_classes(path: Path) -> list[str]:
     return classes
 
 
-def load_zeroshot(path: str | Path, image_root: str | Path = "", classes_path: str | Path | None = None) -> ZeroShotSplit:
+def load_zeroshot(path: str | Path, image_root: str | Path = "",
+                  classes_path: str | Path | None = None) -> ZeroShotSplit:
     """A JSON list of ``{"image", "label"}`` plus a classes file (JSON list; default: the sorted labels),
     or an image folder with one subfolder per class (classes = the subfolder names, sorted)."""
     path = Path(path)
@@ -159,3 +164,18 @@ def synthetic_zeroshot(scenes: SyntheticScenes, attribute: str = "shape") -> Zer
     indices = [i for i in range(len(scenes)) if len(scenes.objects(i)) == 1]
     labels = [classes.index(getattr(scenes.objects(i)[0], attribute)) for i in indices]
     return ZeroShotSplit(_SceneSubset(scenes, indices), len(indices), labels, classes)
+
+
+def build_vqa_questions(vqa_cfg: VQAConfig, data_cfg: DataConfig, image_size: int,
+                        train: bool) -> tuple[list[dict[str, Any]], Callable[[Any], Image.Image]]:
+    """(questions, image_loader) for ``VQADataset``: ``vqa.train``/``vqa.val`` when set, else the synthetic
+    train/test questions (when ``data.source`` is synthetic)."""
+    path = vqa_cfg.train if train else vqa_cfg.val
+    if path:
+        return load_vqa(path, vqa_cfg.image_root), load_image_file
+    if data_cfg.source != "synthetic":
+        which = "train" if train else "val"
+        raise ConfigError(f"vqa.{which} is empty and data.source is '{data_cfg.source}' (not synthetic)")
+    size = data_cfg.synthetic_train_size if train else data_cfg.synthetic_test_size
+    scenes = SyntheticScenes(size, data_cfg.synthetic_seed, "train" if train else "test", image_size)
+    return synthetic_vqa(scenes), scenes.render

@@ -11,8 +11,10 @@ With ``name`` (a built-in open_clip model name such as ``ViT-B-16``) the preset 
 (``image_size`` still sets the input resolution); without it the tower is built from the vlp fields:
 image ``image_size, patch_size, width, depth -> layers, num_heads -> head_width = width / num_heads,
 mlp_ratio``; text ``max_length -> context_length, vocab_size (0 = tokenizer's), width, num_heads -> heads,
-depth -> layers, mlp_ratio``, pad id = the tokenizer's. ``dropout``, ``causal`` and ``pooling`` of the
-vlp text config are not used: open_clip's ``no_causal_mask`` and ``pool_type`` decide.
+depth -> layers, mlp_ratio``, pad id = the tokenizer's, pooled at the token that closes every sequence
+(``argmax`` for CLIP's BPE, where EOT is the largest id; else ``eos`` with the tokenizer's SEP/EOT id).
+``dropout``, ``causal`` and ``pooling`` of the vlp text config are not used: open_clip's ``no_causal_mask``
+and ``pool_type`` decide.
 
 Weights come only from ``weights``, a local open_clip checkpoint of a whole CLIP model; each tower keeps
 its own tensors (``visual.*`` / the text tower's) and must match them exactly. ``hf-hub:`` names,
@@ -101,19 +103,39 @@ def _clip(top: dict[str, Any], vision: dict[str, Any], text: dict[str, Any], sec
         raise ConfigError(f"{section}.options do not build an open_clip tower: {_one_line(error)}") from error
 
 
-def _tower_state(path: str, name: str, prefix: str, convert: Any) -> dict[str, Tensor]:
-    """The tensors of one tower (keys starting with ``prefix``) from a whole-CLIP checkpoint, converted."""
+def _read_checkpoint(path: str, name: str, section: str) -> dict[str, Tensor] | None:
+    """A whole-CLIP checkpoint's tensors, read before building so a bad path fails fast; None without weights."""
     import open_clip
 
+    if not path:
+        return None
     if name and path in open_clip.list_pretrained_tags_by_model(name.replace("/", "-")):
-        raise UserError(f"weights '{path}' is an open_clip pretrained tag, which would download; save the "
-                        "checkpoint to a local file and give its path")
-    state = read_weights(path)
+        raise UserError(f"{section}.weights '{path}' is an open_clip pretrained tag, which would download; "
+                        "save the checkpoint to a local file and give its path")
+    return read_weights(path)
+
+
+def _load_tower(encoder: nn.Module, state: dict[str, Tensor], path: str, prefix: str, convert: Any) -> None:
+    """Convert a whole-CLIP state dict, keep the tower's tensors (keys starting with ``prefix``), load strictly."""
     try:
-        state = convert(state)
+        state = convert(dict(state))
     except (RuntimeError, ValueError, AssertionError) as error:
         raise UserError(f"cannot convert weights {path}: {_one_line(error)}") from error
-    return {k: v for k, v in state.items() if k.startswith(prefix)}
+    load_weights(encoder, {k: v for k, v in state.items() if k.startswith(prefix)}, path)
+
+
+def _largest_text_id(tokenizer: Tokenizer) -> int:
+    largest = tokenizer.vocab_size - 1
+    return largest - 1 if tokenizer.mask_id == largest else largest  # an appended mask never reaches the tower
+
+
+def _end_token_pooling(tokenizer: Tokenizer) -> dict[str, Any]:
+    """Pool at the token that closes every sequence (EOT/SEP): open_clip's ``argmax`` finds it only when it is
+    the largest id (CLIP's BPE), otherwise ``eos`` with its id."""
+    end_id = int(tokenizer([""], max_length=8)["input_ids"][0, -1])
+    if end_id == _largest_text_id(tokenizer):
+        return {"pool_type": "argmax"}
+    return {"pool_type": "eos", "eos_id": end_id}
 
 
 class OpenClipImageEncoder(ImageEncoder):
@@ -237,6 +259,7 @@ def build_open_clip_image(cfg: ImageEncoderConfig) -> OpenClipImageEncoder:
     from open_clip.model import resize_pos_embed
 
     top, overrides = _split_options(dict(cfg.options), CLIPVisionCfg, "image")
+    checkpoint = _read_checkpoint(cfg.weights, cfg.name, "image")
     if cfg.name:
         preset = _preset(cfg.name, "image")
         vision = {**preset["vision_cfg"], "image_size": cfg.image_size, **overrides}
@@ -252,13 +275,13 @@ def build_open_clip_image(cfg: ImageEncoderConfig) -> OpenClipImageEncoder:
         raise ConfigError("image.options.pool_type 'none' gives no pooled embedding")
     model = _clip(top, vision, SPARE_TEXT, "image")
     encoder = OpenClipImageEncoder(model.visual, int(top["embed_dim"]), cfg.image_size, cfg.mean, cfg.std)
-    if cfg.weights:
+    if checkpoint is not None:
 
         def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
             resize_pos_embed(state, encoder)  # checkpoint grid -> image_size grid
             return state
 
-        load_weights(encoder, _tower_state(cfg.weights, cfg.name, "visual.", convert), cfg.weights)
+        _load_tower(encoder, checkpoint, cfg.weights, "visual.", convert)
     return encoder
 
 
@@ -268,6 +291,7 @@ def build_open_clip_text(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> OpenCl
     from open_clip.model import convert_to_custom_text_state_dict, resize_text_pos_embed
 
     top, overrides = _split_options(dict(cfg.options), CLIPTextCfg, "text")
+    checkpoint = _read_checkpoint(cfg.weights, cfg.name, "text")
     if cfg.name:
         preset = _preset(cfg.name, "text")
         text_cfg = {**preset["text_cfg"], **overrides}
@@ -275,25 +299,23 @@ def build_open_clip_text(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> OpenCl
     else:
         text_cfg = {"context_length": cfg.max_length, "vocab_size": cfg.vocab_size or tokenizer.vocab_size,
                     "width": cfg.width, "heads": cfg.num_heads, "layers": cfg.depth, "mlp_ratio": cfg.mlp_ratio,
-                    "pad_id": tokenizer.pad_id, **overrides}
+                    "pad_id": tokenizer.pad_id, **_end_token_pooling(tokenizer), **overrides}
         top = {"embed_dim": text_cfg["width"], **top}
     model = _clip(top, SPARE_VISION, text_cfg, "text")
     encoder = OpenClipTextEncoder(model.text)
     if cfg.max_length > model.text.context_length:
         raise ConfigError(f"text.max_length {cfg.max_length} exceeds the open_clip context length "
                           f"{model.text.context_length}")
-    largest_id = tokenizer.vocab_size - 1
-    if tokenizer.mask_id == largest_id:  # the appended mask token is never fed to a causal tower
-        largest_id -= 1
+    largest_id = _largest_text_id(tokenizer)
     if largest_id >= encoder.vocab_size:
         raise ConfigError(f"tokenizer ids reach {largest_id} but the open_clip text tower has "
                           f"{encoder.vocab_size} embeddings; set text.tokenizer to the model's tokenizer")
-    if cfg.weights:
+    if checkpoint is not None:
 
         def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
             state = convert_to_custom_text_state_dict(state)  # CLIP layout -> text.* keys
             resize_text_pos_embed(state, encoder)
             return state
 
-        load_weights(encoder, _tower_state(cfg.weights, cfg.name, "text.", convert), cfg.weights)
+        _load_tower(encoder, checkpoint, cfg.weights, "text.", convert)
     return encoder

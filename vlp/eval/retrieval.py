@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 SCORES = ("itm", "itm+itc")
+# Anything a DataLoader can index: a torch Dataset or a plain sequence of image tensors.
+ImageDataset = Dataset[Any] | Sequence[Any]
 RECALL_KS = (1, 5, 10)
 CURVE_MAX_K = 50
 
@@ -42,7 +44,7 @@ class RetrievalSplitLike(Protocol):
     def txt2img(self) -> Sequence[int]: ...
     @property
     def img2txt(self) -> Sequence[Sequence[int]]: ...
-    def image_dataset(self, transform: Any) -> Dataset[Any]: ...
+    def image_dataset(self, transform: Any) -> ImageDataset: ...
 
 
 # ---------------------------------------------------------------------------------------------- ranks / metrics
@@ -231,6 +233,12 @@ def stack_images(items: list[Any]) -> Tensor:
     return torch.stack([item["image"] if isinstance(item, dict) else item for item in items])
 
 
+def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader[Any]:
+    """Batches of image tensors in dataset order."""
+    return DataLoader(cast(Dataset[Any], dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=stack_images, pin_memory=device.type == "cuda")
+
+
 def cat_outputs(outputs: list[EncoderOutput]) -> EncoderOutput:
     """Concatenate encoder outputs along the batch, right-padding tokens (mask False) to the longest."""
     length = max(out.tokens.shape[1] for out in outputs)
@@ -259,8 +267,7 @@ def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_si
     target = resolve_device(model, device)
     autocast = autocast_context(precision, target)
     keep = bool(model.has_fusion) if keep_tokens is None else keep_tokens
-    loader = DataLoader(split.image_dataset(transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=stack_images, pin_memory=target.type == "cuda")
+    loader = image_loader(split.image_dataset(transform), batch_size, num_workers, target)
     image_embs, image_outs = [], []
     for images in tqdm(loader, desc="encode images", disable=not progress):
         with autocast():
@@ -295,8 +302,9 @@ class _FirstImages:
         for new_index, image in enumerate(self.txt2img):
             self.img2txt[image].append(new_index)
 
-    def image_dataset(self, transform: Any) -> Dataset[Any]:
-        return Subset(self.split.image_dataset(transform), range(self.num_images))
+    def image_dataset(self, transform: Any) -> ImageDataset:
+        images: Any = self.split.image_dataset(transform)
+        return Subset(images, range(self.num_images))
 
 
 # ---------------------------------------------------------------------------------------------- harness

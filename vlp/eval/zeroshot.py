@@ -12,12 +12,18 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, reranked_ranks
-from vlp.eval.retrieval import autocast_context, cat_outputs, max_text_length, resolve_device, stack_images
+from vlp.eval.retrieval import (
+    ImageDataset,
+    autocast_context,
+    cat_outputs,
+    image_loader,
+    max_text_length,
+    resolve_device,
+)
 from vlp.types import EncoderOutput
 
 __all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "zeroshot_classifier", "evaluate_zeroshot"]
@@ -30,7 +36,7 @@ class ZeroShotSplitLike(Protocol):
 
     @property
     def labels(self) -> Sequence[int | str]: ...
-    def image_dataset(self, transform: Any) -> Dataset[Any]: ...
+    def image_dataset(self, transform: Any) -> ImageDataset: ...
 
 
 def _check_prompts(classnames: Sequence[str], templates: Sequence[str]) -> None:
@@ -121,8 +127,7 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
         if len(dataset) != len(labels) or not len(labels):  # type: ignore[arg-type]
             raise UserError(f"the zero-shot split has {len(dataset)} images and {len(labels)} labels; "  # type: ignore[arg-type]
                             "it needs one label per image and at least one image")
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, collate_fn=stack_images, pin_memory=target.type == "cuda")
+        loader = image_loader(dataset, batch_size, num_workers, target)
         itc_ranks, itm_ranks = [], []
         start = 0
         for images in tqdm(loader, desc="zero-shot", disable=not progress):

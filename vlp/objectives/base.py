@@ -21,7 +21,16 @@ class Objective(nn.Module):
     def __init__(self, autocast: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
         super().__init__()
         self.autocast = autocast or contextlib.nullcontext
-        self.engine: nn.Module = self
+        # kept out of the module tree: a DDP wrapper of this module must not become its own child
+        object.__setattr__(self, "_engine", None)
+
+    @property
+    def engine(self) -> nn.Module:
+        engine: nn.Module | None = self.__dict__["_engine"]
+        return self if engine is None else engine
+
+    def set_engine(self, engine: nn.Module) -> None:
+        object.__setattr__(self, "_engine", engine)
 
     def training_step(self, batch: dict[str, Tensor], scale: float = 1.0) -> LossOutput:
         """Forward and backward of one micro-batch; ``scale`` (1/accumulation) multiplies the gradient."""

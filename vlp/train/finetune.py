@@ -179,5 +179,7 @@ def _vqa_loader(config: Config, model: VLPModel, vocab: Any, questions: list[dic
     sampler = ResumableSampler(len(dataset), config.train.seed, dist.rank, dist.world_size, d.batch_size)
     collate = VQACollator(model.tokenizer, model.config.text.max_length, vocab)
     data_loader = DataLoader(dataset, sampler=sampler, batch_size=d.batch_size, collate_fn=collate,
-                             num_workers=d.num_workers, pin_memory=dist.device.type == "cuda", drop_last=True)
+                             num_workers=d.num_workers, pin_memory=dist.device.type == "cuda", drop_last=True,
+                                  # its own generator: creating an iterator must not draw from the global RNG
+                                  generator=torch.Generator().manual_seed(config.train.seed))
     return data_loader, dataset, sampler

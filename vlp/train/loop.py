@@ -91,7 +91,9 @@ def build_loader(config: Config, model: VLPModel, dist: DistInfo) -> tuple[DataL
     dataset = build_pretrain_dataset(d, transform, enc.image_size)
     collate = Collator(model.tokenizer, model.config.text.max_length)
     kwargs: dict[str, Any] = dict(batch_size=d.batch_size, collate_fn=collate, num_workers=d.num_workers,
-                                  pin_memory=dist.device.type == "cuda", drop_last=True)
+                                  pin_memory=dist.device.type == "cuda", drop_last=True,
+                                  # its own generator: creating an iterator must not draw from the global RNG
+                                  generator=torch.Generator().manual_seed(config.train.seed))
     if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, **kwargs), dataset, None
     seeded = SeededDataset(dataset, config.train.seed)
@@ -198,7 +200,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     if dist.world_size > 1:
         from vlp.train.distributed import wrap_model
 
-        objective.engine = wrap_model(objective, dist)
+        objective.set_engine(wrap_model(objective, dist))
 
     effective = config.data.batch_size * config.train.grad_accum * dist.world_size
     lr = scaled_lr(config.optim.lr, config.optim.base_batch_size, effective, config.optim.lr_scaling)
