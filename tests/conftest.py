@@ -19,3 +19,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+from vlp.runtime import tune_allocator  # noqa: E402
+
+tune_allocator()

@@ -193,13 +193,16 @@ def test_save_tensors_handles_tied_and_overlapping_tensors(tmp_path: Path) -> No
     assert loaded["decoder.weight"] is loaded["embed.weight"]  # the tie survives the round trip
     assert loaded["buffer_head"].data_ptr() != loaded["buffer"].data_ptr()  # overlapping slice: a copy
 
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
-    model[1].weight = model[0].weight
+    def tied_model() -> tuple[nn.Module, nn.Embedding]:
+        embedding, decoder = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        decoder.weight = embedding.weight
+        return nn.Sequential(embedding, decoder), embedding
+
+    model, embedding = tied_model()
     save_tensors(tmp_path / "model.safetensors", model.state_dict())
-    fresh = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
-    fresh[1].weight = fresh[0].weight
+    fresh, fresh_embedding = tied_model()
     fresh.load_state_dict(load_tensors(tmp_path / "model.safetensors"))
-    assert torch.equal(fresh[0].weight, model[0].weight)
+    assert torch.equal(fresh_embedding.weight, embedding.weight)
 
 
 def test_load_tensors_errors(tmp_path: Path) -> None:

@@ -19,9 +19,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from vlp.config.schema import DataConfig, VQAConfig
+from vlp.config.schema import DataConfig
 from vlp.data import (
-    BadSampleMonitor,
     Collator,
     HFPairs,
     ImageDataset,
@@ -31,8 +30,6 @@ from vlp.data import (
     VQADataset,
     WebDatasetPairs,
     build_pretrain_dataset,
-    build_retrieval_split,
-    build_vqa_questions,
     eval_transform,
     load_retrieval_split,
     load_vqa,
@@ -40,7 +37,6 @@ from vlp.data import (
     open_image,
     seed_worker,
     synthetic_retrieval_split,
-    synthetic_vqa,
     train_transform,
 )
 from vlp.errors import ConfigError, UserError
@@ -285,15 +281,6 @@ def test_collator_pads_to_longest_and_drops_none() -> None:
     assert Collator(WordTokenizer(), max_length=3)(samples)["input_ids"].shape == (2, 3)
     empty = Collator(WordTokenizer(), 16)([None, None])
     assert empty["bad"] == 2 and empty["images"].shape[0] == 0 and empty["image_ids"].numel() == 0
-    monitor = BadSampleMonitor(max_fraction=0.1, min_samples=20)
-    for _ in range(6):
-        monitor.update(batch)  # 6 bad of 18: too few samples to judge yet
-    with pytest.raises(UserError, match="7 of 21 samples were unreadable"):
-        monitor.update(batch)
-    tolerant = BadSampleMonitor(max_fraction=0.5, min_samples=20)
-    for _ in range(10):
-        tolerant.update(batch)
-    assert (tolerant.good, tolerant.bad) == (20, 10)
 
 
 def test_seed_worker_seeds_python_and_numpy() -> None:
@@ -370,21 +357,3 @@ def test_zeroshot_from_json_and_folder(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="label 'dog' is not in the classes file"):
         load_zeroshot(tmp_path / "zs.json", tmp_path, tmp_path / "classes.json")
 
-
-def test_config_factories_for_eval_splits(tmp_path: Path) -> None:
-    synthetic = build_retrieval_split(DataConfig(synthetic_test_size=7, synthetic_seed=1), image_size=32)
-    scenes = SyntheticScenes(7, seed=1, split="test", image_size=32)
-    assert synthetic.captions == [c for i in range(7) for c in scenes.captions(i)]
-    assert synthetic.load_image(3).size == (32, 32)
-    _png(tmp_path / "i.png", (3, 3, 3))
-    (tmp_path / "t.json").write_text(json.dumps([{"image": "i.png", "caption": ["x", "y"]}]))
-    from_file = build_retrieval_split(DataConfig(source="json", test=str(tmp_path / "t.json"),
-                                                 test_image_root=str(tmp_path)), image_size=32)
-    assert from_file.captions == ["x", "y"] and from_file.img2txt == [[0, 1]]
-    with pytest.raises(ConfigError, match="data.test is empty"):
-        build_retrieval_split(DataConfig(source="json"), image_size=32)
-    questions, loader = build_vqa_questions(VQAConfig(), DataConfig(synthetic_train_size=5), 32, train=True)
-    assert questions == synthetic_vqa(SyntheticScenes(5, seed=0, split="train", image_size=32))
-    assert loader(questions[0]["image"]).size == (32, 32)
-    with pytest.raises(ConfigError, match="vqa.val is empty"):
-        build_vqa_questions(VQAConfig(), DataConfig(source="hf"), 32, train=False)

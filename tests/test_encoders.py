@@ -20,7 +20,7 @@ from vlp.registry import image_encoders, text_encoders
 
 WORDS = ["a", "red", "blue", "green", "cube", "ball", "left", "right", "of", "the", "is", "what", "color"]
 CAPTIONS = ["a red cube left of the blue ball", "the green ball", "what color is the cube right of a ball"]
-TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+TINY_VIT: dict[str, Any] = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 IMAGE_CONFIGS: dict[str, ImageEncoderConfig] = {
     "vit": ImageEncoderConfig(type="vit", image_size=32, patch_size=8, width=32, depth=2, num_heads=2),
@@ -34,13 +34,14 @@ TEXT_CONFIGS: dict[str, TextEncoderConfig] = {
     "open_clip": TextEncoderConfig(type="open_clip", width=32, depth=2, num_heads=2, max_length=16,
                                    options={"embed_dim": 16}),
 }
-# The first block of each encoder: checkpointing runs its forward twice (forward + recompute).
+# The first block of each encoder: checkpointing starts its forward twice (forward + recompute; the recompute
+# may stop early, so a pre-hook counts).
 FIRST_BLOCK: dict[str, Callable[[Any], nn.Module]] = {
     "image/vit": lambda e: e.blocks[0],
     "image/timm": lambda e: e.model.blocks[0],
     "image/open_clip": lambda e: e.visual.transformer.resblocks[0],
     "text/transformer": lambda e: e.blocks[0],
-    "text/hf": lambda e: e.model.encoder.layer[0],
+    "text/hf": lambda e: e.model.encoder.layer[0].attention,  # transformers checkpoints inside forward
     "text/open_clip": lambda e: e.text.transformer.resblocks[0],
 }
 
@@ -114,7 +115,7 @@ def test_grad_checkpointing_same_gradients(key: str, tokenizer: Tokenizer) -> No
     encoder.train()  # transformers only checkpoints in training mode; all dropout is 0
     images, batch = torch.randn(2, 3, 32, 32), tokenizer(CAPTIONS, 16)
     calls: list[int] = []
-    FIRST_BLOCK[key](encoder).register_forward_hook(lambda *_: calls.append(1))
+    FIRST_BLOCK[key](encoder).register_forward_pre_hook(lambda *_: calls.append(1))
 
     def gradients(enable: bool) -> dict[str, torch.Tensor]:
         encoder.zero_grad(set_to_none=True)
@@ -166,7 +167,9 @@ def test_text_transformer_pooling_and_attention_direction(tokenizer: Tokenizer) 
         torch.testing.assert_close(out.pooled, expected)
     # bidirectional: changing the last word changes the first token; causal: it cannot
     changed = batch["input_ids"].clone()
-    changed[0, mask[0].sum() - 2] = tokenizer.backend.token_to_id("green")
+    green = tokenizer.backend.token_to_id("green")
+    assert green is not None and green not in changed[0].tolist()
+    changed[0, mask[0].sum() - 2] = green
     for causal, pooling in ((False, "cls"), (True, "eos")):
         encoder = build_text_encoder(
             TextEncoderConfig(**{**base.__dict__, "causal": causal, "pooling": pooling}), tokenizer).eval()
@@ -208,7 +211,7 @@ def test_open_clip_image_equals_open_clip(vision: dict[str, Any], tokens: tuple[
     reference.eval()
     weights = _save(reference.state_dict(), tmp_path / "clip.safetensors")
     cfg = ImageEncoderConfig(type="open_clip", image_size=32, weights=weights, options={"embed_dim": 16, **vision})
-    encoder = build_image_encoder(cfg).eval()
+    encoder: Any = build_image_encoder(cfg).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         out = encoder(images)
@@ -278,8 +281,8 @@ def test_timm_weights_round_trip_and_errors(tmp_path: Path) -> None:
     import timm
 
     torch.manual_seed(1)
-    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                                  **TINY_VIT).eval()
+    reference: Any = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                                       **TINY_VIT).eval()
     weights = _save(reference.state_dict(), tmp_path / "vit.safetensors")
     encoder = build_image_encoder(ImageEncoderConfig(**{**IMAGE_CONFIGS["timm"].__dict__, "weights": weights}))
     images = torch.randn(2, 3, 32, 32)
@@ -303,7 +306,7 @@ def test_timm_weights_round_trip_and_errors(tmp_path: Path) -> None:
 
 
 def test_timm_cnn_feature_map_becomes_tokens() -> None:
-    encoder = build_image_encoder(ImageEncoderConfig(type="timm", name="resnet10t", image_size=64))
+    encoder: Any = build_image_encoder(ImageEncoderConfig(type="timm", name="resnet10t", image_size=64))
     out = encoder(torch.randn(2, 3, 64, 64))
     assert out.tokens.shape == (2, 4, encoder.width) and out.pooled.shape == (2, encoder.embed_dim)
     features = encoder.model.forward_features(torch.zeros(1, 3, 64, 64))
@@ -318,7 +321,8 @@ def test_timm_cnn_feature_map_becomes_tokens() -> None:
 
 
 def test_hf_local_directory_equals_transformers(tmp_path: Path) -> None:
-    from transformers import AutoModel, BertConfig, BertModel, BertTokenizerFast
+    from transformers import AutoModel, BertConfig, BertModel
+    from transformers import BertTokenizer as BertTokenizerFast  # one Rust-backed class in transformers 5
 
     vocab_file = tmp_path / "vocab.txt"
     vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
@@ -332,7 +336,7 @@ def test_hf_local_directory_equals_transformers(tmp_path: Path) -> None:
 
     cfg = TextEncoderConfig(type="hf", name=str(directory), tokenizer="", max_length=16)
     tokenizer = build_tokenizer(cfg)
-    encoder = build_text_encoder(cfg, tokenizer).eval()
+    encoder: Any = build_text_encoder(cfg, tokenizer).eval()
     reference = AutoModel.from_pretrained(str(directory), local_files_only=True).eval()
     batch = tokenizer(CAPTIONS, 16)
     with torch.no_grad():
@@ -345,3 +349,37 @@ def test_hf_local_directory_equals_transformers(tmp_path: Path) -> None:
     assert encoder.embeddings is encoder.model.embeddings.word_embeddings
     with pytest.raises(UserError, match="not a local model directory"):
         build_text_encoder(TextEncoderConfig(type="hf", name="bert-base-uncased"), tokenizer)
+    # rebuilt offline from its config (name empty, options = the model's config) it is the same model
+    rebuilt: Any = build_text_encoder(TextEncoderConfig(type="hf", max_length=16,
+                                                        options=encoder.model.config.to_dict()), tokenizer)
+    rebuilt.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch).tokens, out.tokens, atol=0, rtol=0)
+
+
+def test_open_clip_presets_with_overrides(tokenizer: Tokenizer) -> None:
+    image: Any = build_image_encoder(ImageEncoderConfig(type="open_clip", name="ViT-B/32", image_size=64,
+                                                        options={"layers": 1, "width": 64, "head_width": 32}))
+    assert image.visual.patch_size == (32, 32) and image.embed_dim == 512  # from the preset
+    assert image(torch.randn(1, 3, 64, 64)).tokens.shape == (1, 5, 64)
+    clip = clip_tokenizer()
+    small = {"layers": 1, "width": 32, "heads": 2}
+    text: Any = build_text_encoder(TextEncoderConfig(type="open_clip", name="ViT-B-32", tokenizer="clip",
+                                                     max_length=77, options=small), clip)
+    assert text.vocab_size == 49408 and text.text.context_length == 77 and text.embed_dim == 512
+    assert text(**clip(["a cat"], 77)).pooled.shape == (1, 512)
+    with pytest.raises(ConfigError, match="exceeds the open_clip context length 77"):
+        build_text_encoder(TextEncoderConfig(type="open_clip", name="ViT-B-32", max_length=80, options=small), clip)
+
+
+def test_open_clip_text_pools_at_the_closing_token(tokenizer: Tokenizer) -> None:
+    # a word-level tokenizer's [SEP] is not its largest id, so the tower pools by eos instead of argmax
+    encoder: Any = build_text_encoder(TEXT_CONFIGS["open_clip"], tokenizer).eval()
+    sep = tokenizer.backend.token_to_id("[SEP]")
+    assert encoder.text.pool_type == "eos" and encoder.text.eos_id == sep
+    batch = tokenizer(CAPTIONS, 16)
+    with torch.no_grad():
+        out = encoder(**batch)
+    last = batch["attention_mask"].sum(1) - 1
+    assert batch["input_ids"][torch.arange(3), last].tolist() == [sep] * 3
+    torch.testing.assert_close(out.tokens[torch.arange(3), last] @ encoder.text.text_projection, out.pooled)

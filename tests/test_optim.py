@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from vlp.config.schema import OptimConfig, ScheduleConfig
 from vlp.errors import ConfigError, UserError
@@ -169,7 +171,8 @@ def test_lora_identity_at_init_trainable_adapters_and_merge() -> None:
 
 def test_lora_only_adapters_trainable_in_linear_stack_and_plain_checkpoint_loads() -> None:
     torch.manual_seed(0)
-    stack = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    first = nn.Linear(8, 16)
+    stack = nn.Sequential(first, nn.GELU(), nn.Linear(16, 4))
     plain = {k: v.clone() for k, v in stack.state_dict().items()}
     inputs = torch.randn(3, 8)
     expected = stack(inputs)
@@ -178,7 +181,7 @@ def test_lora_only_adapters_trainable_in_linear_stack_and_plain_checkpoint_loads
     assert trainable == {"0.lora_a", "0.lora_b", "2.lora_a", "2.lora_b"}
     assert set(stack.state_dict()) == set(plain) | trainable  # base keys unchanged
     with torch.no_grad():
-        stack[0].weight.zero_()
+        first.weight.zero_()  # the LoRA layer adopted this parameter
     stack.load_state_dict(plain, strict=True)  # a plain checkpoint: adapters keep B = 0
     torch.testing.assert_close(stack(inputs), expected)
 
@@ -212,6 +215,11 @@ def test_init_distributed_rejects_partial_environment(monkeypatch: pytest.Monkey
         init_distributed("cpu")
 
 
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    assert param.grad is not None
+    return param.grad
+
+
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     import os
 
@@ -223,11 +231,13 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     results["mean"] = all_reduce_mean(torch.tensor([rank + 1.0, 10.0 * rank]))
 
     torch.manual_seed(0)  # identical initial weights on both ranks
-    ddp = wrap_model(nn.Linear(4, 3), info)
+    layer = nn.Linear(4, 3)
+    ddp = wrap_model(layer, info)
+    assert isinstance(ddp, DistributedDataParallel)
     torch.manual_seed(100 + rank)  # different data per rank
     inputs = torch.randn(5, 4)
     ddp(inputs).square().sum().backward()
-    results["ddp_grad"] = ddp.module.weight.grad.clone()
+    results["ddp_grad"] = _grad(layer.weight).clone()
     results["inputs"] = inputs
 
     torch.manual_seed(0)
@@ -237,7 +247,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     tokens = torch.randn(2, 3, 16)
     sharded(tokens).sum().backward()
     results["fsdp_tokens"] = tokens
-    results["fsdp_grads"] = {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
+    grads = {name: _grad(p) for name, p in sharded.named_parameters()}
+    assert all(isinstance(g, DTensor) for g in grads.values())  # every parameter was sharded
+    results["fsdp_grads"] = {name: g.full_tensor() for name, g in grads.items() if isinstance(g, DTensor)}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     barrier()
     from vlp.train.distributed import cleanup
@@ -267,7 +279,7 @@ def test_two_process_gloo_all_reduce_ddp_and_fsdp(tmp_path: Path) -> None:
     for r in ranks:
         reference.zero_grad()
         reference(r["inputs"]).square().sum().backward()
-        grads.append(reference.weight.grad.clone())
+        grads.append(_grad(reference.weight).clone())
     for r in ranks:
         torch.testing.assert_close(r["ddp_grad"], (grads[0] + grads[1]) / 2)
 
@@ -278,7 +290,7 @@ def test_two_process_gloo_all_reduce_ddp_and_fsdp(tmp_path: Path) -> None:
     for r in ranks:
         plain.zero_grad()
         plain(r["fsdp_tokens"]).sum().backward()
-        per_rank.append({name: p.grad.clone() for name, p in plain.named_parameters()})
+        per_rank.append({name: _grad(p).clone() for name, p in plain.named_parameters()})
     for r in ranks:
         assert set(r["fsdp_grads"]) == set(per_rank[0])
         for name, grad in r["fsdp_grads"].items():

@@ -88,10 +88,12 @@ class TinyFused(nn.Module):
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[EncoderOutput, Tensor]:
         tokens = self.words(input_ids)
         pooled = masked_mean(tokens, attention_mask.bool())
-        return EncoderOutput(tokens, attention_mask.bool(), pooled), F.normalize(self.text_proj(pooled), dim=-1)
+        emb = F.normalize(self.text_proj(pooled), dim=-1)
+        return EncoderOutput(tokens, attention_mask.bool(), pooled), emb
 
     def image_context(self, image_out: EncoderOutput) -> Context:
-        return Context(image_out.tokens, image_out.mask, (self.key(image_out.tokens), self.value(image_out.tokens)))
+        tokens = image_out.tokens
+        return Context(tokens, image_out.mask, (self.key(tokens), self.value(tokens)))
 
     def itm_logits_from(self, text_out: EncoderOutput, context: Context, index: Tensor) -> Tensor:
         picked = context.select(index)
@@ -115,7 +117,8 @@ class Split:
     img2txt: list[list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.img2txt = [[t for t, i in enumerate(self.txt2img) if i == image] for image in range(self.num_images)]
+        self.img2txt = [[t for t, i in enumerate(self.txt2img) if i == image]
+                        for image in range(self.num_images)]
 
     @property
     def num_images(self) -> int:
@@ -142,15 +145,17 @@ def make_split(num_images: int, captions_per_image: int = 2, seed: int = 0) -> S
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def brute_force_metrics(scores_i2t: Tensor, txt2img: list[int], scores_t2i: Tensor | None = None) -> dict[str, float]:
-    """Per-query loop: sort by score, ties broken against the ground truth; a query's rank is its first hit."""
+def brute_force_metrics(scores_i2t: Tensor, txt2img: list[int],
+                        scores_t2i: Tensor | None = None) -> dict[str, float]:
+    """Per-query loop: sort by score, ties broken against the ground truth; the rank is the first hit."""
     t2i = scores_i2t.T if scores_t2i is None else scores_t2i
 
     def rank(row: list[float], truths: set[int]) -> int:
         order = sorted(range(len(row)), key=lambda j: (-row[j], j in truths))
         return next(position for position, j in enumerate(order) if j in truths)
 
-    txt = [rank(scores_i2t[i].tolist(), {t for t, img in enumerate(txt2img) if img == i}) for i in range(len(scores_i2t))]
+    txt = [rank(scores_i2t[i].tolist(), {t for t, img in enumerate(txt2img) if img == i})
+           for i in range(len(scores_i2t))]
     img = [rank(t2i[t].tolist(), {txt2img[t]}) for t in range(len(txt2img))]
     out = {}
     for side, ranks in (("txt", txt), ("img", img)):
@@ -326,18 +331,22 @@ class OracleFused(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.txt2img = torch.tensor(txt2img)
-        self.image_table = F.normalize(torch.randn(int(self.txt2img.max()) + 1, 8, generator=generator), dim=-1)
-        self.text_table = F.normalize(self.image_table[self.txt2img] + noise * torch.randn(len(txt2img), 8,
-                                                                                             generator=generator), dim=-1)
-        self.tokenizer = lambda texts, max_length: {"input_ids": torch.tensor([[CLS, 2 + int(t)] for t in texts]),
-                                                    "attention_mask": torch.ones(len(texts), 2, dtype=torch.bool)}
+        num_images = int(self.txt2img.max()) + 1
+        self.image_table = F.normalize(torch.randn(num_images, 8, generator=generator), dim=-1)
+        jitter = noise * torch.randn(len(txt2img), 8, generator=generator)
+        self.text_table = F.normalize(self.image_table[self.txt2img] + jitter, dim=-1)
         self.config = SimpleNamespace(text=SimpleNamespace(max_length=4))
         self.has_fusion = True
 
+    def tokenizer(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
+        """Caption t is the text "t": ids [CLS, 2 + t]."""
+        return {"input_ids": torch.tensor([[CLS, 2 + int(t)] for t in texts]),
+                "attention_mask": torch.ones(len(texts), 2, dtype=torch.bool)}
     def image_features(self, images: Tensor) -> tuple[EncoderOutput, Tensor]:
         ids = images[:, 0, 0, 0].long()
         tokens = ids.float()[:, None, None]
-        return EncoderOutput(tokens, torch.ones(len(ids), 1, dtype=torch.bool), tokens[:, 0]), self.image_table[ids]
+        mask = torch.ones(len(ids), 1, dtype=torch.bool)
+        return EncoderOutput(tokens, mask, tokens[:, 0]), self.image_table[ids]
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[EncoderOutput, Tensor]:
         ids = input_ids[:, 1] - 2
@@ -364,14 +373,14 @@ def test_oracle_itm_moves_recall_at_k_to_recall_at_1(k_test: int) -> None:
     assert itc["txt_r1"] < itc[f"txt_r{k_test}"] < 100 and itc["img_r1"] < itc[f"img_r{k_test}"] < 100
     assert itm["txt_r1"] == itc[f"txt_r{k_test}"]
     assert itm["img_r1"] == itc[f"img_r{k_test}"]
-    # A ground truth outside the re-ranked candidates keeps its ITC rank, so recall beyond k_test is unchanged.
+    # A ground truth outside the re-ranked candidates keeps its ITC rank: recall beyond k_test is unchanged.
     assert (itm["txt_r10"], itm["img_r10"]) == (itc["txt_r10"], itc["img_r10"])
 
 
 def test_dual_encoder_has_no_itm_and_max_images_subsets() -> None:
     torch.manual_seed(2)
     model, split = TinyFused(fused=False), make_split(8, seed=5)
-    result = evaluate_retrieval(model, split, None, k_test=100, progress=False)  # k_test unused without fusion
+    result = evaluate_retrieval(model, split, None, k_test=100, progress=False)  # unused without fusion
     assert "itm" not in result and set(result["curves"]) == {"itc"}
     small = evaluate_retrieval(model, split, None, max_images=3, progress=False)
     first3 = Split(split.images[:3], split.captions[:6], split.txt2img[:6])
@@ -405,3 +414,24 @@ def test_recall_curve_png(tmp_path: Any) -> None:
     assert result["curves"]["itc"]["img"][-1] == 100.0 and len(result["curves"]["itc"]["img"]) == 5
     with pytest.raises(UserError, match="recall curves"):
         plot_recall_curve({"itc": {"txt_r1": 1.0}}, tmp_path / "bad.png")
+
+
+@dataclass
+class IndexedSplit:
+    """vlp.data's layout: images loaded one at a time by index, the caller's transform applied after."""
+
+    load_image: Any
+    num_images: int
+    captions: list[str]
+    txt2img: list[int]
+    img2txt: list[list[int]]
+
+
+def test_splits_that_load_images_by_index() -> None:
+    torch.manual_seed(4)
+    model, split = TinyFused(), make_split(6, seed=4)
+    indexed = IndexedSplit(lambda i: split.images[i] * 0.5, 6, split.captions, split.txt2img, split.img2txt)
+    expected = evaluate_retrieval(model, split, lambda image: image * 0.5, k_test=3, progress=False)
+    result = evaluate_retrieval(model, indexed, lambda image: image, k_test=3, progress=False, max_images=4)
+    assert result["num_images"] == 4
+    assert evaluate_retrieval(model, indexed, None, k_test=3, progress=False) == expected

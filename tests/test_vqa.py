@@ -1,4 +1,4 @@
-"""VQA v2 accuracy (official normalization and leave-one-out averaging), soft targets, head, loss and eval loop."""
+"""VQA v2 accuracy (official normalization, leave-one-out averaging), soft targets, head, loss, eval loop."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def test_normalize_answer_chains_all_rules() -> None:
     assert normalize_answer("Yes, they dont") == "yes they don't"
 
 
-@pytest.mark.parametrize(("matches", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+@pytest.mark.parametrize(("matches", "expected"),
+                         [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
 def test_leave_one_out_averaging(matches: int, expected: float) -> None:
     answers = ["2"] * matches + ["3"] * (10 - matches)
     assert vqa_accuracy("2", answers) == pytest.approx(expected)
@@ -99,9 +100,10 @@ def test_soft_scores() -> None:
 QUESTIONS: list[dict[str, Any]] = [
     {"question_id": 1, "image": "0", "question": "how many", "answer": ["Two", "2", "2", "yes", "nope"],
      "answer_type": "number"},
-    {"question_id": 2, "image": "1", "question": "is it", "answer": ["yes"] * 6 + ["no"] * 4, "answer_type": "yes/no"},
-    {"question_id": 3, "image": "2", "question": "what color", "answer": ["red"] * 2 + ["the red"] + ["blue"] * 7,
-     "answer_type": "other"},
+    {"question_id": 2, "image": "1", "question": "is it", "answer": ["yes"] * 6 + ["no"] * 4,
+     "answer_type": "yes/no"},
+    {"question_id": 3, "image": "2", "question": "what color",
+     "answer": ["red"] * 2 + ["the red"] + ["blue"] * 7, "answer_type": "other"},
 ]
 
 

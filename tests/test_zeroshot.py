@@ -36,8 +36,10 @@ class TinyOpenClip(nn.Module):
         torch.manual_seed(0)
         self.clip = open_clip.CLIP(
             embed_dim=16,
-            vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16),
-            text_cfg=open_clip.CLIPTextCfg(context_length=CONTEXT, vocab_size=49408, width=32, heads=2, layers=1),
+            vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8,
+                                               image_size=16),
+            text_cfg=open_clip.CLIPTextCfg(context_length=CONTEXT, vocab_size=49408, width=32, heads=2,
+                                           layers=1),
         ).eval()
         self.has_fusion = False
         self.config = SimpleNamespace(text=SimpleNamespace(max_length=CONTEXT))
@@ -100,8 +102,9 @@ class KnownEmbeddings(nn.Module):
     def tokenizer(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
         rows = [[self.classes.index(w) if w in self.classes else 3 for w in text.split()] for text in texts]
         length = max(len(row) for row in rows)
-        return {"input_ids": torch.tensor([row + [0] * (length - len(row)) for row in rows]),
-                "attention_mask": torch.tensor([[True] * len(row) + [False] * (length - len(row)) for row in rows])}
+        ids = torch.tensor([row + [0] * (length - len(row)) for row in rows])
+        mask = torch.tensor([[True] * len(row) + [False] * (length - len(row)) for row in rows])
+        return {"input_ids": ids, "attention_mask": mask}
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[EncoderOutput, Tensor]:
         vectors = F.one_hot(input_ids, 4).float()

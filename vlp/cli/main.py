@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vlp.errors import UserError
+from vlp.runtime import tune_allocator
 
 __all__ = ["main", "build_parser"]
 
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tune_allocator()
     try:
         args = build_parser().parse_args(argv)
         handler: Handler = args.handler

@@ -4,12 +4,11 @@ transforms, collation, retrieval/VQA/zero-shot splits.
 ``vlp.data.tokenizers`` is not imported here: it reads ``SYNTHETIC_WORDS`` lazily and is imported directly.
 """
 
-from vlp.data.collate import BadSampleMonitor, Collator, seed_worker
+from vlp.data.collate import Collator, seed_worker
 from vlp.data.datasets import HFPairs, JsonPairs, SyntheticPairs, WebDatasetPairs, build_pretrain_dataset
 from vlp.data.retrieval_split import (
     ImageDataset,
     RetrievalSplit,
-    build_retrieval_split,
     load_retrieval_split,
     synthetic_retrieval_split,
 )
@@ -18,7 +17,6 @@ from vlp.data.transforms import eval_transform, open_image, train_transform
 from vlp.data.vqa_data import (
     VQADataset,
     ZeroShotSplit,
-    build_vqa_questions,
     load_vqa,
     load_zeroshot,
     synthetic_vqa,
@@ -29,9 +27,9 @@ __all__ = [
     "SYNTHETIC_WORDS", "ZEROSHOT_TEMPLATES", "SyntheticScenes", "write_synthetic",
     "SyntheticPairs", "JsonPairs", "HFPairs", "WebDatasetPairs", "build_pretrain_dataset",
     "train_transform", "eval_transform", "open_image",
-    "Collator", "seed_worker", "BadSampleMonitor",
-    "RetrievalSplit", "load_retrieval_split", "build_retrieval_split", "synthetic_retrieval_split",
+    "Collator", "seed_worker",
+    "RetrievalSplit", "load_retrieval_split", "synthetic_retrieval_split",
     "ImageDataset",
-    "VQADataset", "ZeroShotSplit", "load_vqa", "build_vqa_questions", "synthetic_vqa",
+    "VQADataset", "ZeroShotSplit", "load_vqa", "synthetic_vqa",
     "load_zeroshot", "synthetic_zeroshot",
 ]

@@ -10,9 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlp.errors import UserError
-
-__all__ = ["Collator", "seed_worker", "BadSampleMonitor"]
+__all__ = ["Collator", "seed_worker"]
 
 TokenizerFn = Callable[..., dict[str, Tensor]]
 
@@ -55,21 +53,3 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
 
-
-class BadSampleMonitor:
-    """Running count of unreadable samples from ``batch["bad"]``; stops once they exceed ``max_fraction``
-    of the samples seen (checked after ``min_samples``, so one early bad file does not stop a run)."""
-
-    def __init__(self, max_fraction: float, min_samples: int = 200) -> None:
-        self.max_fraction = max_fraction
-        self.min_samples = min_samples
-        self.good = 0
-        self.bad = 0
-
-    def update(self, batch: dict[str, Any]) -> None:
-        self.good += int(batch["image_ids"].numel())
-        self.bad += int(batch["bad"])
-        seen = self.good + self.bad
-        if seen >= self.min_samples and self.bad > self.max_fraction * seen:
-            raise UserError(f"{self.bad} of {seen} samples were unreadable (more than data.max_bad_fraction="
-                            f"{self.max_fraction}); the warnings above name the files")

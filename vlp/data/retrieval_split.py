@@ -10,18 +10,17 @@ from typing import Any, Protocol
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlp.config.schema import DataConfig
 from vlp.data.datasets import captions_of_record, read_json_records
 from vlp.data.synthetic import SyntheticScenes
 from vlp.data.transforms import ImageTransform, open_image
-from vlp.errors import ConfigError, UserError
+from vlp.errors import UserError
 
-__all__ = ["RetrievalSplit", "load_retrieval_split", "synthetic_retrieval_split", "build_retrieval_split",
+__all__ = ["RetrievalSplit", "load_retrieval_split", "synthetic_retrieval_split",
            "ImageDataset", "ImageFiles", "load_image_file", "check_images_exist"]
 
 
 def load_image_file(path: str | Path) -> Image.Image:
-    """An evaluation image as RGB; unlike in training, an unreadable one is an error (it would bias scores)."""
+    """An evaluation image as RGB; unlike in training, an unreadable one is an error (it biases scores)."""
     try:
         return open_image(path)
     except FileNotFoundError:
@@ -131,13 +130,3 @@ class ImageDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"image": self.transform(self.split.load_image(index)), "index": index}
 
-
-def build_retrieval_split(data_cfg: DataConfig, image_size: int) -> RetrievalSplit:
-    """The held-out split of a config: ``data.test`` when set, else the synthetic test split."""
-    if data_cfg.test:
-        return load_retrieval_split(data_cfg.test, data_cfg.test_image_root or data_cfg.image_root)
-    if data_cfg.source != "synthetic":
-        raise ConfigError(f"data.test is empty; data.source '{data_cfg.source}' needs a held-out "
-                          "retrieval file")
-    return synthetic_retrieval_split(
-        SyntheticScenes(data_cfg.synthetic_test_size, data_cfg.synthetic_seed, "test", image_size))

@@ -122,6 +122,7 @@ _NUM_TEMPLATES = 6
 
 
 def _words() -> list[str]:
+    # every word the templates and questions use (tests check it covers all generated text)
     texts = ["there is a picture of an image with shape shapes : , and ?", " ".join(_COUNT_WORDS)]
     texts += [" ".join(COLORS), " ".join(SHAPES), " ".join(SIZES), " ".join(_POSITION_PHRASES)]
     texts += ["how many shapes are there what color is the what shape is where is the what size yes no"]

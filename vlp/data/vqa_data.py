@@ -11,15 +11,13 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlp.config.schema import DataConfig, VQAConfig
 from vlp.data.datasets import read_json_records
-from vlp.data.retrieval_split import ImageFiles, check_images_exist, load_image_file
+from vlp.data.retrieval_split import ImageFiles, check_images_exist
 from vlp.data.synthetic import COLORS, SHAPES, SyntheticScenes
 from vlp.data.transforms import ImageTransform
-from vlp.errors import ConfigError, UserError
+from vlp.errors import UserError
 
-__all__ = ["load_vqa", "synthetic_vqa", "VQADataset", "ZeroShotSplit", "load_zeroshot", "synthetic_zeroshot",
-           "build_vqa_questions"]
+__all__ = ["load_vqa", "synthetic_vqa", "VQADataset", "ZeroShotSplit", "load_zeroshot", "synthetic_zeroshot"]
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -165,17 +163,3 @@ def synthetic_zeroshot(scenes: SyntheticScenes, attribute: str = "shape") -> Zer
     labels = [classes.index(getattr(scenes.objects(i)[0], attribute)) for i in indices]
     return ZeroShotSplit(_SceneSubset(scenes, indices), len(indices), labels, classes)
 
-
-def build_vqa_questions(vqa_cfg: VQAConfig, data_cfg: DataConfig, image_size: int,
-                        train: bool) -> tuple[list[dict[str, Any]], Callable[[Any], Image.Image]]:
-    """(questions, image_loader) for ``VQADataset``: ``vqa.train``/``vqa.val`` when set, else the synthetic
-    train/test questions (when ``data.source`` is synthetic)."""
-    path = vqa_cfg.train if train else vqa_cfg.val
-    if path:
-        return load_vqa(path, vqa_cfg.image_root), load_image_file
-    if data_cfg.source != "synthetic":
-        which = "train" if train else "val"
-        raise ConfigError(f"vqa.{which} is empty and data.source is '{data_cfg.source}' (not synthetic)")
-    size = data_cfg.synthetic_train_size if train else data_cfg.synthetic_test_size
-    scenes = SyntheticScenes(size, data_cfg.synthetic_seed, "train" if train else "test", image_size)
-    return synthetic_vqa(scenes), scenes.render

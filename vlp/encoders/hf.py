@@ -2,9 +2,11 @@
 
 ``name`` set: ``AutoModel.from_pretrained(name, local_files_only=True)`` from a local directory (the model's
 own dropout settings are kept; ``options`` are config overrides). ``name`` empty: a randomly initialised
-``BertModel(BertConfig(...))`` whose defaults come from the text config (``width``, ``depth``, ``num_heads``,
-``mlp_ratio``, ``dropout``, ``max_length``, vocabulary = ``vocab_size`` or the tokenizer's) and are
-overridden by ``options`` (any ``BertConfig`` field). Models that have a pooler are built without it.
+model of ``options["model_type"]`` (default ``bert``) from ``AutoConfig.for_model(model_type, **options)``;
+for BERT the defaults come from the text config (``width``, ``depth``, ``num_heads``, ``mlp_ratio``,
+``dropout``, ``max_length``, vocabulary = ``vocab_size`` or the tokenizer's) and ``options`` override them.
+So a loaded model can be rebuilt offline from ``options = encoder.model.config.to_dict()``.
+Models that have a pooler are built without it.
 tokens = ``last_hidden_state``; pooled = by ``cfg.pooling`` (``cls`` = the [CLS] state, the default).
 If the tokenizer has more ids than the embedding table (an appended mask token), the table is resized.
 """
@@ -21,6 +23,7 @@ from vlp.config.schema import TextEncoderConfig
 from vlp.data.tokenizers import Tokenizer
 from vlp.encoders.base import TextEncoder
 from vlp.encoders.text_transformer import POOLINGS, pool_tokens
+from vlp.encoders.timm_encoder import one_line
 from vlp.errors import ConfigError, UserError
 from vlp.registry import text_encoders
 from vlp.types import EncoderOutput
@@ -61,25 +64,36 @@ class HFTextEncoder(TextEncoder):
             self.model.gradient_checkpointing_disable()
 
 
-def _random_bert(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> Any:
-    from transformers import BertConfig, BertModel
+def _without_pooler(model_class: Any) -> dict[str, Any]:
+    accepts_pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+    return {"add_pooling_layer": False} if accepts_pooler else {}
 
-    defaults: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size or tokenizer.vocab_size,
-        "hidden_size": cfg.width,
-        "num_hidden_layers": cfg.depth,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": int(cfg.width * cfg.mlp_ratio),
-        "hidden_dropout_prob": cfg.dropout,
-        "attention_probs_dropout_prob": cfg.dropout,
-        "max_position_embeddings": max(512, cfg.max_length),
-        "pad_token_id": tokenizer.pad_id,
-    }
+
+def _random_model(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    options = dict(cfg.options)
+    model_type = str(options.pop("model_type", "bert"))
+    defaults: dict[str, Any] = {"vocab_size": cfg.vocab_size or tokenizer.vocab_size}
+    if model_type == "bert":
+        defaults |= {
+            "hidden_size": cfg.width,
+            "num_hidden_layers": cfg.depth,
+            "num_attention_heads": cfg.num_heads,
+            "intermediate_size": int(cfg.width * cfg.mlp_ratio),
+            "hidden_dropout_prob": cfg.dropout,
+            "attention_probs_dropout_prob": cfg.dropout,
+            "max_position_embeddings": max(512, cfg.max_length),
+            "pad_token_id": tokenizer.pad_id,
+        }
     try:
-        config = BertConfig(**{**defaults, **cfg.options})
-        return BertModel(config, add_pooling_layer=False)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"text.options is not a valid BertConfig: {' '.join(str(error).split())}") from error
+        config = AutoConfig.for_model(model_type, **{**defaults, **options})
+        model_class: Any = MODEL_MAPPING[type(config)]
+        return model_class(config, **_without_pooler(model_class))
+    except (TypeError, ValueError, KeyError) as error:
+        raise ConfigError(f"text.options do not configure a '{model_type}' model: {one_line(error)}"
+                          ) from error
 
 
 def _local_model(cfg: TextEncoderConfig) -> Any:
@@ -91,12 +105,11 @@ def _local_model(cfg: TextEncoderConfig) -> Any:
         raise UserError(f"text.name '{cfg.name}' is not a local model directory (vlp never downloads models)")
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True, **cfg.options)
-        model_class: Any = MODEL_MAPPING[type(config)]
-        accepts_pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
-        kwargs = {"add_pooling_layer": False} if accepts_pooler else {}
-        return AutoModel.from_pretrained(str(directory), config=config, local_files_only=True, **kwargs)
+        model_class = MODEL_MAPPING[type(config)]
+        return AutoModel.from_pretrained(str(directory), config=config, local_files_only=True,
+                                         **_without_pooler(model_class))
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"cannot load a Hugging Face model from {directory}: {' '.join(str(error).split())}") from error
+        raise UserError(f"cannot load a Hugging Face model from {directory}: {one_line(error)}") from error
 
 
 @text_encoders.register("hf")
@@ -107,7 +120,7 @@ def build_hf(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> HFTextEncoder:
         raise ConfigError("text.causal is not supported by the hf encoder (it wraps bidirectional encoders)")
     if cfg.weights:
         raise ConfigError("text.weights is not used by the hf encoder: point text.name at the model directory")
-    model = _local_model(cfg) if cfg.name else _random_bert(cfg, tokenizer)
+    model = _local_model(cfg) if cfg.name else _random_model(cfg, tokenizer)
     if tokenizer.vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(tokenizer.vocab_size)
     max_positions = getattr(model.config, "max_position_embeddings", None)

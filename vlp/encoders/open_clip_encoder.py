@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from vlp.config.schema import ImageEncoderConfig, TextEncoderConfig
 from vlp.data.tokenizers import Tokenizer
 from vlp.encoders.base import ImageEncoder, TextEncoder
-from vlp.encoders.timm_encoder import feature_tokens, load_weights, read_weights
+from vlp.encoders.timm_encoder import feature_tokens, load_weights, one_line, read_weights
 from vlp.errors import ConfigError, UserError
 from vlp.registry import image_encoders, text_encoders
 from vlp.types import EncoderOutput
@@ -51,10 +51,8 @@ TOP_LEVEL_OPTIONS = ("embed_dim", "quick_gelu")
 # Stand-ins for the tower a builder discards: open_clip only builds whole CLIP models.
 SPARE_VISION = {"image_size": 8, "patch_size": 8, "width": 8, "layers": 1, "head_width": 8}
 SPARE_TEXT = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+# Top-level text-tower modules of open_clip's CLIP class; CustomTextCLIP nests them under ``text.``.
+FLAT_TEXT_MODULES = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
 
 
 def _preset(name: str, section: str) -> dict[str, Any]:
@@ -100,7 +98,7 @@ def _clip(top: dict[str, Any], vision: dict[str, Any], text: dict[str, Any], sec
         return CustomTextCLIP(embed_dim=top["embed_dim"], vision_cfg=vision, text_cfg=text,
                               quick_gelu=bool(top.get("quick_gelu", False)))
     except (TypeError, ValueError, AssertionError) as error:
-        raise ConfigError(f"{section}.options do not build an open_clip tower: {_one_line(error)}") from error
+        raise ConfigError(f"{section}.options do not build an open_clip tower: {one_line(error)}") from error
 
 
 def _read_checkpoint(path: str, name: str, section: str) -> dict[str, Tensor] | None:
@@ -115,12 +113,17 @@ def _read_checkpoint(path: str, name: str, section: str) -> dict[str, Tensor] | 
     return read_weights(path)
 
 
+def _nested_text_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CLIP's flat text keys -> ``text.*`` (open_clip's converter misses a Linear ``text_projection``)."""
+    return {f"text.{k}" if k.split(".")[0] in FLAT_TEXT_MODULES else k: v for k, v in state.items()}
+
+
 def _load_tower(encoder: nn.Module, state: dict[str, Tensor], path: str, prefix: str, convert: Any) -> None:
     """Convert a whole-CLIP state dict, keep the tower's tensors (keys starting with ``prefix``), load strictly."""
     try:
         state = convert(dict(state))
     except (RuntimeError, ValueError, AssertionError) as error:
-        raise UserError(f"cannot convert weights {path}: {_one_line(error)}") from error
+        raise UserError(f"cannot convert weights {path}: {one_line(error)}") from error
     load_weights(encoder, {k: v for k, v in state.items() if k.startswith(prefix)}, path)
 
 
@@ -288,7 +291,7 @@ def build_open_clip_image(cfg: ImageEncoderConfig) -> OpenClipImageEncoder:
 @text_encoders.register("open_clip")
 def build_open_clip_text(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> OpenClipTextEncoder:
     from open_clip import CLIPTextCfg
-    from open_clip.model import convert_to_custom_text_state_dict, resize_text_pos_embed
+    from open_clip.model import resize_text_pos_embed
 
     top, overrides = _split_options(dict(cfg.options), CLIPTextCfg, "text")
     checkpoint = _read_checkpoint(cfg.weights, cfg.name, "text")
@@ -313,7 +316,7 @@ def build_open_clip_text(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> OpenCl
     if checkpoint is not None:
 
         def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
-            state = convert_to_custom_text_state_dict(state)  # CLIP layout -> text.* keys
+            state = _nested_text_keys(state)
             resize_text_pos_embed(state, encoder)
             return state
 

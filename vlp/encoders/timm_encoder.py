@@ -26,12 +26,13 @@ from vlp.errors import ConfigError, UserError
 from vlp.registry import image_encoders
 from vlp.types import EncoderOutput
 
-__all__ = ["TimmImageEncoder", "build_timm", "read_weights", "load_weights", "feature_tokens"]
+__all__ = ["TimmImageEncoder", "build_timm", "read_weights", "load_weights", "feature_tokens", "one_line"]
 
 RESERVED_OPTIONS = ("pretrained", "num_classes", "pretrained_cfg_overlay")
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (multi-line library errors included)."""
     return " ".join(str(error).split()) or type(error).__name__
 
 
@@ -51,7 +52,7 @@ def read_weights(path: str) -> dict[str, Tensor]:
     try:
         state = load_state_dict(str(file), device="cpu", weights_only=True)
     except Exception as error:  # safetensors, pickle and zip readers each raise their own types
-        raise UserError(f"cannot read weights file {path}: {_one_line(error)}") from error
+        raise UserError(f"cannot read weights file {path}: {one_line(error)}") from error
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"weights file {path} does not hold a state dict of tensors")
     return dict(state)
@@ -125,7 +126,7 @@ def _create(name: str, kwargs: dict[str, Any], explicit_img_size: bool) -> nn.Mo
         # CNN backbones take any input size and reject img_size; other bad kwargs are the user's.
         if "img_size" in str(error) and not explicit_img_size:
             return _create(name, {k: v for k, v in kwargs.items() if k != "img_size"}, True)
-        raise ConfigError(f"image.options for timm model '{name}': {_one_line(error)}") from error
+        raise ConfigError(f"image.options for timm model '{name}': {one_line(error)}") from error
 
 
 @image_encoders.register("timm")
@@ -147,6 +148,6 @@ def build_timm(cfg: ImageEncoderConfig) -> TimmImageEncoder:
         try:
             state = _timm_state(model, read_weights(cfg.weights))
         except (RuntimeError, ValueError, KeyError) as error:
-            raise UserError(f"cannot convert weights {cfg.weights} for {cfg.name}: {_one_line(error)}") from error
+            raise UserError(f"cannot convert weights {cfg.weights} for {cfg.name}: {one_line(error)}") from error
         load_weights(model, state, cfg.weights)
     return TimmImageEncoder(model, cfg.image_size, cfg.mean, cfg.std)

@@ -24,7 +24,8 @@ def plot_recall_curve(results: Mapping[str, Any], out_png: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     curves = results.get("curves", results)
-    if not curves or not all(isinstance(curve, Mapping) and set(DIRECTIONS) <= set(curve) for curve in curves.values()):
+    valid = all(isinstance(curve, Mapping) and set(DIRECTIONS) <= set(curve) for curve in curves.values())
+    if not curves or not valid:
         raise UserError("plot_recall_curve needs recall curves: {'itc': {'txt': [...], 'img': [...]}, ...}")
     figure = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(figure)

@@ -42,6 +42,7 @@ def slice_rows(out: EncoderOutput, start: int, end: int) -> EncoderOutput:
     return EncoderOutput(out.tokens[start:end], out.mask[start:end], out.pooled[start:end])
 
 
+@torch.no_grad()
 def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_out: EncoderOutput,
                     pair_image: Tensor, pair_text: Tensor, batch_size: int = 128,
                     autocast: AutocastFactory = contextlib.nullcontext, progress: bool = False,
@@ -49,7 +50,7 @@ def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_o
     """Match logits (ITM column 1, fp32) of the pairs (image ``pair_image[n]``, text ``pair_text[n]``).
 
     image_out / text_out: encoder outputs of the whole gallery / caption set. Images are processed in chunks
-    of ``image_chunk`` (default ``batch_size``); within a chunk, its pairs are scored ``batch_size`` at a time.
+    of ``image_chunk`` (default ``batch_size``); a chunk's pairs are scored ``batch_size`` at a time.
     """
     num_pairs = pair_image.shape[0]
     num_images = image_out.tokens.shape[0]
@@ -81,7 +82,8 @@ def rerank_candidates(model: FusedRetrievalModel, image_out: EncoderOutput, text
                       i2t_candidates: Tensor, t2i_candidates: Tensor, batch_size: int = 128,
                       autocast: AutocastFactory = contextlib.nullcontext,
                       progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Match logits of every image's candidate captions [N_img, k] and every caption's candidate images [N_txt, k].
+    """Match logits of each image's candidate captions [N_img, k] and each caption's candidate images
+    [N_txt, k].
 
     Both directions share one pass over the images, so each image context is built once.
     """
@@ -92,9 +94,11 @@ def rerank_candidates(model: FusedRetrievalModel, image_out: EncoderOutput, text
                             t2i_candidates.reshape(-1).to(device)])
     pair_text = torch.cat([i2t_candidates.reshape(-1),
                            torch.arange(num_texts, device=device).repeat_interleave(k_t2i)])
-    scores = itm_pair_scores(model, image_out, text_out, pair_image, pair_text, batch_size, autocast, progress)
-    scores = scores.to(i2t_candidates.device)
-    return scores[: num_images * k_i2t].view(num_images, k_i2t), scores[num_images * k_i2t:].view(num_texts, k_t2i)
+    scores = itm_pair_scores(model, image_out, text_out, pair_image, pair_text, batch_size, autocast,
+                             progress)
+    scores = scores.to(device)
+    i2t_scores, t2i_scores = scores.split([num_images * k_i2t, num_texts * k_t2i])
+    return i2t_scores.view(num_images, k_i2t), t2i_scores.view(num_texts, k_t2i)
 
 
 def reranked_ranks(candidates: Tensor, scores: Tensor, positives: Tensor, fallback_ranks: Tensor) -> Tensor:
@@ -106,7 +110,8 @@ def reranked_ranks(candidates: Tensor, scores: Tensor, positives: Tensor, fallba
     """
     candidates, scores = candidates.cpu(), scores.cpu().double()
     positives, fallback_ranks = positives.cpu(), fallback_ranks.cpu()
-    is_positive = ((candidates[:, :, None] == positives[:, None, :]) & (positives[:, None, :] >= 0)).any(dim=-1)
+    real = positives[:, None, :] >= 0
+    is_positive = ((candidates[:, :, None] == positives[:, None, :]) & real).any(dim=-1)  # [q, k]
     best = scores.masked_fill(~is_positive, float("-inf")).amax(dim=1)
     above = ((scores >= best[:, None]) & ~is_positive).sum(dim=1)
     return torch.where(is_positive.any(dim=1), above, fallback_ranks)

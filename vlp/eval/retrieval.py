@@ -1,6 +1,7 @@
 """Image-text retrieval: recall metrics, memory-bounded ranking, and the evaluation harness.
 
-Axis legend: q = queries, g = gallery items, k = candidates per query, p = positives per query, e = embedding width.
+Axis legend: q = queries, g = gallery items, k = candidates per query, p = positives per query,
+e = embedding width.
 Ranks are 0-based: rank r means r gallery items are ranked above the query's best ground truth.
 """
 
@@ -18,12 +19,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vlp.errors import UserError
-from vlp.eval.rerank import rerank_candidates, reranked_ranks
+from vlp.eval.rerank import AutocastFactory, rerank_candidates, reranked_ranks
 from vlp.types import EncoderOutput
 
 __all__ = [
-    "RetrievalSplitLike", "EncodedSplit", "retrieval_metrics", "recall_curves", "chunked_topk", "chunked_ranks",
-    "encode_split", "evaluate_retrieval",
+    "RetrievalSplitLike", "EncodedSplit", "split_images", "retrieval_metrics", "recall_curves",
+    "chunked_topk", "chunked_ranks", "encode_split", "evaluate_retrieval",
 ]
 
 SCORES = ("itm", "itm+itc")
@@ -34,7 +35,11 @@ CURVE_MAX_K = 50
 
 
 class RetrievalSplitLike(Protocol):
-    """What evaluation needs from a retrieval test split (vlp.data.retrieval_split.RetrievalSplit has it)."""
+    """What evaluation needs from a retrieval test split (vlp.data.retrieval_split.RetrievalSplit has it).
+
+    Images come from ``image_dataset(transform)`` (a map-style dataset of image tensors) when the split has
+    it, else from ``transform(load_image(i))`` for i < ``num_images``.
+    """
 
     @property
     def num_images(self) -> int: ...
@@ -44,10 +49,34 @@ class RetrievalSplitLike(Protocol):
     def txt2img(self) -> Sequence[int]: ...
     @property
     def img2txt(self) -> Sequence[Sequence[int]]: ...
-    def image_dataset(self, transform: Any) -> ImageDataset: ...
 
 
-# ---------------------------------------------------------------------------------------------- ranks / metrics
+class _LoadedImages(Dataset[Any]):
+    """``transform(load_image(i))`` for i < ``num_images`` (picklable for DataLoader workers)."""
+
+    def __init__(self, load_image: Callable[[int], Any], num_images: int, transform: Any) -> None:
+        self.load_image, self.num_images, self.transform = load_image, num_images, transform
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.num_images:
+            raise IndexError(index)
+        image = self.load_image(index)
+        return image if self.transform is None else self.transform(image)
+
+
+def split_images(split: Any, transform: Any) -> ImageDataset:
+    """A split's images as a dataset: its ``image_dataset(transform)``, else ``load_image(i)``."""
+    if hasattr(split, "image_dataset"):
+        return split.image_dataset(transform)  # type: ignore[no-any-return]
+    if hasattr(split, "load_image"):
+        return _LoadedImages(split.load_image, int(split.num_images), transform)
+    raise TypeError(f"{type(split).__name__} has neither image_dataset(transform) nor load_image(index)")
+
+
+# ------------------------------------------------------------------------------------------ ranks / metrics
 def positives_from_txt2img(txt2img: Tensor, num_images: int) -> Tensor:
     """[num_images, p] caption indices of each image, padded with -1 (p = most captions of any image)."""
     counts = torch.bincount(txt2img, minlength=num_images)
@@ -96,12 +125,15 @@ def recall_metrics(txt_ranks: Tensor, img_ranks: Tensor) -> dict[str, float]:
 
 def _as_index_tensor(txt2img: Sequence[int] | Tensor | np.ndarray, num_images: int, num_texts: int) -> Tensor:
     index = torch.as_tensor(np.asarray(txt2img), dtype=torch.long).reshape(-1)
+    if num_images == 0 or num_texts == 0:
+        raise UserError(f"retrieval needs images and captions; got {num_images} images, {num_texts} captions")
     if len(index) != num_texts:
         raise UserError(f"txt2img has {len(index)} entries but there are {num_texts} captions")
     if len(index) and (int(index.min()) < 0 or int(index.max()) >= num_images):
         raise UserError(f"txt2img points outside the {num_images} images")
-    if (torch.bincount(index, minlength=num_images) == 0).any():
-        missing = int((torch.bincount(index, minlength=num_images) == 0).nonzero()[0])
+    uncaptioned = (torch.bincount(index, minlength=num_images) == 0).nonzero()
+    if len(uncaptioned):
+        missing = int(uncaptioned[0])
         raise UserError(f"image {missing} has no ground-truth caption: every image needs at least one")
     return index
 
@@ -111,7 +143,7 @@ def _validate_img2txt(img2txt: Sequence[Sequence[int]], txt2img: Tensor, num_ima
     derived = positives_from_txt2img(txt2img, num_images)
     given = positives_from_lists(img2txt)
     if given.shape != derived.shape or not torch.equal(given.sort(dim=1).values, derived.sort(dim=1).values):
-        raise UserError("img2txt and txt2img disagree: img2txt[i] must list exactly the captions whose txt2img is i")
+        raise UserError("img2txt and txt2img disagree: img2txt[i] must list the captions whose txt2img is i")
     return derived
 
 
@@ -133,8 +165,10 @@ def retrieval_metrics(scores_i2t: Tensor | np.ndarray, txt2img: Sequence[int] | 
                  else _validate_img2txt(img2txt, targets, num_images))
     t2i = i2t.T if scores_t2i is None else torch.as_tensor(np.asarray(scores_t2i)).double()
     if tuple(t2i.shape) != (num_texts, num_images):
-        raise UserError(f"scores_t2i must be [N_txt, N_img] = {(num_texts, num_images)}; got {tuple(t2i.shape)}")
-    return recall_metrics(ranks_against_positives(i2t, positives), ranks_against_positives(t2i, targets[:, None]))
+        raise UserError(f"scores_t2i must be [N_txt, N_img] = {(num_texts, num_images)}; "
+                        f"got {tuple(t2i.shape)}")
+    txt_ranks = ranks_against_positives(i2t, positives)
+    return recall_metrics(txt_ranks, ranks_against_positives(t2i, targets[:, None]))
 
 
 def recall_curve(ranks: Tensor, max_k: int) -> list[float]:
@@ -143,13 +177,14 @@ def recall_curve(ranks: Tensor, max_k: int) -> list[float]:
     return (100.0 * hits.double() / max(len(ranks), 1)).tolist()
 
 
-def recall_curves(txt_ranks: Tensor, img_ranks: Tensor, num_images: int, num_texts: int) -> dict[str, list[float]]:
+def recall_curves(txt_ranks: Tensor, img_ranks: Tensor, num_images: int,
+                  num_texts: int) -> dict[str, list[float]]:
     """{"txt": recall@K of image queries, "img": recall@K of text queries}, K up to min(50, gallery size)."""
     return {"txt": recall_curve(txt_ranks, min(CURVE_MAX_K, num_texts)),
             "img": recall_curve(img_ranks, min(CURVE_MAX_K, num_images))}
 
 
-# ---------------------------------------------------------------------------------------------- chunked scoring
+# ------------------------------------------------------------------------------------------ chunked scoring
 def _budget_elements(memory_mb: float) -> int:
     return max(1, int(memory_mb * 2**20) // 4)  # fp32 scores
 
@@ -193,7 +228,8 @@ def chunked_topk(query_emb: Tensor, gallery_emb: Tensor, k: int, chunk_size: int
     return values, indices
 
 
-def chunked_ranks(query_emb: Tensor, gallery_emb: Tensor, positives: Tensor, memory_mb: float = 256) -> Tensor:
+def chunked_ranks(query_emb: Tensor, gallery_emb: Tensor, positives: Tensor,
+                  memory_mb: float = 256) -> Tensor:
     """Pessimistic rank of each query's best ground truth under dot-product scores, in query chunks.
 
     positives [q, p] (padded with -1). Each chunk's scores are one [chunk, g] block sized to ``memory_mb``
@@ -202,13 +238,14 @@ def chunked_ranks(query_emb: Tensor, gallery_emb: Tensor, positives: Tensor, mem
     chunk = max(1, _budget_elements(memory_mb) // max(1, gallery_emb.shape[0]))
     gallery = gallery_emb.float()
     positives = positives.to(query_emb.device)
-    ranks = [ranks_against_positives(query_emb[start:start + chunk].float() @ gallery.T, positives[start:start + chunk])
+    ranks = [ranks_against_positives(query_emb[start:start + chunk].float() @ gallery.T,
+                                     positives[start:start + chunk])
              for start in range(0, query_emb.shape[0], chunk)]
     return torch.cat(ranks).cpu()
 
 
-# ---------------------------------------------------------------------------------------------- encoding
-def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+# ------------------------------------------------------------------------------------------ encoding
+def autocast_context(precision: str, device: torch.device) -> AutocastFactory:
     """A factory of the autocast context for ``precision`` (fp32: none; bf16: autocast on the device type)."""
     if precision == "fp32":
         return contextlib.nullcontext
@@ -233,10 +270,11 @@ def stack_images(items: list[Any]) -> Tensor:
     return torch.stack([item["image"] if isinstance(item, dict) else item for item in items])
 
 
-def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader[Any]:
+def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int,
+                 device: torch.device) -> DataLoader[Any]:
     """Batches of image tensors in dataset order."""
-    return DataLoader(cast(Dataset[Any], dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=stack_images, pin_memory=device.type == "cuda")
+    return DataLoader(cast(Dataset[Any], dataset), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=stack_images, pin_memory=device.type == "cuda")
 
 
 def cat_outputs(outputs: list[EncoderOutput]) -> EncoderOutput:
@@ -262,12 +300,12 @@ def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_si
                  keep_tokens: bool | None = None, num_workers: int = 0) -> EncodedSplit:
     """Encode every image and caption of a split in batches (tqdm bar, optional bf16 autocast).
 
-    Encoder outputs are kept (on the device) for re-ranking when ``keep_tokens`` (default: the model has fusion).
+    Encoder outputs are kept (on the device) for re-ranking when ``keep_tokens`` (default: when fused).
     """
     target = resolve_device(model, device)
     autocast = autocast_context(precision, target)
     keep = bool(model.has_fusion) if keep_tokens is None else keep_tokens
-    loader = image_loader(split.image_dataset(transform), batch_size, num_workers, target)
+    loader = image_loader(split_images(split, transform), batch_size, num_workers, target)
     image_embs, image_outs = [], []
     for images in tqdm(loader, desc="encode images", disable=not progress):
         with autocast():
@@ -298,20 +336,20 @@ class _FirstImages:
         kept = [t for t, image in enumerate(split.txt2img) if image < count]
         self.captions = [split.captions[t] for t in kept]
         self.txt2img = [split.txt2img[t] for t in kept]
-        self.img2txt = [[] for _ in range(count)]  # type: list[list[int]]
+        self.img2txt: list[list[int]] = [[] for _ in range(count)]
         for new_index, image in enumerate(self.txt2img):
             self.img2txt[image].append(new_index)
 
     def image_dataset(self, transform: Any) -> ImageDataset:
-        images: Any = self.split.image_dataset(transform)
+        images: Any = split_images(self.split, transform)
         return Subset(images, range(self.num_images))
 
 
-# ---------------------------------------------------------------------------------------------- harness
-def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_test: int = 16, score: str = "itm",
-                       batch_size: int = 128, precision: str = "fp32", device: str | torch.device | None = None,
-                       progress: bool = True, max_images: int = 0, memory_mb: float = 1024,
-                       num_workers: int = 0) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------ harness
+def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_test: int = 16,
+                       score: str = "itm", batch_size: int = 128, precision: str = "fp32",
+                       device: str | torch.device | None = None, progress: bool = True, max_images: int = 0,
+                       memory_mb: float = 1024, num_workers: int = 0) -> dict[str, Any]:
     """Retrieval metrics of a model on a split: ITC from the full ranking, plus ITM re-ranking when fused.
 
     ITM (ALBEF/BLIP): each query's top ``k_test`` ITC candidates, in both directions, are re-scored by the
@@ -350,9 +388,9 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_
     return result
 
 
-def _score_encoded(model: Any, encoded: EncodedSplit, image_positives: Tensor, text_positives: Tensor, k_test: int,
-                   score: str, batch_size: int, autocast: Callable[[], contextlib.AbstractContextManager[Any]],
-                   progress: bool, memory_mb: float) -> dict[str, Any]:
+def _score_encoded(model: Any, encoded: EncodedSplit, image_positives: Tensor, text_positives: Tensor,
+                   k_test: int, score: str, batch_size: int, autocast: AutocastFactory, progress: bool,
+                   memory_mb: float) -> dict[str, Any]:
     """ITC metrics, and ITM re-ranked metrics when ``k_test`` > 0, with their recall curves."""
     num_images, num_texts = len(encoded.image_emb), len(encoded.text_emb)
     txt_ranks = chunked_ranks(encoded.image_emb, encoded.text_emb, image_positives, memory_mb)
@@ -363,8 +401,8 @@ def _score_encoded(model: Any, encoded: EncodedSplit, image_positives: Tensor, t
         assert encoded.image_out is not None and encoded.text_out is not None
         i2t_sims, i2t_top = chunked_topk(encoded.image_emb, encoded.text_emb, k_test, memory_mb=memory_mb)
         t2i_sims, t2i_top = chunked_topk(encoded.text_emb, encoded.image_emb, k_test, memory_mb=memory_mb)
-        i2t_scores, t2i_scores = rerank_candidates(model, encoded.image_out, encoded.text_out, i2t_top, t2i_top,
-                                                   batch_size, autocast, progress)
+        i2t_scores, t2i_scores = rerank_candidates(model, encoded.image_out, encoded.text_out, i2t_top,
+                                                   t2i_top, batch_size, autocast, progress)
         if score == "itm+itc":
             i2t_scores, t2i_scores = i2t_scores + i2t_sims, t2i_scores + t2i_sims
         itm_txt = reranked_ranks(i2t_top, i2t_scores, image_positives, txt_ranks)

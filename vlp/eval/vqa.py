@@ -29,32 +29,35 @@ __all__ = [
     "evaluate_vqa",
 ]
 
-# The official table, quirks included ("somebody'd" -> "somebodyd"; capitalized keys never match lowercased text).
+# The official table, quirks included ("somebody'd" -> "somebodyd"; capitalized keys never match the
+# lowercased text).
 _CONTRACTIONS = dict(pair.split(":") for pair in """
-aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've
-didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't
-havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's Id've:I'd've
-I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am
-mightnt:mightn't mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've
-neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at
-shant:shan't shed've:she'd've she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't
-shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd somebodyd've:somebody'd've
-somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's someoned:someone'd someoned've:someone'd've
-someone'dve:someone'd've someonell:someone'll someones:someone's somethingd:something'd somethingd've:something'd've
-something'dve:something'd've somethingll:something'll thats:that's thered:there'd thered've:there'd've
-there'dve:there'd've therere:there're theres:there's theyd:they'd theyd've:they'd've they'dve:they'd've
-theyll:they'll theyre:they're theyve:they've twas:'twas wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've
-werent:weren't whatll:what'll whatre:what're whats:what's whatve:what've whens:when's whered:where'd wheres:where's
-whereve:where've whod:who'd whod've:who'd've who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll
-whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've wouldn'tve:wouldn't've
-yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've y'alld've:y'all'd've y'all'dve:y'all'd've
-youd:you'd youd've:you'd've you'dve:you'd've youll:you'll youre:you're youve:you've
+aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've
+couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've
+hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd
+howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd itd've:it'd've
+it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't mightnt've:mightn't've
+mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've neednt:needn't notve:not've
+oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at shant:shan't
+shed've:she'd've she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't shouldnt've:shouldn't've
+shouldn'tve:shouldn't've somebody'd:somebodyd somebodyd've:somebody'd've somebody'dve:somebody'd've
+somebodyll:somebody'll somebodys:somebody's someoned:someone'd someoned've:someone'd've
+someone'dve:someone'd've someonell:someone'll someones:someone's somethingd:something'd
+somethingd've:something'd've something'dve:something'd've somethingll:something'll thats:that's
+thered:there'd thered've:there'd've there'dve:there'd've therere:there're theres:there's theyd:they'd
+theyd've:they'd've they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas wasnt:wasn't
+wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll whatre:what're whats:what's
+whatve:what've whens:when's whered:where'd wheres:where's whereve:where've whod:who'd whod've:who'd've
+who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't
+wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll
+y'allll:y'all'll yall'd've:y'all'd've y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've
+you'dve:you'd've youll:you'll youre:you're youve:you've
 """.split())
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = frozenset({"a", "an", "the"})
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                "?", "!")
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+                ",", "?", "!")
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # The official pattern verbatim: its "(?!<=\d)" is a lookahead, not a lookbehind, so it removes every
 # period that is not followed by a digit ("3.5" keeps its period, "yes." loses it).
@@ -76,7 +79,7 @@ def process_punctuation(text: str) -> str:
 
 
 def process_digit_article(text: str) -> str:
-    """vqaEval.processDigitArticle: lowercase, number words to digits, articles dropped, contractions fixed."""
+    """vqaEval.processDigitArticle: lowercase, number words to digits, no articles, contractions fixed."""
     words = [_NUMBER_WORDS.get(word, word) for word in text.lower().split()]
     return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
 
@@ -118,7 +121,8 @@ def vqa_soft_score(count: int) -> float:
 
 
 def _human_answers(record: Mapping[str, Any]) -> list[str]:
-    answers = record.get("answer", [])
+    """A question's human answers: DESIGN.md's "answer" (list or string), or a dataset row's "answers"."""
+    answers = record.get("answer", record.get("answers")) or []
     return [answers] if isinstance(answers, str) else list(answers)
 
 
@@ -139,12 +143,15 @@ class AnswerVocab:
         """Count every human answer (normalized) of every question; ties break alphabetically."""
         if top_n < 1:
             raise UserError(f"vqa.num_answers must be >= 1; got {top_n}")
-        counts = Counter(normalize_answer(answer) for record in questions for answer in _human_answers(record))
+        counts = Counter(normalize_answer(answer) for record in questions
+                         for answer in _human_answers(record))
+        if not counts:
+            raise UserError("the VQA training questions have no human answers to build the answer vocabulary")
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         return cls([answer for answer, _ in ranked[:top_n]])
 
     def targets(self, answers: Sequence[str]) -> Tensor:
-        """Soft target [num_answers] of one question's human answers; answers outside the vocabulary drop out."""
+        """Soft target [num_answers] of one question's human answers (unknown answers drop out)."""
         target = torch.zeros(len(self.answers))
         for answer, count in Counter(normalize_answer(answer) for answer in answers).items():
             if answer in self.index:
@@ -204,7 +211,7 @@ def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class _QuestionImages(Dataset[tuple[Tensor, int]]):
-    def __init__(self, questions: Sequence[Mapping[str, Any]], load_image: Callable[[str], Tensor]) -> None:
+    def __init__(self, questions: Sequence[Mapping[str, Any]], load_image: Callable[[Any], Tensor]) -> None:
         self.questions = questions
         self.load_image = load_image
 
@@ -220,8 +227,9 @@ def _percent(values: list[float]) -> float:
 
 
 @torch.no_grad()
-def evaluate_vqa(vqa_model: VQAModel, questions: Sequence[Mapping[str, Any]], load_image: Callable[[str], Tensor],
-                 vocab: AnswerVocab, batch_size: int = 64, device: str | torch.device | None = None,
+def evaluate_vqa(vqa_model: VQAModel, questions: Sequence[Mapping[str, Any]],
+                 load_image: Callable[[Any], Tensor], vocab: AnswerVocab, batch_size: int = 64,
+                 device: str | torch.device | None = None,
                  progress: bool = True, precision: str = "fp32",
                  num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Answer every question (the highest-scoring vocabulary answer) and score those with human answers.
@@ -243,7 +251,8 @@ def evaluate_vqa(vqa_model: VQAModel, questions: Sequence[Mapping[str, Any]], lo
     try:
         for images, indices in tqdm(loader, desc="vqa", disable=not progress):
             records = [questions[int(i)] for i in indices]
-            tokens = model.tokenizer([str(record["question"]) for record in records], max_length=max_text_length(model))
+            texts = [str(record["question"]) for record in records]
+            tokens = model.tokenizer(texts, max_length=max_text_length(model))
             with autocast():
                 logits = vqa_model(images.to(target), tokens["input_ids"].to(target),
                                    tokens["attention_mask"].to(target))

@@ -5,8 +5,8 @@ Axis legend: c = classes, t = templates, b = images, k = re-ranked classes, e = 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence, Sized
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, reranked_ranks
 from vlp.eval.retrieval import (
-    ImageDataset,
     autocast_context,
     cat_outputs,
     image_loader,
     max_text_length,
     resolve_device,
+    split_images,
 )
 from vlp.types import EncoderOutput
 
@@ -32,11 +32,11 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 class ZeroShotSplitLike(Protocol):
-    """Labelled images: ``labels[i]`` (a class index or class name) is the class of image i."""
+    """Labelled images: ``labels[i]`` (a class index or class name) is the class of image i. Images come
+    from ``image_dataset(transform)`` or ``load_image(i)`` as for retrieval (vlp.data's ZeroShotSplit)."""
 
     @property
     def labels(self) -> Sequence[int | str]: ...
-    def image_dataset(self, transform: Any) -> ImageDataset: ...
 
 
 def _check_prompts(classnames: Sequence[str], templates: Sequence[str]) -> None:
@@ -56,7 +56,8 @@ def _encode_prompts(model: Any, prompts: list[str], batch_size: int, device: tor
     for start in range(0, len(prompts), batch_size):
         tokens = model.tokenizer(prompts[start:start + batch_size], max_length=max_text_length(model))
         with autocast():
-            out, emb = model.text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            out, emb = model.text_features(tokens["input_ids"].to(device),
+                                           tokens["attention_mask"].to(device))
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep_tokens:
             outs.append(out)
@@ -67,7 +68,7 @@ def _encode_prompts(model: Any, prompts: list[str], batch_size: int, device: tor
 def zeroshot_classifier(model: Any, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                         device: str | torch.device | None = None, batch_size: int = 256,
                         precision: str = "fp32") -> Tensor:
-    """Class embeddings [c, e]: each class's prompts embedded and normalized, averaged, renormalized (CLIP)."""
+    """Class embeddings [c, e]: each class's prompts embedded, normalized, averaged, renormalized (CLIP)."""
     _check_prompts(classnames, templates)
     target = resolve_device(model, device)
     prompts = [template.format(name) for name in classnames for template in templates]
@@ -97,7 +98,8 @@ def _accuracy(ranks: Tensor, k: int) -> float:
 
 @torch.no_grad()
 def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, classnames: Sequence[str],
-                      templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128, precision: str = "fp32",
+                      templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128,
+                      precision: str = "fp32",
                       device: str | torch.device | None = None, progress: bool = True, itm_rerank_k: int = 0,
                       num_workers: int = 0) -> dict[str, Any]:
     """Top-1/top-5 zero-shot accuracy (percent) of the ITC classifier; for a fused model with
@@ -122,10 +124,12 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
         class_text_out: EncoderOutput | None = None
         if rerank_k:
             prompts = [templates[0].format(name) for name in classnames]
-            _, class_text_out = _encode_prompts(model, prompts, batch_size, target, precision, keep_tokens=True)
-        dataset = split.image_dataset(transform)
-        if len(dataset) != len(labels) or not len(labels):  # type: ignore[arg-type]
-            raise UserError(f"the zero-shot split has {len(dataset)} images and {len(labels)} labels; "  # type: ignore[arg-type]
+            _, class_text_out = _encode_prompts(model, prompts, batch_size, target, precision,
+                                                keep_tokens=True)
+        dataset = split_images(split, transform)
+        num_images = len(cast(Sized, dataset))
+        if num_images != len(labels) or not num_images:
+            raise UserError(f"the zero-shot split has {num_images} images and {len(labels)} labels; "
                             "it needs one label per image and at least one image")
         loader = image_loader(dataset, batch_size, num_workers, target)
         itc_ranks, itm_ranks = [], []
@@ -145,12 +149,14 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
                 pair_image = torch.arange(len(images), device=target).repeat_interleave(rerank_k)
                 match = itm_pair_scores(model, image_out, class_text_out, pair_image, candidates.reshape(-1),
                                         batch_size, autocast)
-                itm_ranks.append(reranked_ranks(candidates, match.view(-1, rerank_k), batch_labels[:, None], ranks))
+                itm_ranks.append(reranked_ranks(candidates, match.view(-1, rerank_k), batch_labels[:, None],
+                                                ranks))
     finally:
         model.train(was_training)
     result: dict[str, Any] = {"itc_top1": _accuracy(torch.cat(itc_ranks), 1),
                               "itc_top5": _accuracy(torch.cat(itc_ranks), 5)}
     if rerank_k:
-        result.update(itm_top1=_accuracy(torch.cat(itm_ranks), 1), itm_top5=_accuracy(torch.cat(itm_ranks), 5))
+        reranked = torch.cat(itm_ranks)
+        result.update(itm_top1=_accuracy(reranked, 1), itm_top5=_accuracy(reranked, 5))
     result.update(num_images=start, num_classes=num_classes, itm_rerank_k=rerank_k)
     return result

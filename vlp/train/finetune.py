@@ -127,7 +127,7 @@ def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None
     """VQA fine-tuning of a fused checkpoint; evaluates the val split and writes predictions + accuracy."""
     from vlp.eval.vqa import AnswerVocab, VQAModel
 
-    dist = init_distributed()
+    dist = init_distributed(config.train.device)
     run_dir = run_dir_for(config, output_dir)
     seed_everything(config.train.seed)
     model = _load_init(init)

@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from vlp.config.schema import Config
 from vlp.errors import UserError
 from vlp.models import VLPModel, build_model
 from vlp.objectives import PretrainObjective
+from vlp.runtime import tune_allocator
 from vlp.train import checkpoint as ckpt
 from vlp.train.distributed import DistInfo, cleanup, init_distributed
 from vlp.train.metrics import MetricsLogger, plot_metrics
@@ -148,7 +148,8 @@ class TrainingJob:
 def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool = False,
              model: VLPModel | None = None) -> Path:
     """Run pretraining (or retrieval fine-tuning of ``model``) as ``config`` says; returns the run directory."""
-    dist = init_distributed()
+    tune_allocator()
+    dist = init_distributed(config.train.device)
     run_dir = run_dir_for(config, output_dir)
     seed_everything(config.train.seed)
     model = prepare_model(config, model if model is not None else build_model(config.model)).to(dist.device)
@@ -173,6 +174,21 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
 
     job = TrainingJob(model, objective, loader, dataset, sampler, save_weights, load_weights, evaluate)
     return run_training(config, job, run_dir, dist, resume)
+
+
+def _final_writer(config: Config, job: TrainingJob) -> Callable[[Path], None]:
+    """final/ is a plain checkpoint: LoRA adapters are merged into their base weights first (training is
+    over and the last step_N checkpoint, with the adapters, is already written)."""
+    if config.train.lora_rank <= 0:
+        return job.save_weights
+
+    def write(directory: Path) -> None:
+        from vlp.train.lora import merge_lora
+
+        merge_lora(job.module)
+        job.save_weights(directory)
+
+    return write
 
 
 def load_model_weights(model: nn.Module, path: Path, device: torch.device) -> None:
@@ -265,10 +281,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                 window_start = time.perf_counter()
         saver.save()
         if main:
-            final = run_dir / "final"
-            if final.exists():
-                shutil.rmtree(final)
-            ckpt.write_atomic(final, job.save_weights)
+            ckpt.write_atomic(run_dir / "final", _final_writer(config, job))
         if job.evaluate is not None and config.eval.every >= 0:
             metrics.log({"step": state.step, **job.evaluate(state.step, True)})
     finally:
