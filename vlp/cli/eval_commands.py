@@ -100,10 +100,14 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
 
     checkpoint = _checkpoint(args.checkpoint)
     split = load_zeroshot(_file("--data", args.data), _image_root(args.image_root), _file("--classes", args.classes))
-    templates = DEFAULT_TEMPLATES
+    model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
+    templates = list(DEFAULT_TEMPLATES)
+    if model.config.text.tokenizer == "synthetic":  # prompts in the synthetic vocabulary
+        from vlp.data.synthetic import ZEROSHOT_TEMPLATES
+
+        templates = list(ZEROSHOT_TEMPLATES)
     if args.templates:
         templates = json.loads(_file("--templates", args.templates).read_text())
-    model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
     result = evaluate_zeroshot(model, split, model.image_transform(train=False), split.classes, templates,
                                batch_size=args.batch_size, precision=args.precision, device=_device(args.device),
                                progress=not args.no_progress, itm_rerank_k=args.itm_k if model.has_fusion else 0)
@@ -117,7 +121,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     config_path = _file("CONFIG", args.config)
     init = _checkpoint(args.init)
-    config = load_config(config_path, args.set)
+    from vlp.models.persist import read_checkpoint_config
+
+    model_section = read_checkpoint_config(init)["model"]
+    config = load_config(config_path, args.set, model=model_section)
     run = finetune_vqa if args.task == "vqa" else finetune_retrieval
     print(run(config, init, output_dir=args.output_dir, resume=args.resume))
     return 0

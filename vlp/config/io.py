@@ -190,11 +190,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None) -> Config:
+def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None,
+                model: dict[str, Any] | None = None) -> Config:
     """Load a run config from a YAML path or dict, apply ``--set`` overrides, validate keys and types.
 
     A ``model:`` value that is a string names a model preset file (relative to the config file,
-    or to ``configs/models/``).
+    or to ``configs/models/``). ``model`` replaces the model section (fine-tuning takes it from the
+    checkpoint being fine-tuned).
     """
     if isinstance(source, Config):
         data: dict[str, Any] = to_dict(source)
@@ -205,6 +207,8 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
         path = Path(source)
         data, base = _read_yaml(path), path.parent
         data.setdefault("name", path.stem)
+    if model is not None:
+        data["model"] = model
     if isinstance(data.get("model"), str):
         data["model"] = load_model_dict(data["model"], base)
     data = apply_overrides(data, overrides or [])

@@ -210,24 +210,15 @@ class OpenClipTextEncoder(TextEncoder):
         self.embed_dim = int(text.output_dim) if text.text_projection is not None else self.width
         self.vocab_size = int(text.vocab_size)
         self.bidirectional = text.attn_mask is None
-        # Only these towers give the same pooled output for any amount of right padding.
-        self.full_context = text.pool_type == "last" or (self.bidirectional and not text.use_pad_mask)
+        # These towers see the padding (open_clip's configs give bidirectional towers no pad mask, and "last"
+        # pools the final position), so they get the full context length of padding, as open_clip feeds them.
+        self.full_context = text.pool_type == "last" or self.bidirectional
 
     @property
     def embeddings(self) -> nn.Embedding:
         """The token embedding (an MLM head ties its decoder weight to it)."""
         embedding: nn.Embedding = self.text.token_embedding
         return embedding
-
-    def _attn_mask(self, key_mask: Tensor, length: int, dtype: torch.dtype) -> Tensor | None:
-        text = self.text
-        if text.attn_mask is not None:
-            return text.attn_mask[:length, :length].to(dtype)
-        if not text.use_pad_mask:
-            return None
-        # additive key-padding mask [b * heads, length, length] for nn.MultiheadAttention
-        bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill(~key_mask, float("-inf"))
-        return bias[:, None, :].expand(-1, length, -1).repeat_interleave(text.heads, dim=0)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
         from open_clip.transformer import text_global_pool
@@ -237,14 +228,15 @@ class OpenClipTextEncoder(TextEncoder):
         length = input_ids.shape[1]
         if length > text.context_length:
             raise ValueError(f"{length} tokens exceed the open_clip context length {text.context_length}")
-        ids, key_mask = input_ids, mask
+        ids = input_ids
         if self.full_context and length < text.context_length:
             ids = F.pad(input_ids, (0, text.context_length - length), value=text.pad_id)
-            key_mask = F.pad(mask, (0, text.context_length - length), value=False)
         steps = ids.shape[1]
         cast_dtype = text.transformer.get_cast_dtype()
         x = text.token_embedding(ids).to(cast_dtype) + text.positional_embedding[:steps].to(cast_dtype)
-        x = text.ln_final(text.transformer(x, attn_mask=self._attn_mask(key_mask, steps, x.dtype)))
+        # causal towers: the mask sliced to this length (positions after EOT cannot reach it)
+        causal = None if text.attn_mask is None else text.attn_mask[:steps, :steps].to(x.dtype)
+        x = text.ln_final(text.transformer(x, attn_mask=causal))
         pooled = text_global_pool(x, ids, text.pool_type, eos_token_id=text.eos_id)
         if isinstance(text.text_projection, nn.Linear):
             pooled = text.text_projection(pooled)

@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 def portable_config(model: VLPModel) -> ModelConfig:
     config: ModelConfig = model.config
     image = dataclasses.replace(config.image, weights="")
-    text = dataclasses.replace(config.text, weights="", tokenizer="checkpoint")
+    text = dataclasses.replace(config.text, weights="")  # the tokenizer is read from tokenizer/
     hf_config = getattr(model.text_encoder, "hf_config_dict", None)
     if config.text.type == "hf" and callable(hf_config):
         text = dataclasses.replace(text, name="", options=hf_config())

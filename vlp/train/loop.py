@@ -244,10 +244,15 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
         while state.step < config.train.max_steps:
             module.train()
             terms_sum: dict[str, float] = {}
-            for _ in range(config.train.grad_accum):
+            micro = 0
+            while micro < config.train.grad_accum:
                 batch = _to_device(next(data_iter), dist.device)
                 state.batches_in_epoch += 1
                 state.bad_samples += int(batch.get("bad", 0))
+                if batch["images"].shape[0] == 0:  # every sample of the batch was unreadable
+                    _check_bad_data(config, state)
+                    continue
+                micro += 1
                 out = objective.training_step(batch, scale=1.0 / config.train.grad_accum)
                 for key, value in out.terms.items():
                     terms_sum[key] = terms_sum.get(key, 0.0) + float(value) / config.train.grad_accum
