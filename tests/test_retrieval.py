@@ -388,12 +388,19 @@ def test_dual_encoder_has_no_itm_and_max_images_subsets() -> None:
     assert (small["num_images"], small["num_texts"]) == (3, 6)
 
 
-def test_bf16_encoding_runs_close_to_fp32() -> None:
+def test_bf16_encoding_is_close_to_fp32_and_returns_fp32() -> None:
+    from vlp.eval.retrieval import encode_split
+
     torch.manual_seed(3)
-    model, split = TinyFused(), make_split(6, seed=1)
-    fp32 = evaluate_retrieval(model, split, None, k_test=3, progress=False)
-    bf16 = evaluate_retrieval(model, split, None, k_test=3, precision="bf16", progress=False)
-    assert set(bf16) == set(fp32) and 0.0 <= bf16["itm"]["r_mean"] <= 100.0
+    model, split = TinyFused().eval(), make_split(6, seed=1)
+    fp32 = encode_split(model, split, None, batch_size=4, progress=False)
+    bf16 = encode_split(model, split, None, batch_size=4, precision="bf16", progress=False)
+    for full, half in ((fp32.image_emb, bf16.image_emb), (fp32.text_emb, bf16.text_emb)):
+        assert half.dtype == torch.float32
+        torch.testing.assert_close(half.norm(dim=-1), torch.ones(len(half)))
+        torch.testing.assert_close(half, full, atol=0.03, rtol=0.0)
+    result = evaluate_retrieval(model, split, None, k_test=3, precision="bf16", progress=False)
+    assert set(result["itm"]) == set(result["itc"]) and 0.0 <= result["itm"]["r_mean"] <= 100.0
 
 
 def test_bad_eval_settings_are_user_errors() -> None:

@@ -103,9 +103,9 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
     templates = list(DEFAULT_TEMPLATES)
     if model.config.text.tokenizer == "synthetic":  # prompts in the synthetic vocabulary
-        from vlp.data.synthetic import ZEROSHOT_TEMPLATES
+        from vlp.data.synthetic import COLORS, ZEROSHOT_TEMPLATES
 
-        templates = list(ZEROSHOT_TEMPLATES)
+        templates = list(ZEROSHOT_TEMPLATES["color" if set(split.classes) & set(COLORS) else "shape"])
     if args.templates:
         templates = json.loads(_file("--templates", args.templates).read_text())
     result = evaluate_zeroshot(model, split, model.image_transform(train=False), split.classes, templates,

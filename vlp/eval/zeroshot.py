@@ -99,9 +99,8 @@ def _accuracy(ranks: Tensor, k: int) -> float:
 @torch.no_grad()
 def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, classnames: Sequence[str],
                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128,
-                      precision: str = "fp32",
-                      device: str | torch.device | None = None, progress: bool = True, itm_rerank_k: int = 0,
-                      num_workers: int = 0) -> dict[str, Any]:
+                      precision: str = "fp32", device: str | torch.device | None = None, progress: bool = True,
+                      itm_rerank_k: int = 0, num_workers: int = 0) -> dict[str, Any]:
     """Top-1/top-5 zero-shot accuracy (percent) of the ITC classifier; for a fused model with
     ``itm_rerank_k`` > 0 also after re-scoring each image's top-k classes with the ITM match logit of the
     class's first prompt (re-scored classes rank first; the rest keep their ITC order).
