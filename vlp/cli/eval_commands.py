@@ -13,12 +13,12 @@ from vlp.errors import UserError
 __all__ = ["add_eval_commands", "add_finetune_commands"]
 
 
-def _checkpoint(value: str) -> Path:
+def _checkpoint(value: str, flag: str = "--checkpoint") -> Path:
     path = Path(value)
     if not path.is_dir():
-        raise UserError(f"--checkpoint: directory not found: {value}")
+        raise UserError(f"{flag}: directory not found: {value}")
     if not (path / "config.yaml").is_file():
-        raise UserError(f"--checkpoint: not a vlp checkpoint (no config.yaml): {value}")
+        raise UserError(f"{flag}: not a vlp checkpoint (no config.yaml): {value}")
     return path
 
 
@@ -57,11 +57,17 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from vlp.eval.plots import plot_recall_curve
     from vlp.eval.retrieval import evaluate_retrieval
     from vlp.models import VLPModel
+    from vlp.models.persist import read_checkpoint_config
 
     checkpoint = _checkpoint(args.checkpoint)
     split = load_retrieval_split(_file("--data", args.data), _image_root(args.image_root))
     if args.k_test <= 0:
         raise UserError(f"--k-test must be positive, got {args.k_test}")
+    fusion = read_checkpoint_config(checkpoint).get("model", {}).get("fusion") or {}
+    gallery = min(split.num_images, len(split.captions))
+    if fusion.get("type", "none") != "none" and args.k_test > gallery:  # checked before the model loads
+        raise UserError(f"--k-test {args.k_test}: larger than the gallery of {args.data} "
+                        f"({split.num_images} images, {len(split.captions)} captions)")
     model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
     result = evaluate_retrieval(model, split, model.image_transform(train=False), k_test=args.k_test,
                                 score=args.score, batch_size=args.batch_size, precision=args.precision,
@@ -120,7 +126,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from vlp.train.finetune import finetune_retrieval, finetune_vqa
 
     config_path = _file("CONFIG", args.config)
-    init = _checkpoint(args.init)
+    init = _checkpoint(args.init, "--init")
     from vlp.models.persist import read_checkpoint_config
 
     model_section = read_checkpoint_config(init)["model"]

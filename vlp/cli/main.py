@@ -32,9 +32,10 @@ def _existing_dir(value: str) -> Path:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp.config import load_config
+
+    config = load_config(_existing_file(args.config), args.set)  # config errors come before the heavy imports
     from vlp.train.loop import pretrain
 
-    config = load_config(_existing_file(args.config), args.set)
     run_dir = pretrain(config, output_dir=args.output_dir, resume=args.resume)
     print(run_dir)
     return 0
@@ -108,8 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"vlp: error: {exc}", file=sys.stderr)
-        return 2
+        # a stopped run (signal, dead data worker) carries its own exit code: 128 + signal, or 1
+        code = int(getattr(exc, "exit_code", 2))
+        print(f"vlp: {'error' if code == 2 else 'stopped'}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("vlp: interrupted", file=sys.stderr)
         return 130

@@ -170,7 +170,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Conf
                     node[part] = {**(node.get(part) or {}), ".".join(path[depth + 1 :]): value}
                     break
                 node = node.setdefault(part, {}) or {}
-                node_cls = field_type
+                node_cls = field_type  # type: ignore[assignment]
     return data
 
 

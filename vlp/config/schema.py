@@ -48,6 +48,7 @@ class ImageEncoderConfig:
     num_heads: int = doc(12, "Attention heads of the native ViT.")
     mlp_ratio: float = doc(4.0, "MLP hidden width / token width.")
     dropout: float = doc(0.0, "Dropout inside the encoder.")
+    layer_norm_eps: float = doc(1e-6, "LayerNorm epsilon of the native ViT (BLIP's Hugging Face vision tower: 1e-5).")
     mean: tuple[float, ...] = doc(CLIP_MEAN, "Per-channel normalization mean (stored with every checkpoint).")
     std: tuple[float, ...] = doc(CLIP_STD, "Per-channel normalization std.")
     options: dict[str, Any] = doc({}, "Extra keyword arguments: timm.create_model kwargs, or open_clip vision_cfg overrides.")
@@ -68,6 +69,7 @@ class TextEncoderConfig:
     dropout: float = doc(0.0, "Dropout inside the encoder.")
     causal: bool = doc(False, "Causal self-attention (CLIP text tower); MLM needs bidirectional layers.")
     pooling: str = doc("cls", "Pooled embedding: cls (first token), eos (last real token, as CLIP), mean.")
+    fusion_first_token: str = doc("", "native transformer of depth 0 only: this token replaces the first token of the text given to the fusion (BLIP's [ENC]: ITM reads an [ENC] state, ITC the [CLS] state); empty = unchanged.")
     options: dict[str, Any] = doc({}, "hf: a BertConfig dict for a random model when name is empty; open_clip: text_cfg overrides.")
 
 
@@ -79,6 +81,7 @@ class FusionConfig:
     mlp_ratio: float = doc(4.0, "MLP hidden width / token width.")
     dropout: float = doc(0.0, "Dropout inside fusion layers.")
     update_image: bool = doc(False, "dual_stream only: False = ALBEF one-way (text attends to image); True = METER co-attention.")
+    share_text_layers: bool = doc(False, "dual_stream one-way only (BLIP): the text encoder (native transformer, depth 0) runs these layers without cross-attention for its own embedding, so one BERT stack serves ITC (text only) and ITM (with the image).")
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = doc("synthetic", "Dataset registry name: synthetic, json, hf, webdataset.")
+    source: str = doc("synthetic", "Dataset registry name: synthetic, json, hf, webdataset, hf_stream (a datasets directory read in iterable mode).")
     train: str = doc("", "Training data: JSON/JSONL file, Hugging Face datasets directory, or tar shard pattern.")
     image_root: str = doc("", "Directory that image paths in the data are relative to.")
     test: str = doc("", "Held-out retrieval split (JSON/JSONL; caption may be a list); empty = the synthetic test split when source is synthetic.")
@@ -122,6 +125,7 @@ class DataConfig:
     synthetic_test_size: int = doc(1000, "Synthetic test images.")
     synthetic_seed: int = doc(0, "Seed of the synthetic generator.")
     batch_size: int = doc(64, "Batch size per process per micro-step.")
+    samples_per_epoch: int = doc(0, "Streaming sources (webdataset, hf_stream): samples in one epoch, which every process then splits into the same number of batches (samples_per_epoch // (batch_size x processes)); 0 = count them (local tar shards, dataset rows x captions).")
     num_workers: int = doc(2, "DataLoader worker processes.")
     crop_scale: tuple[float, ...] = doc((0.5, 1.0), "Random resized crop scale range for training.")
     hflip: bool = doc(False, "Random horizontal flip (off by default: captions say left/right).")
@@ -162,7 +166,8 @@ class TrainConfig:
     grad_checkpointing: bool = doc(False, "Activation checkpointing in every encoder and fusion block.")
     contrastive_chunk_size: int = doc(0, "Gradient-cache chunk size for the contrastive loss; 0 = whole batch at once.")
     max_nonfinite_steps: int = doc(5, "Stop after this many non-finite steps in a row.")
-    compile: bool = doc(False, "torch.compile the model.")
+    compile: bool = doc(False, "torch.compile every transformer block in place (encoders, fusion, momentum copy); checkpoints are unchanged.")
+    fsdp: bool = doc(False, "Multi-process: shard parameters, gradients and optimizer state with FSDP2 (fully_shard per transformer block) instead of DistributedDataParallel; for models whose training state does not fit one device.")
     progress: bool = doc(True, "Show a progress bar.")
 
 

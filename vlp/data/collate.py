@@ -17,24 +17,35 @@ TokenizerFn = Callable[..., dict[str, Tensor]]
 
 class Collator:
     """samples (dicts, or None for unreadable ones) -> {"images" [B,3,H,W], "input_ids" long [B,T],
-    "attention_mask" bool [B,T], "image_ids" long [B], "captions" list[str], "bad" int}.
+    "attention_mask" bool [B,T], "image_ids" long [B], "captions" list[str], "bad" int,
+    "bad_paths" list[str], "bad_reasons" list[str], "truncated" int}.
 
-    Captions are padded to the longest in the batch (by the tokenizer) and truncated to ``max_length``.
-    ``bad`` counts the dropped samples so the main process sees them even when workers read the data.
+    Captions are padded to the longest in the batch (by the tokenizer) and truncated to ``max_length``;
+    ``truncated`` counts the captions that lost tokens. ``bad`` counts the dropped samples so the main
+    process sees them even when workers read the data. With ``bad_source`` (the dataset, which must offer
+    ``take_bad() -> (list of (path, reason), count of bad samples that yielded nothing)``), the paths of
+    this batch's bad samples travel with it too: the collator runs in the worker that read them.
     A batch of only bad samples has B = 0.
     """
 
-    def __init__(self, tokenizer: TokenizerFn, max_length: int) -> None:
+    def __init__(self, tokenizer: TokenizerFn, max_length: int, bad_source: Any = None) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.bad_source = bad_source
 
     def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         good = [s for s in samples if s is not None]
         bad = len(samples) - len(good)
+        reported: list[tuple[str, str]] = []
+        if self.bad_source is not None:
+            reported, unyielded = self.bad_source.take_bad()
+            bad += unyielded
+        report = {"bad": bad, "bad_paths": [path for path, _ in reported],
+                  "bad_reasons": [reason for _, reason in reported]}
         if not good:
             return {"images": torch.empty(0, 3, 0, 0), "input_ids": torch.empty(0, 0, dtype=torch.long),
                     "attention_mask": torch.empty(0, 0, dtype=torch.bool),
-                    "image_ids": torch.empty(0, dtype=torch.long), "captions": [], "bad": bad}
+                    "image_ids": torch.empty(0, dtype=torch.long), "captions": [], "truncated": 0, **report}
         captions = [s["caption"] for s in good]
         tokens = self.tokenizer(captions, max_length=self.max_length)
         return {
@@ -43,8 +54,18 @@ class Collator:
             "attention_mask": tokens["attention_mask"].bool(),
             "image_ids": torch.tensor([int(s["image_id"]) for s in good], dtype=torch.long),
             "captions": captions,
-            "bad": bad,
+            "truncated": self._count_truncated(captions, tokens["attention_mask"]),
+            **report,
         }
+
+    def _count_truncated(self, captions: list[str], attention_mask: Tensor) -> int:
+        """Captions that filled ``max_length`` are re-tokenized one token longer: those that then exceed
+        it were cut. Only full-length rows are re-tokenized, so the usual batch costs nothing extra."""
+        full = (attention_mask.sum(dim=1) >= self.max_length).nonzero().flatten().tolist()
+        if not full:
+            return 0
+        longer = self.tokenizer([captions[i] for i in full], max_length=self.max_length + 1)
+        return int((longer["attention_mask"].sum(dim=1) > self.max_length).sum())
 
 
 def seed_worker(worker_id: int) -> None:

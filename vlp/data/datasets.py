@@ -90,20 +90,40 @@ def _clean_caption(caption: Any) -> str:
     return "" if caption is None else " ".join(str(caption).split())
 
 
+_MAX_PENDING_BAD = 256  # bad-sample reports held for the collator; beyond this they are only counted
+
+
 class _PairReader:
-    """Decoding, counters and warn-once bookkeeping shared by the pair datasets (per worker process)."""
+    """Decoding, counters and warn-once bookkeeping shared by the pair datasets (per worker process).
+
+    Every bad sample is also queued as (path, reason) for ``take_bad``: the ``Collator`` of the same worker
+    drains it into the batch, so the training loop in the main process can log each path once across all
+    workers and epochs and name examples when it stops; it then sets ``log_bad = False``.
+    """
 
     def __init__(self, transform: ImageTransform) -> None:
         self.transform = transform
         self.samples_read = 0
         self.bad_samples = 0
+        self.log_bad = True
         self._warned: set[str] = set()
+        self._pending: list[tuple[str, str]] = []
+        self._unyielded = 0
 
     def _bad(self, name: str, reason: str) -> None:
         self.bad_samples += 1
-        if name not in self._warned:
+        if len(self._pending) < _MAX_PENDING_BAD:
+            self._pending.append((name, reason))
+        if self.log_bad and name not in self._warned:
             self._warned.add(name)
             logger.warning("skipping sample %s: %s", name, reason)
+
+    def take_bad(self) -> tuple[list[tuple[str, str]], int]:
+        """The (path, reason) of the bad samples since the last call, and how many of them produced no
+        ``None`` sample (unreadable shard data) and so are not visible to the collator otherwise."""
+        pending, unyielded = self._pending, self._unyielded
+        self._pending, self._unyielded = [], 0
+        return pending, unyielded
 
     def _make(self, source: str | Path | bytes | None, caption: Any, image_id: int,
               name: str) -> Sample | None:
@@ -154,6 +174,8 @@ class JsonPairs(_PairReader, Dataset[Sample | None]):
         super().__init__(transform)
         path = Path(path)
         self.image_root = Path(image_root)
+        if not self.image_root.is_dir():  # otherwise every sample would be skipped as missing
+            raise UserError(f"image root directory not found: {image_root}")
         ids: dict[str, int] = {}
         self.samples: list[tuple[str, str, int]] = []
         for location, record in read_json_records(path):
@@ -267,6 +289,7 @@ class WebDatasetPairs(_PairReader, IterableDataset[Sample | None]):
 
     def _tar_error(self, err: Exception) -> bool:
         self._bad(str(getattr(err, "args", [""])[-1]), f"unreadable shard data ({type(err).__name__})")
+        self._unyielded += 1  # no None reaches the collator for this one
         return True  # keep going with the next sample / shard
 
     def _decode(self, sample: dict[str, Any]) -> Sample | None:
@@ -286,19 +309,23 @@ class WebDatasetPairs(_PairReader, IterableDataset[Sample | None]):
         return self._make(image, caption, image_id, name)
 
     def __iter__(self) -> Iterator[Sample | None]:
+        for sample in self.raw_samples(self.epoch):
+            yield self._decode(sample)
+
+    def raw_samples(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """This rank's and worker's shards as undecoded tar samples, in the order of (seed, ``epoch``)."""
         import webdataset as wds
 
         urls = list(self.urls)
         stages: list[Any] = []
         if self.shuffle_buffer > 0:
-            random.Random(self.seed + self.epoch).shuffle(urls)  # same order on every rank and worker
+            random.Random(self.seed + epoch).shuffle(urls)  # same order on every rank and worker
             worker = get_worker_info()
-            rng = random.Random(f"{self.seed}:{self.epoch}:{0 if worker is None else worker.id}")
+            rng = random.Random(f"{self.seed}:{epoch}:{0 if worker is None else worker.id}")
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
         pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
                                     wds.tarfile_to_samples(handler=self._tar_error), *stages)
-        for sample in pipeline:
-            yield self._decode(sample)
+        yield from pipeline
 
 
 def _needs_train(cfg: DataConfig) -> str:
@@ -315,17 +342,35 @@ def build_synthetic_pairs(cfg: DataConfig, transform: ImageTransform, image_size
 
 @dataset_registry.register("json")
 def build_json_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> JsonPairs:
-    return JsonPairs(_needs_train(cfg), cfg.image_root, transform)
+    if not Path(_needs_train(cfg)).is_file():
+        raise UserError(f"data.train: file not found: {cfg.train}")
+    if not Path(cfg.image_root).is_dir():
+        raise UserError(f"data.image_root: directory not found: {cfg.image_root}")
+    return JsonPairs(cfg.train, cfg.image_root, transform)
 
 
 @dataset_registry.register("hf")
 def build_hf_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> HFPairs:
-    return HFPairs(_needs_train(cfg), transform)
+    if not Path(_needs_train(cfg)).is_dir():
+        raise UserError(f"data.train: directory not found: {cfg.train}")
+    return HFPairs(cfg.train, transform)
 
 
 @dataset_registry.register("webdataset")
 def build_webdataset_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> WebDatasetPairs:
-    return WebDatasetPairs(_needs_train(cfg), transform, shuffle_buffer=1000)
+    from vlp.data.streaming import build_webdataset_stream  # equal batches per rank: see its docstring
+
+    _needs_train(cfg)
+    return build_webdataset_stream(cfg, transform)
+
+
+@dataset_registry.register("hf_stream")
+def build_hf_stream_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> IterableDataset[Any]:
+    from vlp.data.streaming import build_hf_stream
+
+    if not Path(_needs_train(cfg)).is_dir():
+        raise UserError(f"data.train: directory not found: {cfg.train}")
+    return build_hf_stream(cfg, transform)
 
 
 def build_pretrain_dataset(data_cfg: DataConfig, transform: ImageTransform,

@@ -219,9 +219,12 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
 def _from_hf_directory(path: Path) -> Tokenizer:
     from transformers import AutoTokenizer
 
-    try:
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:  # trust_remote_code=False: never import a directory's own tokenizer code (and never prompt for it)
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as error:
+        if "trust_remote_code" in str(error):
+            raise UserError(f"refused: tokenizer {path} needs its own Python code (custom code); "
+                            "vlp never runs code from model directories") from error
         raise UserError(f"cannot load a Hugging Face tokenizer from {path}: {one_line(error)}") from error
     backend = getattr(hf, "backend_tokenizer", None)
     if not isinstance(backend, RustTokenizer):

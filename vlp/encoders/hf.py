@@ -104,11 +104,16 @@ def _local_model(cfg: TextEncoderConfig) -> Any:
     if not directory.is_dir():
         raise UserError(f"text.name '{cfg.name}' is not a local model directory (vlp never downloads models)")
     try:
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True, **cfg.options)
+        # trust_remote_code=False: never import a directory's own modeling code (and never prompt for it)
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False,
+                                            **cfg.options)
         model_class = MODEL_MAPPING[type(config)]
         return AutoModel.from_pretrained(str(directory), config=config, local_files_only=True,
-                                         **_without_pooler(model_class))
+                                         trust_remote_code=False, **_without_pooler(model_class))
     except (OSError, ValueError, KeyError, TypeError) as error:
+        if "trust_remote_code" in str(error):
+            raise UserError(f"refused: {directory} needs its own Python code to load (custom code); "
+                            "vlp never runs code from model directories") from error
         raise UserError(f"cannot load a Hugging Face model from {directory}: {one_line(error)}") from error
 
 

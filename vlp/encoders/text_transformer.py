@@ -9,6 +9,11 @@ Two layouts, picked by ``causal`` so each matches the model family it stands for
 Pooling: ``cls`` = first token (not allowed with ``causal``: it would only see itself), ``eos`` = last
 real token (CLIP's end-of-text, as inputs are right-padded), ``mean`` = mean over real tokens.
 There is no projection: ``embed_dim == width``. Axis legend: b = batch, t = tokens, d = width.
+
+BLIP's text tower (depth 0): ``share_fusion_layers`` lets the encoder run a one-way fusion's layers
+without cross-attention for its pooled embedding (ITC), while ``tokens`` stay the embeddings that the
+fusion runs through the same layers with the image (ITM); ``fusion_first_token`` puts BLIP's [ENC]
+in place of [CLS] in those tokens.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ class TextTransformer(TextEncoder):
     """input_ids [b, t], attention_mask [b, t] -> tokens [b, t, width], pooled [b, width]."""
 
     def __init__(self, vocab_size: int, max_length: int, width: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False, pooling: str = "cls") -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False, pooling: str = "cls",
+                 fusion_first_token: int | None = None) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling '{pooling}' is not one of {', '.join(POOLINGS)}")
@@ -70,22 +76,42 @@ class TextTransformer(TextEncoder):
             for _ in range(depth))
         self.final_norm: nn.Module = nn.LayerNorm(width, eps=eps) if causal else nn.Identity()
         self.grad_checkpointing = False
+        self.fusion_layers: nn.ModuleList | None = None
+        self.fusion_first_token: int | None = fusion_first_token
+        if fusion_first_token is not None and depth:
+            raise ValueError("fusion_first_token needs depth 0: the tokens given to the fusion are the embeddings")
         self.apply(init_transformer_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def share_fusion_layers(self, layers: nn.ModuleList) -> None:
+        """Run ``layers`` (a one-way fusion's text layers, shared, not copied) for the pooled embedding;
+        their cross-attention is skipped without an image, as BLIP's text encoder in text-only mode."""
+        if len(self.blocks) or self.causal:
+            raise ValueError("only a bidirectional text encoder of depth 0 can share the fusion's layers")
+        self.fusion_layers = layers
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        return self.drop(self.embed_norm(self.embeddings(input_ids) + self.pos_embed[:input_ids.shape[1]]))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
         length = input_ids.shape[1]
         if length > self.max_length:
             raise ValueError(f"{length} tokens exceed the encoder's max_length {self.max_length}")
         mask = attention_mask.bool()
-        x = self.drop(self.embed_norm(self.embeddings(input_ids) + self.pos_embed[:length]))
+        x = self._embed(input_ids)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, causal=self.causal, use_reentrant=False)
             else:
                 x = block(x, mask, causal=self.causal)
         tokens = self.final_norm(x)
-        return EncoderOutput(tokens=tokens, mask=mask, pooled=pool_tokens(tokens, mask, self.pooling))
+        states = tokens
+        for layer in self.fusion_layers if self.fusion_layers is not None else ():
+            states = layer(states, mask)
+        if self.fusion_first_token is not None:
+            first = torch.full_like(input_ids[:, :1], self.fusion_first_token)
+            tokens = self.final_norm(self._embed(torch.cat([first, input_ids[:, 1:]], dim=1)))
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pool_tokens(states, mask, self.pooling))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -104,8 +130,16 @@ def build_text_transformer(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> Text
     vocab_size = cfg.vocab_size or tokenizer.vocab_size
     if vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"text.vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    first_token = None
+    if cfg.fusion_first_token:
+        if cfg.depth:
+            raise ConfigError("text.fusion_first_token needs text.depth 0 (the fusion's tokens are the embeddings)")
+        first_token = tokenizer.backend.token_to_id(cfg.fusion_first_token)
+        if first_token is None:
+            raise ConfigError(f"text.fusion_first_token '{cfg.fusion_first_token}' is not in the tokenizer's vocabulary")
     encoder = TextTransformer(vocab_size, cfg.max_length, cfg.width, cfg.depth, cfg.num_heads,
-                              mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=cfg.causal, pooling=cfg.pooling)
+                              mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=cfg.causal, pooling=cfg.pooling,
+                              fusion_first_token=first_token)
     if cfg.weights:
         from vlp.encoders.timm_encoder import load_weights, read_weights
 

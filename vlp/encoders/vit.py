@@ -33,7 +33,7 @@ class VisionTransformer(ImageEncoder):
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> None:
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD, eps: float = 1e-6) -> None:
         super().__init__()
         if image_size % patch_size != 0:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
@@ -46,9 +46,9 @@ class VisionTransformer(ImageEncoder):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, width))
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, dropout=dropout, pre_norm=True)
+            TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, dropout=dropout, pre_norm=True, eps=eps)
             for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.norm = nn.LayerNorm(width, eps=eps)
         self.grad_checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -82,7 +82,8 @@ def build_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
     if cfg.options:
         raise ConfigError(f"image.options {sorted(cfg.options)} are not used by the native vit encoder")
     encoder = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads,
-                                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, mean=cfg.mean, std=cfg.std)
+                                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, mean=cfg.mean, std=cfg.std,
+                                eps=cfg.layer_norm_eps)
     if cfg.weights:
         from vlp.encoders.timm_encoder import load_weights, read_weights
 

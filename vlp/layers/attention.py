@@ -23,12 +23,29 @@ def key_padding_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | No
     return rearrange(bias, "b m -> b 1 1 m")
 
 
+def explicit_attention_is_faster(q: Tensor, k: Tensor) -> bool:
+    """Whether matmul + softmax beats SDPA for these [b, h, n, d] queries and [b, h, m, d] keys.
+
+    Measured on CPU (benchmarks/bench_fusion.py, torch 2.14, AVX-512 Xeon): SDPA's flash kernel is slower in
+    bf16/fp16 for every fusion shape (its backward about 1.3-2x), while in fp32 it wins except for a few
+    queries against many keys (ITM re-ranking: 40 text tokens over 577 image tokens). CUDA keeps SDPA.
+    """
+    if q.device.type != "cpu":
+        return False
+    if q.dtype in (torch.bfloat16, torch.float16):
+        return True
+    return k.shape[-2] >= 8 * q.shape[-2]
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, causal: bool = False,
     dropout: float = 0.0, return_weights: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Scaled dot-product attention over [b, h, n, d]; returns (output, weights or None)."""
-    if not return_weights:
+    """Scaled dot-product attention over [b, h, n, d]; returns (output, weights or None).
+
+    SDPA by default; the explicit path when weights are asked for or when it is faster for the dtype/shape.
+    """
+    if not return_weights and not explicit_attention_is_faster(q, k):
         mask = None if key_mask is None else rearrange(key_mask.bool(), "b m -> b 1 1 m")
         if causal and mask is not None:
             n, m = q.shape[-2], k.shape[-2]
@@ -36,17 +53,36 @@ def attention(
             causal = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         return out, None
-    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * q.shape[-1] ** -0.5
-    bias = key_padding_bias(key_mask, scores.dtype)
-    if bias is not None:
-        scores = scores + bias
+    # Scaling q (n x d) instead of the scores (n x m) saves a pass over the larger tensor.
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    hidden: Tensor | None = None
+    if key_mask is not None:
+        hidden = ~rearrange(key_mask.bool(), "b m -> b 1 1 m")
     if causal:
         n, m = scores.shape[-2:]
         future = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        hidden = future if hidden is None else hidden | future
+    if hidden is not None:
+        # The matmul output is not saved for backward, so it can be masked in place.
+        scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)
     dropped = F.dropout(weights, p=dropout) if dropout > 0 else weights
-    return torch.einsum("bhnm,bhmd->bhnd", dropped, v), weights
+    return torch.matmul(dropped, v), weights if return_weights else None
+
+
+def _joint_linear(x: Tensor, layers: tuple[nn.Linear, ...]) -> Tensor:
+    """Several projections of one input as one GEMM over their concatenated weights.
+
+    The parameters stay separate (checkpoint layout unchanged); one wide GEMM is faster on CPU, and under
+    autocast the input is cast once and backward computes one input gradient instead of summing several.
+    """
+    weight = torch.cat([layer.weight for layer in layers])
+    biases = [layer.bias for layer in layers]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([layer.weight.new_zeros(layer.out_features) if b is None else b
+                          for layer, b in zip(layers, biases)])
+    return F.linear(x, weight, bias)
 
 
 class Attention(nn.Module):
@@ -70,14 +106,20 @@ class Attention(nn.Module):
 
     def key_value(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head keys and values of a context [b, m, c]; cacheable when the context is fixed."""
-        return self.split_heads(self.k(context)), self.split_heads(self.v(context))
+        keys, values = rearrange(_joint_linear(context, (self.k, self.v)), "b m (two h d) -> two b h m d",
+                                 two=2, h=self.num_heads)
+        return keys, values
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None, causal: bool = False,
         return_weights: bool = False, kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        q = self.split_heads(self.q(x))
-        k, v = kv if kv is not None else self.key_value(x if context is None else context)
+        if context is None and kv is None and self.k.in_features == self.q.in_features:
+            q, k, v = rearrange(_joint_linear(x, (self.q, self.k, self.v)), "b n (three h d) -> three b h n d",
+                                three=3, h=self.num_heads)
+        else:
+            q = self.split_heads(self.q(x))
+            k, v = kv if kv is not None else self.key_value(x if context is None else context)
         dropout = self.dropout if self.training else 0.0
         out, weights = attention(q, k, v, key_mask, causal=causal, dropout=dropout, return_weights=return_weights)
         return self.proj(rearrange(out, "b h n d -> b n (h d)")), weights

@@ -53,6 +53,18 @@ def build_temperature(config: ModelConfig) -> nn.Module:
     )
 
 
+def _share_text_layers(text_encoder: nn.Module, fusion: nn.Module | None) -> None:
+    """fusion.share_text_layers (BLIP): one BERT stack is the text tower (text only) and the fusion (with the image)."""
+    from vlp.encoders.text_transformer import TextTransformer
+    from vlp.fusion import DualStreamFusion
+
+    if (not isinstance(text_encoder, TextTransformer) or not isinstance(fusion, DualStreamFusion)
+            or fusion.update_image or len(text_encoder.blocks) or text_encoder.causal):
+        raise ConfigError("model.fusion.share_text_layers needs a bidirectional text.type 'transformer' with "
+                          "text.depth 0 and a one-way fusion (type dual_stream, update_image false)")
+    text_encoder.share_fusion_layers(fusion.text_layers)
+
+
 def build_model(config: ModelConfig, tokenizer: Any = None) -> VLPModel:
     """Build tokenizer, encoders, fusion and heads from a model config."""
     import vlp.encoders  # noqa: F401  (registers encoders)
@@ -64,6 +76,8 @@ def build_model(config: ModelConfig, tokenizer: Any = None) -> VLPModel:
         image_encoder = image_encoders.get(config.image.type)(config.image)
         text_encoder = text_encoders.get(config.text.type)(config.text, tokenizer)
         fusion = fusions.get(config.fusion.type)(config.fusion, text_encoder.width)
+        if config.fusion.share_text_layers:
+            _share_text_layers(text_encoder, fusion)
     except KeyError as exc:
         raise ConfigError(str(exc.args[0]) if exc.args else str(exc)) from None
     return VLPModel(

@@ -12,13 +12,15 @@ from typing import Any
 
 import safetensors.torch
 import yaml
+from torch import nn
 
 from vlp.config.io import from_dict, to_dict
 from vlp.config.schema import ModelConfig
+from vlp.config.validate import validate_model_config
 from vlp.errors import UserError
 from vlp.models.vlp_model import VLPModel
 
-__all__ = ["save_pretrained", "load_pretrained", "FORMAT_VERSION", "portable_config"]
+__all__ = ["save_pretrained", "load_pretrained", "FORMAT_VERSION", "portable_config", "load_weights_file"]
 
 FORMAT_VERSION = 1
 
@@ -70,19 +72,34 @@ def load_pretrained(directory: str | Path) -> VLPModel:
     root = Path(directory)
     data = read_checkpoint_config(root)
     config = from_dict(ModelConfig, data["model"], prefix="model")
+    validate_model_config(config)  # a checkpoint's config is input too: impossible values fail as one line
     tokenizer = Tokenizer.load(root / "tokenizer")
     model = build_model(config, tokenizer=tokenizer)
     weights = root / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"checkpoint has no model.safetensors: {root}")
-    try:
-        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
-    except Exception as exc:  # a truncated or corrupted file
-        raise UserError(f"{weights}: cannot read weights ({exc})") from None
-    if missing or unexpected:
-        raise UserError(
-            f"{weights}: weights do not match the config: missing {sorted(missing)[:8]}, "
-            f"unexpected {sorted(unexpected)[:8]}"
-        )
+    load_weights_file(model, weights)
     model.eval()
     return model
+
+
+def _some(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_weights_file(model: nn.Module, path: Path, device: str = "cpu") -> None:
+    """Load a safetensors file into ``model`` (tied weights stored once are fine); any mismatch with the
+    model, or an unreadable file, is one UserError line naming the tensors and shapes."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:  # truncated or not a safetensors file; the reader raises several types
+        raise UserError(f"{path}: cannot read weights ({' '.join(str(exc).split())})") from None
+    own = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    wrong = [f"{name} {shapes[name]} vs {own[name]}" for name in own if name in shapes and shapes[name] != own[name]]
+    if wrong:
+        raise UserError(f"{path}: tensor shapes do not match the config (file vs model): {_some(wrong)}")
+    missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=device)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the config: missing {_some(sorted(missing))}; "
+                        f"unexpected {_some(sorted(unexpected))}")

@@ -63,7 +63,8 @@ class VLPModel(nn.Module):
             nn.Linear(image_encoder.width, fusion_dim)
             if fusion is not None and image_encoder.width != fusion_dim else nn.Identity()
         )
-        self.itm_head = ITMHead(int(fusion.out_dim)) if fusion is not None and itm_head else None
+        out_dim = int(getattr(fusion, "out_dim", 0))
+        self.itm_head = ITMHead(out_dim) if fusion is not None and itm_head else None
         embedding = getattr(text_encoder, "embeddings", None)
         self.mlm_head = (
             MLMHead(fusion_dim, text_encoder.vocab_size, embedding if isinstance(embedding, nn.Embedding) else None)
@@ -124,7 +125,8 @@ class VLPModel(nn.Module):
     def image_context(self, image_out: EncoderOutput) -> ImageContext:
         fusion = self._require_fusion()
         tokens = self.image_to_fusion(image_out.tokens)
-        kv = fusion.image_kv(tokens) if hasattr(fusion, "image_kv") and not getattr(fusion, "update_image", True) else None
+        image_kv = getattr(fusion, "image_kv", None)
+        kv = image_kv(tokens) if callable(image_kv) and not getattr(fusion, "update_image", True) else None
         return ImageContext(tokens, image_out.mask, kv)
 
     def itm_logits_from(self, text_out: EncoderOutput, context: ImageContext, index: Tensor) -> Tensor:
@@ -147,8 +149,9 @@ class VLPModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.image_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
-        if self.fusion is not None and hasattr(self.fusion, "set_grad_checkpointing"):
-            self.fusion.set_grad_checkpointing(enable)
+        setter = getattr(self.fusion, "set_grad_checkpointing", None)
+        if callable(setter):
+            setter(enable)
 
     @classmethod
     def from_config(cls, source: str | Path | dict[str, Any] | Any) -> VLPModel:

@@ -3,6 +3,8 @@
 The objective owns the step's math: ``training_step`` runs forward and backward, and
 ``after_optimizer_step`` updates the momentum encoder and feature queue. It is an ``nn.Module`` whose
 ``forward(batch)`` computes the losses, so the trainer can wrap it in DistributedDataParallel.
+With ``chunk_size > 0`` a micro-batch larger than the chunk takes the gradient-cache step
+(``training_step_chunked``): the full-batch contrastive gradient with the activations of one chunk.
 """
 
 from __future__ import annotations
@@ -15,23 +17,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from vlp.config.schema import ObjectiveConfig
 from vlp.losses import (
     FeatureQueue,
     contrastive_loss,
     gather_no_grad,
-    gather_with_grad,
     itm_labels,
     itm_loss,
     mask_tokens,
     mlm_loss,
+    rank_and_world,
     sample_hard_negatives,
     siglip_loss,
     soft_cross_entropy,
 )
+from vlp.losses.mlm import IGNORE_INDEX
 from vlp.models.vlp_model import VLPModel
 from vlp.objectives.base import Objective
+from vlp.objectives.gradcache import (
+    RngSnapshot,
+    cat_outputs,
+    chunk_slices,
+    gather_tokens,
+    sync_gradients,
+    take_rows,
+)
 from vlp.types import EncoderOutput, LossOutput
 
 __all__ = ["PretrainObjective"]
@@ -39,26 +51,21 @@ __all__ = ["PretrainObjective"]
 MOMENTUM_PARTS = ("image_encoder", "image_proj", "text_encoder", "text_proj")
 
 
-def _gather_tokens(out: EncoderOutput) -> EncoderOutput:
-    """Gather token states (with gradient) and masks across ranks, padding to the longest sequence."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return out
-    length = torch.tensor([out.tokens.shape[1]], device=out.tokens.device)
-    longest = int(gather_no_grad(length).max())
-    pad = longest - out.tokens.shape[1]
-    tokens = F.pad(out.tokens, (0, 0, 0, pad))
-    mask = F.pad(out.mask, (0, pad), value=False)
-    return EncoderOutput(gather_with_grad(tokens), gather_no_grad(mask), gather_with_grad(out.pooled))
-
-
 class PretrainObjective(Objective):
+    """``chunk_size`` (``train.contrastive_chunk_size``): 0 = whole micro-batch at once; C > 0 = the
+    gradient-cache step for micro-batches of more than C rows (see ``training_step_chunked``)."""
+
     def __init__(self, model: VLPModel, config: ObjectiveConfig,
                  autocast: Callable[[], AbstractContextManager[Any]] | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, chunk_size: int = 0) -> None:
         super().__init__(autocast)
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")
         self.model = model
         self.config = config
         self.generator = generator
+        self.chunk_size = chunk_size
+        self._pending_enqueue: tuple[Tensor, Tensor, Tensor] | None = None
         self.use_itm = config.itm_weight > 0 and model.itm_head is not None
         self.use_mlm = config.mlm_weight > 0 and model.mlm_head is not None
         self.momentum: nn.ModuleDict | None = None
@@ -88,8 +95,13 @@ class PretrainObjective(Objective):
             self.queue.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("queue.")})
 
     # the step ----------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], scale: float = 1.0) -> LossOutput:
+        if 0 < self.chunk_size < batch["images"].shape[0]:
+            return self.training_step_chunked(batch, scale, self.chunk_size)
+        return super().training_step(batch, scale)
+
     def after_backward(self) -> None:
-        pending = getattr(self, "_pending_enqueue", None)
+        pending = self._pending_enqueue
         if self.queue is not None and pending is not None:  # ALBEF enqueues after every forward
             self.queue.enqueue(*pending)
             self._pending_enqueue = None
@@ -110,47 +122,148 @@ class PretrainObjective(Objective):
         image_ids = batch.get("image_ids")
         image_out, image_emb = model.image_features(images)
         text_out, text_emb = model.text_features(ids, mask)
-        terms: dict[str, Tensor] = {}
-        all_ids = gather_no_grad(image_ids) if image_ids is not None else None
-        terms["itc"] = self._contrastive(images, ids, mask, image_emb, text_emb, image_ids)
+        momentum = self._momentum_embeddings(images, ids, mask) if self.momentum is not None else None
+        terms: dict[str, Tensor] = {"itc": self._contrastive(image_emb, text_emb, image_ids, momentum)}
         total = cfg.itc_weight * terms["itc"]
         if self.use_itm:
-            terms["itm"] = self._matching(image_out, text_out, image_emb, text_emb, all_ids, image_ids)
+            neg_text, neg_image = self._negatives(image_emb, text_emb, image_ids)
+            text_all, image_all = gather_tokens(text_out), gather_tokens(image_out)
+            terms["itm"] = self._itm(text_out, image_out, _rows(text_all, neg_text), _rows(image_all, neg_image))
             total = total + cfg.itm_weight * terms["itm"]
         if self.use_mlm:
-            terms["mlm"] = self._mlm(ids, mask, image_out)
+            masked, labels = self._mask(ids, mask)
+            terms["mlm"] = self._mlm(masked, mask, labels, image_out)
             total = total + cfg.mlm_weight * terms["mlm"]
         terms["temperature"] = (1.0 / model.logit_scale()).detach().float()
         return LossOutput(total, terms)
 
-    def _contrastive(self, images: Tensor, ids: Tensor, mask: Tensor, image_emb: Tensor, text_emb: Tensor,
-                     image_ids: Tensor | None) -> Tensor:
+    def training_step_chunked(self, batch: dict[str, Tensor], scale: float = 1.0,
+                              chunk_size: int | None = None) -> LossOutput:
+        """The gradient-cache step (forward + backward) in chunks of ``chunk_size`` rows (default: the
+        objective's ``chunk_size``).
+
+        1. Embed every chunk under ``no_grad`` (and the momentum features), saving the RNG state first.
+        2. The contrastive loss of the whole micro-batch (gathered across ranks as usual) on the embeddings
+           as leaf tensors; its backward leaves d loss / d embedding on them and fills the temperature's
+           (and SigLIP bias's) gradient.
+        3. Per chunk, replay the RNG state, re-encode with activations, and backpropagate the cached
+           embedding gradients together with the chunk's ITM and MLM terms.
+
+        The contrastive gradient equals the full-batch gradient exactly. ITM negatives are mined from the
+        full (global) similarities as usual, but a negative that belongs to another chunk (or rank) is
+        taken from the detached step-1 states and carries no gradient; the ITM and MLM losses themselves
+        are the full-batch values (each chunk's share weighted by its rows / masked tokens).
+        With DistributedDataParallel the passes bypass its hooks and the gradients are averaged at the end.
+        """
+        model, cfg = self.model, self.config
+        images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
+        image_ids = batch.get("image_ids")
+        batch_size = images.shape[0]
+        chunks = chunk_slices(batch_size, chunk_size or self.chunk_size or batch_size)
+        snapshots: list[RngSnapshot] = []
+        image_outs: list[EncoderOutput] = []
+        text_outs: list[EncoderOutput] = []
+        embeddings: list[tuple[Tensor, Tensor]] = []
+        momentum_parts: list[tuple[Tensor, Tensor]] = []
+        with torch.no_grad(), self.autocast():
+            for rows in chunks:
+                snapshots.append(RngSnapshot(images.device))
+                image_out, image_emb = model.image_features(images[rows])
+                text_out, text_emb = model.text_features(ids[rows], mask[rows])
+                embeddings.append((image_emb, text_emb))
+                if self.use_itm:  # the states an ITM negative from another chunk is read from
+                    image_outs.append(image_out)
+                    text_outs.append(text_out)
+                if self.momentum is not None:
+                    momentum_parts.append(self._momentum_embeddings(images[rows], ids[rows], mask[rows]))
+        image_leaf = torch.cat([e[0] for e in embeddings]).requires_grad_()
+        text_leaf = torch.cat([e[1] for e in embeddings]).requires_grad_()
+        momentum = None
+        if momentum_parts:
+            momentum = (torch.cat([m[0] for m in momentum_parts]), torch.cat([m[1] for m in momentum_parts]))
+        with self.autocast():
+            itc = self._contrastive(image_leaf, text_leaf, image_ids, momentum)
+        (cfg.itc_weight * itc * scale).backward()
+        assert image_leaf.grad is not None and text_leaf.grad is not None
+        image_grad, text_grad = image_leaf.grad, text_leaf.grad
+        terms: dict[str, Tensor] = {"itc": itc.detach()}
+        total = cfg.itc_weight * terms["itc"]
+
+        if self.use_itm:
+            neg_text, neg_image = self._negatives(image_leaf.detach(), text_leaf.detach(), image_ids)
+            cached_text = gather_tokens(cat_outputs(text_outs), with_grad=False)
+            cached_image = gather_tokens(cat_outputs(image_outs), with_grad=False)
+            offset = rank_and_world()[0] * batch_size
+            terms["itm"] = torch.zeros((), device=images.device)
+        if self.use_mlm:
+            masked, labels = self._mask(ids, mask)
+            selected = max(int((labels != IGNORE_INDEX).sum()), 1)
+            terms["mlm"] = torch.zeros((), device=images.device)
+        for rows, snapshot in zip(chunks, snapshots):
+            with self.autocast():
+                with snapshot.restored():
+                    image_out, image_emb = model.image_features(images[rows])
+                    text_out, text_emb = model.text_features(ids[rows], mask[rows])
+                surrogate = (image_emb * image_grad[rows]).sum() + (text_emb * text_grad[rows]).sum()
+                if self.use_itm:
+                    start = offset + rows.start
+                    neg_text_out = take_rows(text_out, cached_text, neg_text[rows], start)
+                    neg_image_out = take_rows(image_out, cached_image, neg_image[rows], start)
+                    share = self._itm(text_out, image_out, neg_text_out, neg_image_out) * (len(image_emb) / batch_size)
+                    surrogate = surrogate + cfg.itm_weight * scale * share
+                    terms["itm"] = terms["itm"] + share.detach()
+                if self.use_mlm:
+                    chunk_labels = labels[rows]
+                    weight = int((chunk_labels != IGNORE_INDEX).sum()) / selected
+                    share = self._mlm(masked[rows], mask[rows], chunk_labels, image_out) * weight
+                    surrogate = surrogate + cfg.mlm_weight * scale * share
+                    terms["mlm"] = terms["mlm"] + share.detach()
+            if surrogate.requires_grad:  # False only when every part that makes the embeddings is frozen
+                surrogate.backward()
+        if isinstance(self.engine, DistributedDataParallel):
+            sync_gradients(self.parameters())
+        self.after_backward()
+        if self.use_itm:
+            total = total + cfg.itm_weight * terms["itm"]
+        if self.use_mlm:
+            total = total + cfg.mlm_weight * terms["mlm"]
+        terms["temperature"] = (1.0 / model.logit_scale()).detach().float()
+        return LossOutput(total, terms)
+
+    # the loss terms ----------------------------------------------------------------------------
+    def _contrastive(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None,
+                     momentum: tuple[Tensor, Tensor] | None) -> Tensor:
         model, cfg = self.model, self.config
         if model.config is not None and model.config.contrastive == "siglip":
             return siglip_loss(image_emb, text_emb, model.logit_scale(), model.temperature.logit_bias(),  # type: ignore[operator]
                                image_ids=image_ids)
-        if self.momentum is None:
+        if momentum is None:
             # captions of one image are all positives (ALBEF's retrieval fine-tuning uses the same targets)
             return contrastive_loss(image_emb, text_emb, model.logit_scale(), local_loss=cfg.local_loss,
                                     image_ids=image_ids)
-        return self._distilled_contrastive(images, ids, mask, image_emb, text_emb, image_ids)
+        return self._distilled_contrastive(image_emb, text_emb, *momentum, image_ids)
 
-    def _distilled_contrastive(self, images: Tensor, ids: Tensor, mask: Tensor, image_emb: Tensor, text_emb: Tensor,
+    @torch.no_grad()
+    def _momentum_embeddings(self, images: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.momentum is not None
+        mom = self.momentum
+        image_m = F.normalize(mom["image_proj"](mom["image_encoder"](images).pooled).float(), dim=-1)
+        text_m = F.normalize(mom["text_proj"](mom["text_encoder"](ids, mask).pooled).float(), dim=-1)
+        return image_m, text_m
+
+    def _distilled_contrastive(self, image_emb: Tensor, text_emb: Tensor, image_m: Tensor, text_m: Tensor,
                                image_ids: Tensor | None) -> Tensor:
         """ALBEF's ITC with momentum pseudo-targets over the gathered batch plus the feature queue."""
-        assert self.momentum is not None
         scale = self.model.logit_scale()
+        device, batch = image_emb.device, image_emb.shape[0]
         with torch.no_grad():
-            mom = self.momentum
-            image_m = F.normalize(mom["image_proj"](mom["image_encoder"](images).pooled).float(), dim=-1)
-            text_m = F.normalize(mom["text_proj"](mom["text_encoder"](ids, mask).pooled).float(), dim=-1)
             image_m_all, text_m_all = gather_no_grad(image_m), gather_no_grad(text_m)
-            local_ids = image_ids if image_ids is not None else torch.arange(len(images), device=images.device)
+            local_ids = image_ids if image_ids is not None else torch.arange(batch, device=device)
             ids_all = gather_no_grad(local_ids)
             if image_ids is None:  # without ids every gathered row is its own image
-                ids_all = torch.arange(len(ids_all), device=images.device)
-                rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-                local_ids = ids_all[rank * len(images):(rank + 1) * len(images)]
+                ids_all = torch.arange(len(ids_all), device=device)
+                rank = rank_and_world()[0]
+                local_ids = ids_all[rank * batch:(rank + 1) * batch]
             if self.queue is not None:
                 q_image, q_text, q_ids = self.queue.features()
                 image_bank, text_bank = torch.cat([image_m_all, q_image]), torch.cat([text_m_all, q_text])
@@ -168,40 +281,40 @@ class PretrainObjective(Objective):
             self._pending_enqueue = (image_m_all, text_m_all, ids_all)
         return (loss_i2t + loss_t2i) / 2
 
-    def _matching(self, image_out: EncoderOutput, text_out: EncoderOutput, image_emb: Tensor, text_emb: Tensor,
-                  all_ids: Tensor | None, image_ids: Tensor | None) -> Tensor:
-        """ITM over B positives and 2B negatives mined from the (global) contrastive similarities."""
-        model = self.model
-        batch = image_emb.shape[0]
-        with torch.no_grad():
-            scale = model.logit_scale()
-            image_all, text_all = gather_no_grad(image_emb), gather_no_grad(text_emb)
-            sim_i2t = image_emb @ text_all.T * scale
-            sim_t2i = text_emb @ image_all.T * scale
-            neg_text, neg_image = sample_hard_negatives(
-                sim_i2t.float(), sim_t2i.float(), image_ids=all_ids, generator=self.generator,
-                hard=self.config.hard_negatives,
-            )
-        image_glob, text_glob = _gather_tokens(image_out), _gather_tokens(text_out)
-        pair_text = _cat_tokens([text_out, _select(text_out, text_glob, None), _select(text_out, text_glob, neg_text)])
-        pair_image = _cat_tokens([image_out, _select(image_out, image_glob, neg_image), image_out])
-        logits = model.itm_scores(model.fuse(pair_text, pair_image))
-        return itm_loss(logits, itm_labels(batch, device=logits.device))
+    @torch.no_grad()
+    def _negatives(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(negative text, negative image) per row, indices into the gathered batch, drawn from the global
+        contrastive similarities."""
+        scale = self.model.logit_scale()
+        image_all, text_all = gather_no_grad(image_emb), gather_no_grad(text_emb)
+        all_ids = gather_no_grad(image_ids) if image_ids is not None else None
+        sim_i2t = image_emb @ text_all.T * scale
+        sim_t2i = text_emb @ image_all.T * scale
+        return sample_hard_negatives(sim_i2t.float(), sim_t2i.float(), image_ids=all_ids, generator=self.generator,
+                                     hard=self.config.hard_negatives)
 
-    def _mlm(self, ids: Tensor, mask: Tensor, image_out: EncoderOutput) -> Tensor:
+    def _itm(self, text_out: EncoderOutput, image_out: EncoderOutput, neg_text: EncoderOutput,
+             neg_image: EncoderOutput) -> Tensor:
+        """ITM over B positives and 2B negatives (ALBEF's row order, see vlp.losses.matching)."""
         model = self.model
-        tok = model.tokenizer
-        masked, labels = mask_tokens(ids, mask, tok.mask_id, tok.special_ids, model.text_encoder.vocab_size,
-                                     probability=self.config.mlm_probability, generator=self.generator)
-        text_out = model.text_encoder(masked, mask)
-        fused = model.fuse(text_out, image_out)
+        pair_text = _cat_tokens([text_out, text_out, neg_text])
+        pair_image = _cat_tokens([image_out, neg_image, image_out])
+        logits = model.itm_scores(model.fuse(pair_text, pair_image))
+        return itm_loss(logits, itm_labels(text_out.tokens.shape[0], device=logits.device))
+
+    def _mask(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        tok = self.model.tokenizer
+        return mask_tokens(ids, mask, tok.mask_id, tok.special_ids, self.model.text_encoder.vocab_size,
+                           probability=self.config.mlm_probability, generator=self.generator)
+
+    def _mlm(self, masked: Tensor, mask: Tensor, labels: Tensor, image_out: EncoderOutput) -> Tensor:
+        model = self.model
+        fused = model.fuse(model.text_encoder(masked, mask), image_out)
         assert model.mlm_head is not None
         return mlm_loss(model.mlm_head(fused.text).float(), labels)
 
 
-def _select(local: EncoderOutput, gathered: EncoderOutput, index: Tensor | None) -> EncoderOutput:
-    if index is None:  # the local text again, paired with a negative image
-        return local
+def _rows(gathered: EncoderOutput, index: Tensor) -> EncoderOutput:
     return EncoderOutput(gathered.tokens[index], gathered.mask[index], gathered.pooled[index])
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -161,6 +162,13 @@ def load_trainer_state(path: Path | str) -> dict[str, Any]:
         raise UserError(f"{path}: trainer state not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message suggests weights_only=False, which would run the file's code: name the culprit
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise UserError(f"{path}: not a loadable trainer state (corrupt or not a torch.save file)") from err
+        raise UserError(f"{path}: refused: it holds a pickled object ({found.group(1)}), not only tensors and plain "
+                        "values; vlp never unpickles code, so this file was not written by vlp or was altered") from err
     except Exception as err:  # pickle/zip errors have many types; the message is what matters
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a loadable trainer state ({first_line})") from err

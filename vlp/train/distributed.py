@@ -7,8 +7,13 @@ NCCL drives CUDA devices and gloo the CPU. The helpers below work the same with 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +31,21 @@ __all__ = [
     "cleanup",
     "default_block_types",
     "wrap_model",
+    "rank_seed",
+    "restore_rank_rng",
+    "resume_position",
+    "gather_objects",
+    "mean_over_ranks",
+    "fsdp_modules",
+    "unsharded",
+    "full_state_dicts",
+    "optimizer_state",
+    "load_optimizer_state",
+    "compile_blocks",
+    "parallelize",
 ]
+
+log = logging.getLogger("vlp")
 
 _REQUIRED_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -132,12 +151,23 @@ def default_block_types() -> tuple[type[nn.Module], ...]:
     return (TransformerBlock, Block, ResidualAttentionBlock, BertLayer)
 
 
+def _ddp_parameters() -> set[str]:
+    import inspect
+
+    return set(inspect.signature(DistributedDataParallel.__init__).parameters)
+
+
 def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False,
                block_types: tuple[type[nn.Module], ...] | None = None) -> nn.Module:
     """Wrap ``model`` for data-parallel training; a single process gets ``model`` back unchanged.
 
-    ``fsdp=False``: ``DistributedDataParallel`` (``find_unused_parameters=False``, static graph off). Gradients
-    are only synchronized for backward passes through the wrapper's ``forward``.
+    ``fsdp=False``: ``DistributedDataParallel`` with ``static_graph=True``: the parameters a step uses are fixed
+    by the config (an MLM head with ``mlm_weight: 0``, or the projections during VQA fine-tuning, never get a
+    gradient), so DDP records the unused ones in the first step and skips them from then on, without
+    ``find_unused_parameters``' graph walk at every step; reentrant activation checkpointing works too.
+    ``broadcast_buffers=False``: vlp's buffers are constants or the feature queue, which every rank updates
+    identically from gathered features (re-broadcasting a 65536-entry queue every forward would dominate the
+    step). Gradients are only synchronized for backward passes through the wrapper's ``forward``.
     ``fsdp=True``: FSDP2 ``fully_shard`` on every module of ``block_types`` (default
     ``default_block_types()``), innermost first, then on the root; parameters become DTensors, so build the
     optimizer after wrapping. The model must already be on ``info.device``.
@@ -148,8 +178,11 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False,
         raise UserError("wrap_model: world_size > 1 but no process group; call init_distributed() first")
     if not fsdp:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False,
-                                       static_graph=False)
+        # torch 2.14 renamed broadcast_buffers (init-time sync stays on under the new name, as we want)
+        no_buffer_sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _ddp_parameters()
+                          else {"broadcast_buffers": False})
+        return DistributedDataParallel(model, device_ids=device_ids, static_graph=True,
+                                       gradient_as_bucket_view=True, **no_buffer_sync)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -161,3 +194,186 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False,
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+# ---------------------------------------------------------------------------------------- per-rank state
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``'s RNG streams (rank 0 keeps ``seed``): ranks must draw different dropout masks,
+    MLM masks and hard negatives, while the model is built from ``seed`` on every rank."""
+    return (seed + 1_000_003 * rank) % 2**63
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (tensors and plain types, as ``torch.load(weights_only=True)`` accepts), in rank
+    order; a collective. ``[value]`` without a group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    # all_gather_object's own pickling of tensors fails to load in this torch: send torch.save bytes instead
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    payloads: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(payloads, buffer.getvalue())
+    return [torch.load(io.BytesIO(payload), weights_only=True) for payload in payloads]
+
+
+def restore_rank_rng(trainer: dict[str, Any], rank: int, world_size: int, seed: int) -> None:
+    """Restore this rank's RNG streams from a trainer state (``rng_ranks``: one state per rank, in order).
+
+    Exact when the checkpoint has as many ranks as this run; otherwise every rank is reseeded from
+    ``rank_seed(seed + step, rank)``, so the run goes on with fresh, distinct streams (dropout, masks and
+    negatives then differ from an uninterrupted run; the weights and data position do not).
+    """
+    from vlp.train.seeding import seed_everything, set_rng_state
+
+    saved = trainer.get("rng_ranks") or [trainer["rng"]]
+    if len(saved) == world_size:
+        set_rng_state(saved[rank])
+        return
+    seed_everything(rank_seed(seed + int(trainer["step"]), rank))
+    if rank == 0:
+        log.warning("checkpoint written by %d rank(s), resumed on %d: RNG streams reseeded", len(saved), world_size)
+
+
+def resume_position(trainer: dict[str, Any], world_size: int, batch_size: int) -> int:
+    """Batches per rank into the epoch where a resumed run goes on.
+
+    A checkpoint records its world size and per-rank batch size; when this run has others, the samples that
+    the epoch had consumed are divided anew. ``ResumableSampler`` deals the epoch's permutation out rank by
+    rank, so after n batches of B on W ranks exactly its first n*B*W indices are used: the position stays
+    exact when that count divides by the new batch x world (else it rounds down and some samples repeat).
+    """
+    batches = int(trainer["batches_in_epoch"])
+    saved_world, saved_batch = int(trainer.get("world_size", world_size)), int(trainer.get("batch_size", batch_size))
+    if (saved_world, saved_batch) == (world_size, batch_size):
+        return batches
+    consumed, per_batch = batches * saved_batch * saved_world, batch_size * world_size
+    if consumed % per_batch:
+        log.warning("resume: %d samples of the epoch consumed, not a multiple of %d x %d: %d are repeated",
+                    consumed, batch_size, world_size, consumed % per_batch)
+    return consumed // per_batch
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the ranks (one all-reduce; every rank must pass the same keys)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    keys = sorted(values)
+    mean = all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device))
+    return {**values, **dict(zip(keys, mean.tolist()))}
+
+
+# ---------------------------------------------------------------------------------------- FSDP2 helpers
+def fsdp_modules(root: nn.Module) -> list[nn.Module]:
+    """The modules of ``root`` that ``fully_shard`` made FSDP modules (empty without FSDP)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in root.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded(root: nn.Module) -> Iterator[None]:
+    """Full parameters on every rank inside the block, for code that calls sub-modules directly (evaluation
+    calls ``model.image_features`` etc., which FSDP's hooks on the root would never see).
+
+    Under FSDP this is a collective (every rank enters); forwards inside neither gather nor free parameters,
+    so ranks may run different numbers of them. No-op without FSDP.
+    """
+    modules = fsdp_modules(root)
+    for module in modules:
+        module.unshard()  # type: ignore[operator]
+        module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()  # type: ignore[operator]
+            # FSDP's own default: the root keeps its parameters for the backward that follows its forward
+            module.set_reshard_after_forward(module is not root, recurse=False)  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def full_state_dicts(root: nn.Module) -> Iterator[None]:
+    """Inside the block, ``state_dict()`` of ``root`` or any sub-module holds full, unsharded CPU tensors on
+    rank 0, so the checkpoint writers (``save_pretrained``, safetensors) work unchanged under FSDP.
+
+    A collective under FSDP (every rank enters; rank 0 then writes); no-op without FSDP.
+    """
+    if not fsdp_modules(root):
+        yield
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    handles = []
+    for name, module in root.named_modules():
+        own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+        if not own:
+            continue
+
+        def replace(_module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any,
+                    own: list[str] = own, path: str = f"{name}." if name else "") -> None:
+            for attr in own:
+                if prefix + attr in state and path + attr in full:
+                    state[prefix + attr] = full[path + attr]
+
+        handles.append(module.register_state_dict_post_hook(replace))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict: under FSDP the full (unsharded, CPU) state keyed by parameter name, which
+    loads on any world size (a collective: every rank calls it); otherwise ``optimizer.state_dict()``."""
+    if not fsdp_modules(root):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state: dict[str, Any] = get_optimizer_state_dict(
+        root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state
+
+
+def load_optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> bool:
+    """Load ``optimizer_state``'s output; False (nothing loaded) when it was saved with the other setting of
+    ``train.fsdp`` (names vs. indices as keys), so the caller can warn and keep fresh moments."""
+    by_name = any(isinstance(key, str) for key in state.get("state", {}))
+    if bool(fsdp_modules(root)) != by_name:
+        return False
+    if not by_name:
+        optimizer.load_state_dict(state)
+        return True
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    return True
+
+
+def parallelize(objective: nn.Module, info: DistInfo, fsdp: bool = False, compile: bool = False,
+                seed: int | None = None) -> nn.Module:
+    """What ``train.compile`` and ``train.fsdp`` ask of the module that owns the training step: compile its
+    blocks, wrap it (DDP, or FSDP2 in place) when there are several ranks, then give every rank its own RNG
+    streams (``rank_seed(seed, rank)``), now that the identically built model exists everywhere. Returns the
+    module to call for the step: the DDP wrapper, or ``objective`` itself."""
+    if compile:
+        compile_blocks(objective)
+    engine = wrap_model(objective, info, fsdp=fsdp)
+    if info.distributed and seed is not None:
+        from vlp.train.seeding import seed_everything
+
+        seed_everything(rank_seed(seed, info.rank))
+    return engine
+
+
+def compile_blocks(root: nn.Module, block_types: tuple[type[nn.Module], ...] | None = None) -> int:
+    """``torch.compile`` every transformer block of ``root`` in place (``Module.compile``: parameter names and
+    checkpoints are unchanged). Blocks rather than the whole objective: the step's gathers, sampling and
+    data-dependent shapes would break one big graph apart, while the blocks hold nearly all the FLOPs and
+    share one compiled graph per block type. Returns the number of compiled blocks."""
+    types = block_types if block_types is not None else default_block_types()
+    blocks = [module for module in root.modules() if isinstance(module, types)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)

@@ -17,7 +17,15 @@ from vlp.errors import UserError
 from vlp.models import VLPModel
 from vlp.objectives.base import Objective
 from vlp.train.distributed import DistInfo, init_distributed
-from vlp.train.loop import TrainingJob, autocast_factory, load_model_weights, prepare_model, pretrain, run_dir_for, run_training
+from vlp.train.loop import (
+    TrainingJob,
+    autocast_factory,
+    load_model_weights,
+    prepare_model,
+    pretrain,
+    run_dir_for,
+    run_training,
+)
 from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.seeding import seed_everything
 from vlp.types import LossOutput
@@ -115,7 +123,8 @@ def load_vqa_checkpoint(directory: str | Path) -> tuple[Any, Any]:
 
 def evaluate_vqa_split(vqa_model: Any, vocab: Any, questions: list[dict[str, Any]], loader: Any,
                        batch_size: int, device: str, progress: bool, precision: str = "fp32") -> tuple[list[Any], dict[str, Any]]:
-    from vlp.eval.vqa import evaluate_vqa
+    # in a process group every rank answers its share of the questions (one process: evaluate_vqa)
+    from vlp.eval.distributed import evaluate_vqa_sharded as evaluate_vqa
 
     transform = vqa_model.model.image_transform(train=False)
     return evaluate_vqa(vqa_model, questions, lambda image: transform(loader(image)), vocab, batch_size=batch_size,
@@ -150,12 +159,10 @@ def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None
         load_model_weights(vqa_model.head, directory / "vqa_head.safetensors", dist.device)
 
     def evaluate(step: int, final: bool) -> dict[str, float]:
-        if dist.rank != 0:
-            return {}
         predictions, metrics = evaluate_vqa_split(vqa_model, vocab, val_questions, val_loader,
                                                   config.eval.batch_size, str(dist.device), config.train.progress)
         vqa_model.train()
-        if final:
+        if final and dist.rank == 0:
             (run_dir / "vqa_predictions.json").write_text(json.dumps(predictions))
             (run_dir / "eval_vqa.json").write_text(json.dumps(metrics, indent=2))
         flat = {"eval/vqa/overall": float(metrics["overall"] or 0.0)}

@@ -29,14 +29,27 @@ from vlp.models import VLPModel, build_model
 from vlp.objectives import PretrainObjective
 from vlp.runtime import tune_allocator
 from vlp.train import checkpoint as ckpt
-from vlp.train.distributed import DistInfo, cleanup, init_distributed
+from vlp.train.distributed import (
+    DistInfo,
+    cleanup,
+    full_state_dicts,
+    gather_objects,
+    init_distributed,
+    load_optimizer_state,
+    mean_over_ranks,
+    optimizer_state,
+    restore_rank_rng,
+    resume_position,
+    unsharded,
+)
 from vlp.train.metrics import MetricsLogger, plot_metrics
 from vlp.train.optim import build_optimizer, scaled_lr
 from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.schedule import build_scheduler
-from vlp.train.seeding import rng_state, seed_everything, set_rng_state
+from vlp.train.seeding import rng_state, seed_everything
 
-__all__ = ["pretrain", "run_training", "TrainingJob", "autocast_factory", "run_dir_for", "load_model_weights"]
+__all__ = ["pretrain", "run_training", "TrainingJob", "autocast_factory", "run_dir_for", "load_model_weights",
+           "TrainingStopped"]
 
 log = logging.getLogger("vlp")
 
@@ -67,8 +80,17 @@ def prepare_model(config: Config, model: VLPModel) -> VLPModel:
     return model
 
 
+class TrainingStopped(UserError):
+    """The run stopped on request (SIGTERM/SIGINT) or because a data worker died; ``exit_code`` is what
+    the CLI exits with (128 + signal number, as a shell reports a killed process; 1 for a dead worker)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class TrainState:
-    """Counters that make a run resumable: optimizer steps, epoch and position inside it."""
+    """Counters that make a run resumable: optimizer steps, epoch and position inside it, data faults."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -76,7 +98,12 @@ class TrainState:
         self.batches_in_epoch = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.loss_finite = True  # the current step's loss (all ranks); a non-finite one skips the step
         self.bad_samples = 0
+        self.good_samples = 0  # samples that reached the model (bad_samples + good_samples = samples read)
+        self.truncated_captions = 0
+        self.bad_examples: list[str] = []  # a few paths for the error message
+        self.logged_bad: set[str] = set()
         self.samples_seen = 0
 
 
@@ -89,7 +116,10 @@ def build_loader(config: Config, model: VLPModel, dist: DistInfo) -> tuple[DataL
     enc = model.image_encoder
     transform = train_transform(enc.image_size, enc.mean, enc.std, crop_scale=tuple(d.crop_scale), hflip=d.hflip)
     dataset = build_pretrain_dataset(d, transform, enc.image_size)
-    collate = Collator(model.tokenizer, model.config.text.max_length)
+    reporter: Any = dataset if hasattr(dataset, "take_bad") else None
+    if reporter is not None:
+        reporter.log_bad = False  # the paths come back with the batches: the loop logs each once
+    collate = Collator(model.tokenizer, model.config.text.max_length, bad_source=reporter)
     kwargs: dict[str, Any] = dict(batch_size=d.batch_size, collate_fn=collate, num_workers=d.num_workers,
                                   pin_memory=dist.device.type == "cuda", drop_last=True,
                                   # its own generator: creating an iterator must not draw from the global RNG
@@ -113,17 +143,40 @@ def batches(loader: DataLoader[Any], dataset: Any, sampler: ResumableSampler | N
             dataset.set_epoch(state.epoch)
         if sampler is not None:
             sampler.set_epoch(state.epoch, start=skip * loader.batch_size)  # type: ignore[operator]
-        produced = False
-        for i, batch in enumerate(loader):
-            if sampler is None and i < skip:
+        elif hasattr(dataset, "skip_batches"):  # streams that skip without decoding (vlp/data/streaming.py)
+            dataset.skip_batches(skip)
+        produced = readable = False
+        for i, batch in enumerate(_worker_errors(loader, state)):
+            if sampler is None and not hasattr(dataset, "skip_batches") and i < skip:
                 continue
             produced = True
+            readable = readable or len(batch.get("images", (None,))) > 0
             yield batch
         if not produced and skip == 0:
             raise UserError("the training data produced no batch (empty data or batch_size too large)")
+        if not readable and skip == 0:  # else an all-bad dataset with max_bad_fraction 1 would loop forever
+            raise UserError(f"no readable sample in a whole epoch of the training data; examples: "
+                            f"{', '.join(state.bad_examples) or 'none recorded'}")
         state.epoch += 1
         state.batches_in_epoch = 0
         skip = 0
+
+
+def _worker_errors(loader: DataLoader[Any], state: TrainState) -> Iterator[Any]:
+    """The loader's batches; a killed worker (usually out of memory) becomes one clear line, not a traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err):
+                raise
+            raise TrainingStopped(f"a data loader worker died at step {state.step + 1} ({' '.join(str(err).split())}); "
+                                  "workers are usually killed for memory: lower data.num_workers or data.batch_size, "
+                                  "then continue with --resume", exit_code=1) from err
+        yield batch
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -154,8 +207,10 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
     seed_everything(config.train.seed)
     model = prepare_model(config, model if model is not None else build_model(config.model)).to(dist.device)
     autocast = autocast_factory(config.train.precision, dist.device)
-    objective = PretrainObjective(model, config.objective, autocast=autocast).to(dist.device)
+    objective = PretrainObjective(model, config.objective, autocast=autocast,
+                                  chunk_size=config.train.contrastive_chunk_size).to(dist.device)
     loader, dataset, sampler = build_loader(config, model, dist)
+    _check_test_gallery(config, model)
 
     def save_weights(directory: Path) -> None:
         model.save_pretrained(directory, {"run": to_dict(config)})
@@ -176,6 +231,19 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
     return run_training(config, job, run_dir, dist, resume)
 
 
+def _check_test_gallery(config: Config, model: VLPModel) -> None:
+    """eval.k_test larger than a test file's gallery fails before training, not after it."""
+    e = config.eval
+    if config.data.test and e.every >= 0 and model.has_fusion:
+        from vlp.train.eval_data import retrieval_split_for
+
+        split = retrieval_split_for(config, model.image_encoder.image_size)
+        gallery = min(split.num_images, len(split.captions), e.max_images or split.num_images)
+        if e.k_test > gallery:
+            raise UserError(f"config key 'eval.k_test' = {e.k_test}: larger than the {gallery}-image test gallery "
+                            f"of data.test {config.data.test}")
+
+
 def _final_writer(config: Config, job: TrainingJob) -> Callable[[Path], None]:
     """final/ is a plain checkpoint: LoRA adapters are merged into their base weights first (training is
     over and the last step_N checkpoint, with the adapters, is already written)."""
@@ -192,12 +260,10 @@ def _final_writer(config: Config, job: TrainingJob) -> Callable[[Path], None]:
 
 
 def load_model_weights(model: nn.Module, path: Path, device: torch.device) -> None:
-    import safetensors.torch
+    """Resume/init weights; a file that does not fit the model names the tensors (one line)."""
+    from vlp.models.persist import load_weights_file
 
-    missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=str(device))
-    if missing or unexpected:
-        raise UserError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
-                        f"unexpected {sorted(unexpected)[:5]})")
+    load_weights_file(model, path, str(device))
 
 
 def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo, resume: bool) -> Path:
@@ -213,23 +279,22 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     objective, module = job.objective, job.module
-    if dist.world_size > 1:
-        from vlp.train.distributed import wrap_model
+    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    if resume and latest is None and main:
+        log.warning("--resume: no complete checkpoint in %s, starting from scratch", ckpt_root)
+    if latest is not None:
+        job.load_weights(latest)  # before wrapping: FSDP shards the loaded weights, DDP broadcasts rank 0's
+    from vlp.train.distributed import parallelize
 
-        objective.set_engine(wrap_model(objective, dist))
+    objective.set_engine(parallelize(objective, dist, config.train.fsdp, config.train.compile, config.train.seed))
 
     effective = config.data.batch_size * config.train.grad_accum * dist.world_size
     lr = scaled_lr(config.optim.lr, config.optim.base_batch_size, effective, config.optim.lr_scaling)
     optimizer = build_optimizer(module, config.optim, lr, dist.device.type)
     scheduler = build_scheduler(optimizer, config.schedule, config.train.max_steps)
     state = TrainState()
-
-    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
-    if resume and latest is None and main:
-        log.warning("--resume: no complete checkpoint in %s, starting from scratch", ckpt_root)
     if latest is not None:
-        job.load_weights(latest)
-        _restore_trainer(latest, optimizer, scheduler, state)
+        _restore_trainer(latest, optimizer, scheduler, state, objective, dist, config)
 
     metrics = MetricsLogger(run_dir, enabled=main)
     if main and state.step == 0:
@@ -248,7 +313,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
             while micro < config.train.grad_accum:
                 batch = _to_device(next(data_iter), dist.device)
                 state.batches_in_epoch += 1
-                state.bad_samples += int(batch.get("bad", 0))
+                _note_data(batch, state)
                 if batch["images"].shape[0] == 0:  # every sample of the batch was unreadable
                     _check_bad_data(config, state)
                     continue
@@ -258,17 +323,22 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                     terms_sum[key] = terms_sum.get(key, 0.0) + float(value) / config.train.grad_accum
                 terms_sum["loss"] = terms_sum.get("loss", 0.0) + float(out.total) / config.train.grad_accum
                 window_samples += batch["images"].shape[0] * dist.world_size
+            stop_now, nonfinite_loss = _agree(dist, stop.requested, not math.isfinite(terms_sum.get("loss", 0.0)))
+            state.loss_finite = not nonfinite_loss
             if _optimizer_step(config, module, optimizer, state):
                 scheduler.step()
                 objective.after_optimizer_step()
+            elif state.nonfinite_in_row >= config.train.max_nonfinite_steps:
+                raise _nonfinite_stop(state, ckpt_root)
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.samples_seen += effective
             bar.update(1)
             if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
                 elapsed = time.perf_counter() - window_start
+                terms_sum = mean_over_ranks(terms_sum, dist.device)  # ITM/MLM terms are per-rank means
                 record = {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": window_samples / max(elapsed, 1e-9), "bad_samples": state.bad_samples,
+                          "samples_per_s": window_samples / max(elapsed, 1e-9), **_data_counts(state, dist),
                           "nonfinite_steps": state.nonfinite_total, **terms_sum}
                 metrics.log(record)
                 bar.set_postfix(loss=f"{terms_sum['loss']:.3f}", lr=f"{record['lr']:.2e}",
@@ -276,19 +346,23 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                 window_start, window_samples = time.perf_counter(), 0
             _check_bad_data(config, state)
             every = config.train.checkpoint_every
-            if stop.requested or (every and state.step % every == 0 and state.step < config.train.max_steps):
+            if stop_now or (every and state.step % every == 0 and state.step < config.train.max_steps):
                 saved = saver.save()
-                if stop.requested:
-                    raise UserError(f"interrupted by signal; checkpoint saved at {saved} (resume with --resume)")
+                if stop_now:
+                    raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} at step {state.step}; "
+                                          f"checkpoint saved at {saved} (continue with --resume)", 128 + stop.signum)
             e = config.eval.every
             if job.evaluate is not None and e > 0 and state.step % e == 0 and state.step < config.train.max_steps:
-                metrics.log({"step": state.step, **job.evaluate(state.step, False)})
+                with unsharded(objective):  # every rank evaluates its shard
+                    metrics.log({"step": state.step, **job.evaluate(state.step, False)})
                 window_start = time.perf_counter()
         saver.save()
-        if main:
-            ckpt.write_atomic(run_dir / "final", _final_writer(config, job))
+        with full_state_dicts(objective):
+            if main:
+                ckpt.write_atomic(run_dir / "final", _final_writer(config, job))
         if job.evaluate is not None and config.eval.every >= 0:
-            metrics.log({"step": state.step, **job.evaluate(state.step, True)})
+            with unsharded(objective):
+                metrics.log({"step": state.step, **job.evaluate(state.step, True)})
     finally:
         bar.close()
         stop.restore()
@@ -299,28 +373,75 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
 
 
 def _optimizer_step(config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> bool:
-    """Clip and step; a non-finite gradient skips the step (counted), N in a row stop the run."""
+    """Clip and step; a non-finite loss or gradient norm skips the step (counted; the loop stops after N in a row)."""
     params = [p for p in model.parameters() if p.grad is not None]
     clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
-    if not torch.isfinite(norm):
+    if not (state.loss_finite and torch.isfinite(norm)):
         state.nonfinite_in_row += 1
         state.nonfinite_total += 1
-        log.warning("step %d: non-finite loss or gradient, step skipped", state.step + 1)
-        if state.nonfinite_in_row >= config.train.max_nonfinite_steps:
-            raise UserError(f"{state.nonfinite_in_row} non-finite steps in a row at step {state.step + 1}; "
-                            f"the last good checkpoint is in the run's checkpoints/ directory")
+        log.warning("step %d: non-finite %s, step skipped (%d in a row)", state.step + 1,
+                    "gradient" if state.loss_finite else "loss", state.nonfinite_in_row)
         return False
     state.nonfinite_in_row = 0
     optimizer.step()
     return True
 
 
+def _nonfinite_stop(state: TrainState, ckpt_root: Path) -> UserError:
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
+    return UserError(f"{state.nonfinite_in_row} non-finite steps in a row (loss or gradient) at step {state.step + 1}; "
+                     f"{where} (lower optim.lr or raise schedule.warmup_steps, then --resume)")
+
+
+def _agree(dist: DistInfo, *flags: bool) -> list[bool]:
+    """Flags raised on any rank: a signal can reach the ranks at different steps, a loss be NaN on one only."""
+    if dist.world_size == 1:
+        return list(flags)
+    tensor = torch.tensor([float(flag) for flag in flags], device=dist.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return [bool(value) for value in tensor.tolist()]
+
+
+_MAX_LOGGED_BAD = 10_000  # distinct bad paths logged per run (memory stays bounded on huge broken datasets)
+
+
+def _note_data(batch: dict[str, Any], state: TrainState) -> None:
+    """Count the collator's reports; log each bad path once per run and keep a few for the error message."""
+    state.bad_samples += int(batch.get("bad", 0))
+    state.good_samples += len(batch["images"])
+    state.truncated_captions += int(batch.get("truncated", 0))
+    for path, reason in zip(batch.get("bad_paths", ()), batch.get("bad_reasons", ())):
+        if len(state.bad_examples) < 3 and path not in state.bad_examples:
+            state.bad_examples.append(path)
+        if path in state.logged_bad or len(state.logged_bad) >= _MAX_LOGGED_BAD:
+            continue
+        state.logged_bad.add(path)
+        log.warning("skipping sample %s: %s", path, reason)
+        if len(state.logged_bad) == _MAX_LOGGED_BAD:
+            log.warning("%d bad paths logged; further ones are only counted (bad_samples in metrics.jsonl)",
+                        _MAX_LOGGED_BAD)
+
+
+def _data_counts(state: TrainState, dist: DistInfo) -> dict[str, float]:
+    """Data-fault counts of all ranks (each reads its own shard) for metrics.jsonl."""
+    counts = [state.bad_samples, state.good_samples, state.truncated_captions]
+    if dist.world_size > 1:
+        tensor = torch.tensor(counts, dtype=torch.int64, device=dist.device)
+        torch.distributed.all_reduce(tensor)
+        counts = [int(value) for value in tensor.tolist()]
+    bad, good, truncated = counts
+    return {"bad_samples": bad, "bad_fraction": bad / max(bad + good, 1), "truncated_captions": truncated}
+
+
 def _check_bad_data(config: Config, state: TrainState) -> None:
-    read = state.samples_seen + state.bad_samples
+    """Stop when more than data.max_bad_fraction of the samples read so far were unusable (once 200 were read)."""
+    read = state.good_samples + state.bad_samples
     if read >= 200 and state.bad_samples > config.data.max_bad_fraction * read:
-        raise UserError(f"{state.bad_samples} of {read} samples were unreadable, above data.max_bad_fraction="
-                        f"{config.data.max_bad_fraction} (the paths are in the log)")
+        raise UserError(f"{state.bad_samples} of {read} samples ({state.bad_samples / read:.1%}) were unreadable, "
+                        f"above data.max_bad_fraction={config.data.max_bad_fraction}; e.g. "
+                        f"{', '.join(state.bad_examples) or '(paths not reported by this data source)'}")
 
 
 class _Saver:
@@ -333,54 +454,66 @@ class _Saver:
         """An atomic checkpoint with everything needed to resume exactly."""
         state = self.state
         target = self.root / f"step_{state.step}"
-        if self.dist.rank == 0:
-            def write(directory: Path) -> None:
-                self.job.save_weights(directory)
-                ckpt.save_trainer_state(directory / "trainer_state.pt", {
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
-                    "nonfinite_total": state.nonfinite_total, "bad_samples": state.bad_samples,
-                    "samples_seen": state.samples_seen, "rng": rng_state(),
-                })
+        # collectives first (every rank's RNG streams; FSDP's full weights and optimizer state), then rank 0 writes
+        rngs = gather_objects(rng_state())
+        with full_state_dicts(self.job.objective):
+            optimizer = optimizer_state(self.job.objective, self.optimizer)
+            if self.dist.rank == 0:
+                def write(directory: Path) -> None:
+                    self.job.save_weights(directory)
+                    ckpt.save_trainer_state(directory / "trainer_state.pt", {
+                        "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                        "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+                        "nonfinite_total": state.nonfinite_total, "bad_samples": state.bad_samples,
+                        "samples_seen": state.samples_seen, "rng": rngs[0], "rng_ranks": rngs,
+                        "world_size": self.dist.world_size, "batch_size": self.config.data.batch_size,
+                        "good_samples": state.good_samples, "truncated_captions": state.truncated_captions,
+                        "bad_examples": list(state.bad_examples),
+                    })
 
-            ckpt.write_atomic(target, write)
-            ckpt.prune_checkpoints(self.root, self.config.train.keep_last)
+                ckpt.write_atomic(target, write)
+                ckpt.prune_checkpoints(self.root, self.config.train.keep_last)
         if self.dist.world_size > 1:
             torch.distributed.barrier()
         return target
 
 
-def _restore_trainer(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+def _restore_trainer(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
+                     objective: nn.Module, dist: DistInfo, config: Config) -> None:
     trainer = ckpt.load_trainer_state(directory / "trainer_state.pt")
-    optimizer.load_state_dict(trainer["optimizer"])
+    if not load_optimizer_state(objective, optimizer, trainer["optimizer"]):
+        log.warning("%s: optimizer state was saved with the other train.fsdp setting; fresh AdamW moments", directory)
     scheduler.load_state_dict(trainer["scheduler"])
     state.step, state.epoch = int(trainer["step"]), int(trainer["epoch"])
-    state.batches_in_epoch = int(trainer["batches_in_epoch"])
+    state.batches_in_epoch = resume_position(trainer, dist.world_size, config.data.batch_size)
     state.nonfinite_total = int(trainer.get("nonfinite_total", 0))
     state.bad_samples = int(trainer.get("bad_samples", 0))
     state.samples_seen = int(trainer.get("samples_seen", 0))
-    set_rng_state(trainer["rng"])
+    state.good_samples = int(trainer.get("good_samples", state.samples_seen))
+    state.truncated_captions = int(trainer.get("truncated_captions", 0))
+    state.bad_examples = [str(path) for path in trainer.get("bad_examples", [])]
+    restore_rank_rng(trainer, dist.rank, dist.world_size, config.train.seed)
     log.info("resumed from %s at step %d", directory, state.step)
 
 
 def evaluate_run(config: Config, model: VLPModel, run_dir: Path, dist: DistInfo, final: bool) -> dict[str, float]:
     """Retrieval on the run's held-out split; flat ``eval/...`` metrics for metrics.jsonl."""
+    from vlp.eval.distributed import evaluate_retrieval_sharded
     from vlp.eval.plots import plot_recall_curve
-    from vlp.eval.retrieval import evaluate_retrieval
     from vlp.train.eval_data import retrieval_split_for
 
-    if dist.rank != 0:
-        return {}
     split = retrieval_split_for(config, model.image_encoder.image_size)
     if split is None:
         return {}
     e = config.eval
     model.eval()
-    result = evaluate_retrieval(model, split, model.image_transform(train=False), k_test=e.k_test, score=e.score,
-                                batch_size=e.batch_size, precision=e.precision, device=str(dist.device),
-                                progress=config.train.progress, max_images=e.max_images)
+    # every rank encodes and ranks its shard; all get the same result (one process: evaluate_retrieval)
+    result = evaluate_retrieval_sharded(model, split, model.image_transform(train=False), k_test=e.k_test,
+                                        score=e.score, batch_size=e.batch_size, precision=e.precision,
+                                        device=str(dist.device), progress=config.train.progress,
+                                        max_images=e.max_images)
     model.train()
-    if final:
+    if final and dist.rank == 0:
         (run_dir / "eval_retrieval.json").write_text(json.dumps(result, indent=2))
         plot_recall_curve(result, run_dir / "plots" / "recall_at_k.png")
     return {f"eval/{kind}/{name}": float(value) for kind in ("itc", "itm") if kind in result
@@ -388,10 +521,12 @@ def evaluate_run(config: Config, model: VLPModel, run_dir: Path, dist: DistInfo,
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT ask the loop to save a checkpoint and exit at the next step boundary."""
+    """SIGTERM/SIGINT ask the loop to save a checkpoint and exit at the next step boundary; a second signal
+    stops at once (KeyboardInterrupt: a checkpoint write it interrupts leaves the previous ones intact)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum = int(signal.SIGTERM)  # what another rank's stop is reported as
         self._previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -400,7 +535,12 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        log.warning("%s: saving a checkpoint after this step, then stopping (send it again to stop at once)",
+                    signal.Signals(signum).name)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

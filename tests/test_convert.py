@@ -1,0 +1,304 @@
+"""vlp convert: tiny random source models (transformers / open_clip), saved locally, converted and compared.
+
+Each source's own library is the reference: the converted vlp model must give its image and text
+embeddings and its matching scores to 1e-5 in fp32 on the same pixels and token ids, and the converted
+tokenizer its ids. Weights are perturbed after init so that outputs depend on every tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import vlp
+from vlp.cli.main import main
+from vlp.convert import convert
+from vlp.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+ATOL = 1e-5
+CAPTIONS = ["the red circle is left of a blue square", "A small green triangle.", "two shapes"]
+WIDTH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+VISION = {**WIDTH, "image_size": 16, "patch_size": 8}
+
+
+def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model.eval()
+
+
+def images(count: int = 3, size: int = 16) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def bert_tokenizer(extra: tuple[str, ...] = ()) -> Any:
+    from transformers import BertTokenizer
+
+    from vlp.data.synthetic import SYNTHETIC_WORDS
+
+    words = sorted({w.lower() for w in SYNTHETIC_WORDS} | set(string.punctuation))
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *extra])}
+    kwargs = {"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]} if extra else {}
+    return BertTokenizer(vocab=vocab, **kwargs)
+
+
+def clip_tokenizer() -> Any:
+    """A byte-level BPE in CLIP's format: characters, word-final characters, a few merges, specials last."""
+    from transformers import CLIPTokenizer
+
+    letters = string.ascii_lowercase
+    vocab = {c: i for i, c in enumerate(string.punctuation + string.digits + letters)}
+    for c in letters + string.punctuation:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = [("t", "h"), ("th", "e</w>"), ("r", "e"), ("re", "d</w>"), ("i", "s</w>")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def hf_ids(tokenizer: Any) -> dict[str, torch.Tensor]:
+    batch = tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].bool()}
+
+
+def vlp_ids(checkpoint: Path) -> dict[str, torch.Tensor]:
+    _, tokenizer, _ = vlp.load(checkpoint)
+    return dict(tokenizer(CAPTIONS, max_length=16))
+
+
+def check_report(checkpoint: Path) -> dict[str, Any]:
+    report = json.loads((checkpoint / "conversion.json").read_text())
+    assert report["unused_source_tensors"] == [] and report["uninitialized_vlp_tensors"] == []
+    assert report["tensors"] > 0
+    return report
+
+
+# sources ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path]:
+    from transformers import CLIPConfig, CLIPModel
+
+    src = tmp_path_factory.mktemp("clip") / "hf"
+    tokenizer = clip_tokenizer()
+    tokenizer.save_pretrained(src)
+    special = {"bos_token_id": len(tokenizer) - 2, "eos_token_id": len(tokenizer) - 1, "pad_token_id": len(tokenizer) - 1}
+    config = CLIPConfig(text_config={**WIDTH, "vocab_size": len(tokenizer), "max_position_embeddings": 16, **special},
+                        vision_config=VISION, projection_dim=24)
+    model = perturbed(CLIPModel(config))
+    model.save_pretrained(src)
+    (src / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5, 0.6], "image_std": [0.2] * 3}))
+    out = src.parent / "vlp"
+    convert("clip", src, out)
+    return model, src, out
+
+
+@pytest.fixture(scope="module")
+def blip_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path]:
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    src = tmp_path_factory.mktemp("blip") / "hf"
+    tokenizer = bert_tokenizer(extra=("[DEC]", "[ENC]"))
+    tokenizer.save_pretrained(src)
+    text = {**WIDTH, "vocab_size": len(tokenizer), "max_position_embeddings": 24, "pad_token_id": 0,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]"), "sep_token_id": 3}
+    model = perturbed(BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=VISION,
+                                                           image_text_hidden_size=24)))
+    model.save_pretrained(src)
+    out = src.parent / "vlp"
+    convert("blip_itm", src, out)
+    return model, src, out
+
+
+@pytest.fixture(scope="module")
+def vilt_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path]:
+    from transformers import ViltConfig, ViltForImageAndTextRetrieval
+
+    src = tmp_path_factory.mktemp("vilt") / "hf"
+    tokenizer = bert_tokenizer()
+    tokenizer.save_pretrained(src)
+    config = ViltConfig(**VISION, vocab_size=len(tokenizer), max_position_embeddings=24)
+    model = perturbed(ViltForImageAndTextRetrieval(config))
+    model.save_pretrained(src)
+    out = src.parent / "vlp"
+    convert("vilt", src, out)
+    return model, src, out
+
+
+# equivalence -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["local_dir", "file_and_json"])
+def test_open_clip_matches_open_clip(layout: str, tmp_path: Path) -> None:
+    import open_clip
+
+    # local_dir: a CLIP (QuickGELU, causal text); file_and_json: a CustomTextCLIP with a SigLIP-style text
+    # tower (bidirectional, last-token pooling, projection bias) and a logit bias.
+    text_cfg: dict[str, Any] = {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    cfg: dict[str, Any] = {"embed_dim": 24, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32,
+                                                           "layers": 2, "head_width": 16}, "text_cfg": text_cfg}
+    if layout == "local_dir":
+        cfg["quick_gelu"] = True
+        reference = perturbed(open_clip.CLIP(**cfg))
+    else:
+        text_cfg |= {"no_causal_mask": True, "pool_type": "last", "proj_bias": True, "pad_id": 0}
+        reference = perturbed(open_clip.CustomTextCLIP(**cfg, init_logit_bias=-5.0))
+    src = tmp_path / "oc"
+    src.mkdir()
+    if layout == "local_dir":
+        safetensors.torch.save_file(reference.state_dict(), str(src / "open_clip_model.safetensors"))
+        (src / "open_clip_config.json").write_text(json.dumps(
+            {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
+        report = convert("open_clip", src, tmp_path / "vlp")
+    else:
+        torch.save({"state_dict": reference.state_dict()}, src / "checkpoint.pt")
+        (src / "model.json").write_text(json.dumps(cfg))
+        report = convert("open_clip", src / "checkpoint.pt", tmp_path / "vlp", model=str(src / "model.json"))
+    assert report.unused_source == [] and report.uninitialized == [] and not report.defaulted
+    model, tokenizer, transform = vlp.load(tmp_path / "vlp")
+    reference_ids = open_clip.get_tokenizer("RN50")(CAPTIONS, context_length=12)
+    batch = tokenizer(CAPTIONS, max_length=12)
+    assert torch.equal(batch["input_ids"], reference_ids[:, : batch["input_ids"].shape[1]])
+    pixels = images()
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(pixels), reference.encode_image(pixels, normalize=True), atol=ATOL)
+        assert torch.allclose(model.encode_text(**batch), reference.encode_text(reference_ids, normalize=True),
+                              atol=ATOL)
+        assert torch.allclose(model.logit_scale(), reference.logit_scale.exp())
+        if layout == "file_and_json":
+            assert torch.allclose(model.temperature.logit_bias(), reference.logit_bias.reshape(()))
+    expected_mean = [0.5] * 3 if layout == "local_dir" else list(open_clip.constants.OPENAI_DATASET_MEAN)
+    assert list(model.image_encoder.mean) == pytest.approx(expected_mean)
+
+
+def test_clip_matches_transformers(clip_source: tuple[Any, Path, Path]) -> None:
+    reference, src, out = clip_source
+    check_report(out)
+    from transformers import AutoTokenizer
+
+    ids = hf_ids(AutoTokenizer.from_pretrained(src))
+    assert torch.equal(vlp_ids(out)["input_ids"], ids["input_ids"])
+    model, _, _ = vlp.load(out)
+    pixels = images()
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=ids["input_ids"], attention_mask=ids["attention_mask"].long())
+        image_emb, text_emb = model.encode_image(pixels), model.encode_text(**ids)
+        assert torch.allclose(image_emb, unit(expected.image_embeds), atol=ATOL)
+        assert torch.allclose(text_emb, unit(expected.text_embeds), atol=ATOL)
+        assert torch.allclose(model.logit_scale() * image_emb @ text_emb.T, expected.logits_per_image, atol=1e-4)
+    assert list(model.image_encoder.mean) == pytest.approx([0.4, 0.5, 0.6])
+    assert list(model.image_encoder.std) == pytest.approx([0.2] * 3)
+
+
+def test_blip_matches_transformers_itc_and_itm(blip_source: tuple[Any, Path, Path]) -> None:
+    reference, src, out = blip_source
+    report = check_report(out)
+    assert set(report["defaulted_vlp_tensors"]) == {"temperature.log_scale"}
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = hf_ids(hf_tokenizer)
+    assert torch.equal(vlp_ids(out)["input_ids"], ids["input_ids"])
+    model, _, _ = vlp.load(out)
+    pixels, mask = images(), ids["attention_mask"].long()
+    with torch.no_grad():
+        itc = reference(input_ids=ids["input_ids"], pixel_values=pixels, attention_mask=mask,
+                        use_itm_head=False).itm_score
+        assert torch.allclose(model.encode_image(pixels) @ model.encode_text(**ids).T, itc, atol=ATOL)
+        # BLIP's retrieval model reads [ENC] in the ITM pass; Hugging Face feeds the ids it is given.
+        enc_ids = ids["input_ids"].clone()
+        enc_ids[:, 0] = hf_tokenizer.convert_tokens_to_ids("[ENC]")
+        itm = reference(input_ids=enc_ids, pixel_values=pixels, attention_mask=mask).itm_score
+        ours = model.itm_logits(pixels, **ids)
+        assert torch.allclose(ours, itm, atol=ATOL)
+        cls_itm = reference(input_ids=ids["input_ids"], pixel_values=pixels, attention_mask=mask).itm_score
+        assert not torch.allclose(ours, cls_itm, atol=1e-3)
+    # one BERT stack: the text tower runs the fusion's own layers (shared, not copied, after loading)
+    assert model.text_encoder.fusion_layers is model.fusion.text_layers
+
+
+def test_vilt_matches_transformers_itm(vilt_source: tuple[Any, Path, Path]) -> None:
+    reference, src, out = vilt_source
+    check_report(out)
+    from transformers import AutoTokenizer
+
+    ids = hf_ids(AutoTokenizer.from_pretrained(src))
+    assert torch.equal(vlp_ids(out)["input_ids"], ids["input_ids"])
+    model, _, _ = vlp.load(out)
+    pixels = images()
+    with torch.no_grad():
+        score = reference(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"].long(), pixel_values=pixels,
+                          pixel_mask=torch.ones(3, 16, 16, dtype=torch.long)).logits[:, 0]
+        logits = model.itm_logits(pixels, **ids)
+    assert torch.allclose(logits[:, 0], torch.zeros(3)) and torch.allclose(logits[:, 1], score, atol=ATOL)
+
+
+def test_vilt_model_without_rank_head_matches_pooler(tmp_path: Path) -> None:
+    from transformers import ViltConfig, ViltModel
+
+    tokenizer = bert_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "hf")
+    reference = perturbed(ViltModel(ViltConfig(**{**VISION, "num_hidden_layers": 1}, vocab_size=len(tokenizer),
+                                               max_position_embeddings=24)))
+    reference.save_pretrained(tmp_path / "hf")
+    report = convert("vilt", tmp_path / "hf", tmp_path / "vlp")
+    assert report.uninitialized == [] and any("no ITM head" in note for note in report.notes)
+    model, _, _ = vlp.load(tmp_path / "vlp")
+    ids, pixels = hf_ids(tokenizer), images()
+    assert model.itm_head is None
+    with torch.no_grad():
+        expected = reference(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"].long(),
+                             pixel_values=pixels).pooler_output
+        fused = model.fuse(model.text_encoder(**ids), model.image_encoder(pixels))
+    assert torch.allclose(fused.pooled, expected, atol=ATOL)
+
+
+def test_siglip_matches_transformers(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import SiglipConfig, SiglipModel
+
+    # SigLIP's sentencepiece tokenizer cannot be built offline without sentencepiece: a tiny
+    # tokenizer.json with its specials (<pad> 0, </s> 1 = SigLIP's pad and end) stands in, and the same
+    # ids go to both models.
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *sorted(set(" ".join(CAPTIONS).lower().split()))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    src = tmp_path / "hf"
+    src.mkdir()
+    backend.save(str(src / "tokenizer.json"))
+    config = SiglipConfig(text_config={**WIDTH, "vocab_size": len(vocab), "max_position_embeddings": 16},
+                          vision_config=VISION)
+    reference = perturbed(SiglipModel(config))
+    reference.save_pretrained(src)
+    report = convert("siglip", src, tmp_path / "vlp")
+    assert report.unused_source == [] and report.uninitialized == [] and not report.defaulted
+    model, tokenizer, _ = vlp.load(tmp_path / "vlp")
+    batch = tokenizer(CAPTIONS, max_length=16)
+    assert tokenizer.pad_id == 1  # the model's pad_token_id: SigLIP pads every caption to its full length
+    full = torch.nn.functional.pad(batch["input_ids"], (0, 16 - batch["input_ids"].shape[1]), value=1)
+    pixels = images()
+    with torch.no_grad():
+        expected = reference(input_ids=full, pixel_values=pixels)
+        image_emb, text_emb = model.encode_image(pixels), model.encode_text(**batch)
+        assert torch.allclose(image_emb, unit(expected.image_embeds), atol=ATOL)
+        assert torch.allclose(text_emb, unit(expected.text_embeds), atol=ATOL)
+        logits = text_emb @ image_emb.T * model.logit_scale() + model.temperature.logit_bias()
+        assert torch.allclose(logits, expected.logits_per_text, atol=1e-4)

@@ -1,0 +1,291 @@
+"""What every source converter shares: reading a local checkpoint, the tensor mapper that records which
+source tensor became which vlp tensor, the conversion plan and its report.
+
+A converter reads a source into a ``Plan`` (a vlp model config, the source's tokenizer, the source tensors
+and a function that maps them onto the built model with a ``StateMapper``). ``StateMapper.finish`` checks
+the result strictly: a source tensor that is missing, left unused or of the wrong shape, a vlp tensor left
+uninitialized, or a non-finite value fails the conversion with one line naming the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlp.config.schema import ModelConfig
+from vlp.data.tokenizers import Tokenizer
+from vlp.errors import UserError
+
+__all__ = ["ConversionReport", "Plan", "StateMapper", "read_hf_directory", "read_tensor_file", "read_json",
+           "hf_preprocessing", "mlp_ratio", "temperature_fields", "one_line", "some"]
+
+# Buffers that older transformers versions saved although they are derived, never learned.
+DERIVED_BUFFERS = (".position_ids", ".token_type_ids", "attn_mask")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def some(names: Iterable[str], limit: int = 6) -> str:
+    names = list(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+@dataclass
+class ConversionReport:
+    """The outcome of one conversion, also written as ``conversion.json`` beside the checkpoint.
+
+    ``links`` pairs each vlp tensor with the source tensors it was made from; ``unused_source`` and
+    ``uninitialized`` are empty after a successful conversion (anything else fails it); ``ignored`` lists
+    derived buffers an old checkpoint carried; ``defaulted`` names the vlp tensors the source has no
+    counterpart for, with the reason (e.g. a temperature that ViLT never had).
+    """
+
+    source_type: str
+    source: str
+    output: str
+    links: dict[str, list[str]] = field(default_factory=dict)
+    unused_source: list[str] = field(default_factory=list)
+    uninitialized: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    defaulted: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def patterns(self) -> list[tuple[str, str]]:
+        """(source pattern, vlp pattern) rows, layer indices written as ``{i}`` (the table docs/convert.md shows)."""
+        rows: dict[tuple[str, str], None] = {}
+        for target, sources in self.links.items():
+            rows[(_joined([_pattern(s) for s in sources]), _pattern(target))] = None
+        return list(rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source_type": self.source_type, "source": self.source, "output": self.output,
+                "tensors": len(self.links), "unused_source_tensors": self.unused_source,
+                "uninitialized_vlp_tensors": self.uninitialized, "ignored_source_buffers": self.ignored,
+                "defaulted_vlp_tensors": self.defaulted, "notes": self.notes,
+                "mapping": [list(row) for row in self.patterns()]}
+
+    def summary(self) -> str:
+        lines = [f"converted {self.source_type} {self.source} -> {self.output}: {len(self.links)} vlp tensors "
+                 f"from the source; unused source tensors: {len(self.unused_source)}; "
+                 f"uninitialized vlp tensors: {len(self.uninitialized)}"]
+        lines += [f"  kept at its config value: {name} ({why})" for name, why in self.defaulted.items()]
+        if self.ignored:
+            lines.append(f"  ignored derived buffers: {some(self.ignored)}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".{i}.", name)
+
+
+def _joined(names: list[str]) -> str:
+    """Several source names as one: ``a.q_proj.w``, ``a.k_proj.w`` -> ``a.{q,k}_proj.w``."""
+    if len(names) == 1:
+        return names[0]
+    prefix = os.path.commonprefix(names)
+    suffix = os.path.commonprefix([n[len(prefix):][::-1] for n in names])[::-1]
+    middles = [n[len(prefix): len(n) - len(suffix)] for n in names]
+    return f"{prefix}{{{','.join(middles)}}}{suffix}"
+
+
+@dataclass
+class Plan:
+    """A converter's result: the model config to build, its tokenizer, the source tensors, and ``fill``,
+    which maps the tensors onto the built model's state-dict names."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    tensors: dict[str, Tensor]
+    fill: Callable[[StateMapper], None]
+    notes: list[str] = field(default_factory=list)
+    defaulted: dict[str, str] = field(default_factory=dict)
+
+
+class StateMapper:
+    """Builds a vlp state dict from source tensors, recording every use; ``finish`` checks it strictly."""
+
+    def __init__(self, source: dict[str, Tensor], target: dict[str, Tensor], origin: str) -> None:
+        self.source, self.target, self.origin = source, target, origin
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.values: dict[str, Tensor] = {}
+        self.links: dict[str, list[str]] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.source
+
+    def take(self, name: str) -> Tensor:
+        """A source tensor, marked used; a missing one is recorded (the conversion then fails) and a
+        zero-size stand-in returned so the mapping can go on and name every problem at once."""
+        if name not in self.source:
+            self.missing.append(name)
+            return torch.empty(0)
+        self.used.add(name)
+        return self.source[name]
+
+    def put(self, target: str, value: Tensor, sources: list[str]) -> None:
+        self.values[target] = value
+        self.links[target] = sources
+
+    def copy(self, source: str, target: str, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        value = self.take(source)
+        self.put(target, transform(value) if transform is not None and value.numel() else value, [source])
+
+    def copy_linear(self, source: str, target: str) -> None:
+        """A Linear/LayerNorm/Conv module: ``.weight`` and ``.bias``."""
+        for suffix in ("weight", "bias"):
+            self.copy(f"{source}.{suffix}", f"{target}.{suffix}")
+
+    def concat(self, sources: list[str], target: str) -> None:
+        """Separate q/k/v projections -> one fused in_proj/qkv tensor (rows in the given order)."""
+        values = [self.take(s) for s in sources]
+        fused = torch.cat(values, dim=0) if all(v.numel() for v in values) else torch.empty(0)
+        self.put(target, fused, sources)
+
+    def split(self, source: str, targets: list[str], sizes: list[int]) -> None:
+        """One fused tensor -> consecutive row blocks of ``sizes`` (a fused qkv -> q, k, v)."""
+        value = self.take(source)
+        if value.numel() and value.shape[0] != sum(sizes):
+            self.missing.append(f"{source} (has {value.shape[0]} rows, expected {sum(sizes)})")
+            return
+        parts = torch.split(value, sizes, dim=0) if value.numel() else [torch.empty(0)] * len(targets)
+        for target, part in zip(targets, parts):
+            self.put(target, part, [source])
+
+    def finish(self, defaulted: dict[str, str]) -> tuple[dict[str, Tensor], ConversionReport]:
+        """The full state dict for the model and a report; any problem is one UserError line."""
+        shared = _shared_names(self.target)
+        for name in list(self.values):  # a tensor shared by two modules (BLIP's text layers) is set once
+            for alias in shared.get(name, ()):
+                self.values.setdefault(alias, self.values[name])
+        ignored = sorted(k for k in self.source if k not in self.used and k.endswith(DERIVED_BUFFERS))
+        unused = sorted(k for k in self.source if k not in self.used and k not in ignored)
+        uninitialized = sorted(k for k in self.target if k not in self.values and k not in defaulted)
+        unknown = sorted(k for k in self.values if k not in self.target)
+        wrong = [f"{k} {list(v.shape)} vs {list(self.target[k].shape)}" for k, v in self.values.items()
+                 if k in self.target and v.numel() and v.shape != self.target[k].shape]
+        bad = sorted({s for k, v in self.values.items() if v.is_floating_point() and v.numel()
+                      and not bool(torch.isfinite(v).all()) for s in self.links.get(k, [k])})
+        problems = [f"{label}: {some(names)}" for label, names in (
+            ("missing source tensors", self.missing), ("unused source tensors", unused),
+            ("wrong shape (source vs vlp)", wrong), ("vlp tensors left uninitialized", uninitialized),
+            ("non-finite values in", bad), ("unknown vlp tensors", unknown)) if names]
+        if problems:
+            raise UserError(f"{self.origin}: cannot convert: " + "; ".join(problems))
+        state = {k: v.to(self.target[k].dtype).contiguous() for k, v in self.values.items()}
+        for name in defaulted:
+            state[name] = self.target[name]
+        report = ConversionReport("", self.origin, "", links={k: v for k, v in self.links.items()},
+                                  ignored=ignored, defaulted=dict(defaulted))
+        return state, report
+
+
+def _shared_names(state: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Names whose tensors share storage (tied or shared modules): name -> its aliases."""
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, value in state.items():
+        if value.numel():
+            groups.setdefault((value.data_ptr(), tuple(value.shape)), []).append(name)
+    return {name: [n for n in names if n != name] for names in groups.values() if len(names) > 1 for name in names}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {one_line(error)}") from error
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return data
+
+
+def read_tensor_file(path: Path) -> dict[str, Tensor]:
+    """All tensors of one .safetensors / .bin / .pt file (training-checkpoint wrappers unwrapped)."""
+    from vlp.encoders.timm_encoder import read_weights
+
+    return read_weights(str(path))
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for name in HF_WEIGHT_FILES:
+        if (directory / name).is_file():
+            return [directory / name]
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            if not shards:
+                raise UserError(f"{index} lists no weight files")
+            return [directory / shard for shard in shards]
+    raise UserError(f"{directory} has no weights ({' or '.join(HF_WEIGHT_FILES)}, or a sharded index)")
+
+
+def read_hf_directory(directory: Path, config_class: Any, model_types: tuple[str, ...],
+                      expected: str) -> tuple[Any, dict[str, Tensor]]:
+    """A local Hugging Face model directory: (its config as ``config_class``, all its tensors)."""
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a local Hugging Face model directory (vlp never downloads)")
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} has no config.json: not a Hugging Face model directory")
+    model_type = read_json(directory / "config.json").get("model_type")
+    if model_type not in model_types:
+        raise UserError(f"{directory / 'config.json'}: model_type '{model_type}' is not {expected}")
+    try:
+        config = config_class.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"cannot read {directory / 'config.json'}: {one_line(error)}") from error
+    tensors: dict[str, Tensor] = {}
+    for path in _weight_files(directory):
+        tensors.update(read_tensor_file(path))
+    return config, tensors
+
+
+def hf_preprocessing(directory: Path, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                     notes: list[str]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std from ``preprocessor_config.json``; the architecture's usual values (noted) if absent.
+
+    vlp's eval transform resizes the shorter side to ``image_size`` and center-crops, as CLIP's processor;
+    BLIP's and SigLIP's processors resize to the square directly, ViLT's keeps the aspect ratio (up to 640 px).
+    """
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        notes.append(f"no preprocessor_config.json: image mean/std are the architecture's usual {list(mean)}/"
+                     f"{list(std)}, size {image_size}")
+        return mean, std
+    data = read_json(path)
+    try:
+        mean = tuple(float(v) for v in data.get("image_mean", mean))
+        std = tuple(float(v) for v in data.get("image_std", std))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{path}: image_mean/image_std are not lists of numbers") from error
+    if len(mean) != 3 or len(std) != 3:
+        raise UserError(f"{path}: image_mean and image_std need 3 values each")
+    return mean, std
+
+
+def mlp_ratio(width: int, hidden: int) -> float:
+    """A ratio r with ``int(width * r) == hidden``, as every vlp/open_clip/timm block computes its MLP width."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def temperature_fields(logit_scale: float, siglip: bool) -> dict[str, float]:
+    """ModelConfig temperature keys for a learned log logit scale; the clamp bounds widen to admit it."""
+    import math
+
+    temperature = math.exp(-logit_scale)
+    low, high = (0.001, 100.0) if siglip else (0.01, 100.0)
+    return {"temperature": temperature, "temperature_min": min(low, temperature),
+            "temperature_max": max(high, temperature)}

@@ -1,0 +1,125 @@
+"""Pieces of the gradient-cache step (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size
+under Memory Limited Setup") that ``PretrainObjective.training_step_chunked`` composes.
+
+The contrastive loss couples every sample of the batch, but its gradient only reaches the encoders
+through the embeddings. So the step (1) embeds the batch chunk by chunk without keeping activations,
+(2) computes the loss on the whole batch with the embeddings as leaf tensors and backpropagates it to
+them (and to the temperature/bias), then (3) re-encodes each chunk with activations and backpropagates
+the cached embedding gradients. Dropout must draw the same masks in (1) and (3): ``RngSnapshot`` saves
+the generator states before a chunk's first encoding and replays them for the second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlp.losses import gather_no_grad, gather_with_grad, rank_and_world
+from vlp.types import EncoderOutput
+
+__all__ = ["RngSnapshot", "chunk_slices", "gather_tokens", "take_rows", "cat_outputs", "sync_gradients"]
+
+
+class RngSnapshot:
+    """The CPU generator state (and the CUDA one of ``device``) at construction; ``restored()`` runs a block
+    from that state inside ``torch.random.fork_rng``, so the draws repeat and the outer stream is untouched."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def chunk_slices(total: int, size: int) -> list[slice]:
+    """Consecutive row ranges of at most ``size`` rows covering ``range(total)``."""
+    if size <= 0:
+        raise ValueError(f"chunk size must be positive, got {size}")
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def gather_tokens(out: EncoderOutput, with_grad: bool = True) -> EncoderOutput:
+    """Every rank's token states and masks (rank 0's rows first), padded to the longest sequence.
+
+    Identity outside a process group. ``with_grad=False`` gathers detached copies (the cached pass-1
+    states of the gradient-cache step)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return out if with_grad else EncoderOutput(out.tokens.detach(), out.mask, out.pooled.detach())
+    gather = gather_with_grad if with_grad else gather_no_grad
+    length = torch.tensor([out.tokens.shape[1]], device=out.tokens.device)
+    pad = int(gather_no_grad(length).max()) - out.tokens.shape[1]
+    tokens = F.pad(out.tokens, (0, 0, 0, pad))
+    mask = F.pad(out.mask, (0, pad), value=False)
+    return EncoderOutput(gather(tokens), gather_no_grad(mask), gather(out.pooled))
+
+
+def cat_outputs(parts: list[EncoderOutput]) -> EncoderOutput:
+    """Row-wise concatenation of encoder outputs of equal sequence length (the chunks of one batch)."""
+    return EncoderOutput(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]),
+                         torch.cat([p.pooled for p in parts]))
+
+
+def take_rows(live: EncoderOutput, cached: EncoderOutput, index: Tensor, start: int) -> EncoderOutput:
+    """Rows ``index`` of the gathered batch: from ``live`` (this chunk, re-encoded with gradient) where the
+    row belongs to the chunk (``start <= index < start + len(live)``), else from ``cached`` (the detached
+    pass-1 states of the whole gathered batch, whose sequence length is at least the chunk's).
+
+    An ITM negative drawn from another chunk therefore carries no gradient; one from the same chunk does,
+    so with a single chunk this equals the unchunked objective."""
+    rows, length = live.tokens.shape[0], cached.tokens.shape[1]
+    local = index - start
+    inside = (local >= 0) & (local < rows)
+    pick = local.clamp(0, rows - 1)
+    pad = length - live.tokens.shape[1]
+    live_tokens = F.pad(live.tokens, (0, 0, 0, pad))[pick]
+    live_mask = F.pad(live.mask, (0, pad), value=False)[pick]
+    tokens = torch.where(inside[:, None, None], live_tokens, cached.tokens[index].to(live_tokens.dtype))
+    mask = torch.where(inside[:, None], live_mask, cached.mask[index])
+    pooled = torch.where(inside[:, None], live.pooled[pick], cached.pooled[index].to(live.pooled.dtype))
+    return EncoderOutput(tokens, mask, pooled)
+
+
+@torch.no_grad()
+def sync_gradients(parameters: Iterable[nn.Parameter], bucket_elements: int = 1 << 24) -> None:
+    """Average every ``.grad`` over the ranks of the default process group, in flat buckets.
+
+    The gradient-cache step runs several backward passes outside DistributedDataParallel's ``forward``,
+    so DDP's hooks stay idle and this does their work once at the end of the micro-batch. Gradients of
+    earlier micro-batches are already equal on all ranks, and averaging leaves them unchanged. Every rank
+    runs the same code path, so the same parameters hold a gradient everywhere. No-op when alone."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_type: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for grad in grads:
+        by_type.setdefault((grad.dtype, grad.device), []).append(grad)
+    for group in by_type.values():
+        buckets: list[list[Tensor]] = [[]]
+        filled = 0
+        for grad in group:
+            if filled >= bucket_elements:
+                buckets.append([])
+                filled = 0
+            buckets[-1].append(grad)
+            filled += grad.numel()
+        for bucket in buckets:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)  # SUM: gloo has no AVG
+            flat /= world
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
