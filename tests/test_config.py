@@ -86,3 +86,8 @@ def test_no_code_is_evaluated(tmp_path: Path) -> None:
     path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_override_creates_a_section_missing_from_the_yaml() -> None:
+    config = load_config(ROOT / "configs/pretrain/demo_tiny.yaml", ["objective.mlm_weight=1.0"])
+    assert config.objective.mlm_weight == 1.0

@@ -26,11 +26,11 @@ from vlp.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 CAPTIONS = ["the red circle is left of a blue square", "A small green triangle.", "two shapes"]
-WIDTH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-VISION = {**WIDTH, "image_size": 16, "patch_size": 8}
+WIDTH: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+VISION: dict[str, Any] = {**WIDTH, "image_size": 16, "patch_size": 8}
 
 
-def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
+def perturbed(model: nn.Module, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -53,7 +53,7 @@ def bert_tokenizer(extra: tuple[str, ...] = ()) -> Any:
 
     words = sorted({w.lower() for w in SYNTHETIC_WORDS} | set(string.punctuation))
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *extra])}
-    kwargs = {"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]} if extra else {}
+    kwargs: dict[str, Any] = {"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]} if extra else {}
     return BertTokenizer(vocab=vocab, **kwargs)
 
 
@@ -69,7 +69,8 @@ def clip_tokenizer() -> Any:
     for left, right in merges:
         vocab[left + right] = len(vocab)
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    merge_pairs: Any = merges  # tokenizers takes (left, right) pairs; the stub says strings
+    return CLIPTokenizer(vocab=vocab, merges=merge_pairs)
 
 
 def hf_ids(tokenizer: Any) -> dict[str, torch.Tensor]:
@@ -79,7 +80,7 @@ def hf_ids(tokenizer: Any) -> dict[str, torch.Tensor]:
 
 def vlp_ids(checkpoint: Path) -> dict[str, torch.Tensor]:
     _, tokenizer, _ = vlp.load(checkpoint)
-    return dict(tokenizer(CAPTIONS, max_length=16))
+    return dict(tokenizer(CAPTIONS, max_length=48))
 
 
 def check_report(checkpoint: Path) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def clip_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Pa
     tokenizer = clip_tokenizer()
     tokenizer.save_pretrained(src)
     special = {"bos_token_id": len(tokenizer) - 2, "eos_token_id": len(tokenizer) - 1, "pad_token_id": len(tokenizer) - 1}
-    config = CLIPConfig(text_config={**WIDTH, "vocab_size": len(tokenizer), "max_position_embeddings": 16, **special},
+    config = CLIPConfig(text_config={**WIDTH, "vocab_size": len(tokenizer), "max_position_embeddings": 48, **special},
                         vision_config=VISION, projection_dim=24)
     model = perturbed(CLIPModel(config))
     model.save_pretrained(src)
@@ -119,7 +120,9 @@ def blip_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Pa
     tokenizer.save_pretrained(src)
     text = {**WIDTH, "vocab_size": len(tokenizer), "max_position_embeddings": 24, "pad_token_id": 0,
             "bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]"), "sep_token_id": 3}
-    model = perturbed(BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=VISION,
+    # vision wider than text, as BLIP large (1024 and 768): the cross-attention reads 48-wide image tokens
+    vision = {**VISION, "hidden_size": 48, "intermediate_size": 96}
+    model = perturbed(BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision,
                                                            image_text_hidden_size=24)))
     model.save_pretrained(src)
     out = src.parent / "vlp"
@@ -224,7 +227,7 @@ def test_blip_matches_transformers_itc_and_itm(blip_source: tuple[Any, Path, Pat
         assert torch.allclose(model.encode_image(pixels) @ model.encode_text(**ids).T, itc, atol=ATOL)
         # BLIP's retrieval model reads [ENC] in the ITM pass; Hugging Face feeds the ids it is given.
         enc_ids = ids["input_ids"].clone()
-        enc_ids[:, 0] = hf_tokenizer.convert_tokens_to_ids("[ENC]")
+        enc_ids[:, 0] = hf_tokenizer.get_vocab()["[ENC]"]
         itm = reference(input_ids=enc_ids, pixel_values=pixels, attention_mask=mask).itm_score
         ours = model.itm_logits(pixels, **ids)
         assert torch.allclose(ours, itm, atol=ATOL)
@@ -232,6 +235,7 @@ def test_blip_matches_transformers_itc_and_itm(blip_source: tuple[Any, Path, Pat
         assert not torch.allclose(ours, cls_itm, atol=1e-3)
     # one BERT stack: the text tower runs the fusion's own layers (shared, not copied, after loading)
     assert model.text_encoder.fusion_layers is model.fusion.text_layers
+    assert isinstance(model.image_to_fusion, nn.Identity) and model.fusion.image_dim == 48
 
 
 def test_vilt_matches_transformers_itm(vilt_source: tuple[Any, Path, Path]) -> None:
@@ -302,3 +306,148 @@ def test_siglip_matches_transformers(tmp_path: Path) -> None:
         assert torch.allclose(text_emb, unit(expected.text_embeds), atol=ATOL)
         logits = text_emb @ image_emb.T * model.logit_scale() + model.temperature.logit_bias()
         assert torch.allclose(logits, expected.logits_per_text, atol=1e-4)
+
+
+# the documented mapping -------------------------------------------------------------------------------
+
+
+def _module(name: str) -> str:
+    return re.sub(r"(\.|(?<=in_proj)_)(weight|bias)$", "", name)
+
+
+def _documented_rows() -> list[tuple[str, str]]:
+    """(source, vlp) rows of docs/convert.md's tables; ``{a,b}`` on the vlp side expands into rows."""
+    rows = []
+    for line in (ROOT / "docs" / "convert.md").read_text().splitlines():
+        cells = [re.findall(r"`([^`]+)`", cell) for cell in line.split("|")[1:-1]]
+        if len(cells) != 2 or not cells[0] or not cells[1]:
+            continue
+        source, target = cells[0][0], cells[1][0]
+        match = re.search(r"\{([a-z]+(?:,[a-z]+)+)\}", target)
+        options = match.group(1).split(",") if match else [None]
+        rows += [(source, target if o is None or match is None else target.replace(match.group(0), o))
+                 for o in options]
+    return rows
+
+
+def assert_documented(patterns: list[list[str]] | list[tuple[str, str]]) -> None:
+    rows = _documented_rows()
+
+    def covered(source: str, target: str) -> bool:
+        for doc_source, doc_target in rows:
+            if doc_source.endswith("*") and doc_target.endswith("*"):
+                head = doc_source[:-1]
+                if source.startswith(head) and target == doc_target[:-1] + source[len(head):]:
+                    return True
+            elif (doc_source, doc_target) == (source, target):
+                return True
+        return False
+
+    missing = [f"{s} -> {t}" for s, t in ((_module(s), _module(t)) for s, t in patterns) if not covered(s, t)]
+    assert not missing, f"not in docs/convert.md: {missing}"
+
+
+def test_docs_list_every_mapping_used(clip_source: tuple[Any, Path, Path], blip_source: tuple[Any, Path, Path],
+                                      vilt_source: tuple[Any, Path, Path]) -> None:
+    for _, _, out in (clip_source, blip_source, vilt_source):
+        assert_documented(json.loads((out / "conversion.json").read_text())["mapping"])
+
+
+# failures ---------------------------------------------------------------------------------------------
+
+
+def _copy_source(src: Path, dst: Path, edit: Any) -> Path:
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.name != "model.safetensors":
+            (dst / path.name).write_bytes(path.read_bytes())
+    tensors = safetensors.torch.load_file(str(src / "model.safetensors"))
+    edit(tensors)
+    safetensors.torch.save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_mismatched_checkpoint_fails_naming_the_tensors(clip_source: tuple[Any, Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    _, src, _ = clip_source
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors["text_projection.weight"]
+        tensors["extra.weight"] = torch.zeros(3)
+        tensors["vision_model.post_layernorm.weight"] = torch.ones(31)
+
+    bad = _copy_source(src, tmp_path / "bad", edit)
+    with pytest.raises(UserError) as error:
+        convert("clip", bad, tmp_path / "out")
+    message = str(error.value)
+    assert "\n" not in message
+    for name in ("missing source tensors: text_projection.weight", "unused source tensors: extra.weight",
+                 "image_encoder.visual.ln_post.weight [31] vs [32]"):
+        assert name in message
+    assert not (tmp_path / "out").exists()
+    code = main(["convert", "--from", "clip", str(bad), "--out", str(tmp_path / "cli")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "extra.weight" in err
+
+
+def test_corrupt_or_wrong_checkpoints_fail_in_one_line(clip_source: tuple[Any, Path, Path], tmp_path: Path) -> None:
+    _, src, _ = clip_source
+    for name in ("logit_scale", "vision_model.post_layernorm.weight"):
+        nan = _copy_source(src, tmp_path / name, lambda t, n=name: t[n].view(-1)[0].fill_(float("nan")))
+        with pytest.raises(UserError, match=f"non-finite values in: {name}"):
+            convert("clip", nan, tmp_path / "o1")
+    truncated = _copy_source(src, tmp_path / "cut", lambda t: None)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"cannot read weights file .*model\.safetensors") as error:
+        convert("clip", truncated, tmp_path / "o2")
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match=r"model_type 'clip' is not a BLIP model"):
+        convert("blip_itm", src, tmp_path / "o3")
+    with pytest.raises(UserError, match="not an empty directory"):
+        convert("clip", src, src)
+
+
+# the converted models through vlp's commands ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--out", str(out), "--train-size", "0", "--test-size", "6",
+                 "--image-size", "16"]) == 0
+    return out
+
+
+def test_cli_convert_then_eval_retrieval_and_zeroshot(blip_source: tuple[Any, Path, Path],
+                                                      clip_source: tuple[Any, Path, Path], synth: Path,
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, src, _ = blip_source
+    out = tmp_path / "blip"
+    assert main(["convert", "--from", "blip_itm", str(src), "--out", str(out)]) == 0
+    assert "unused source tensors: 0; uninitialized vlp tensors: 0" in capsys.readouterr().out
+    result_path = tmp_path / "retrieval.json"
+    assert main(["eval", "retrieval", "--checkpoint", str(out), "--data", str(synth / "test.json"),
+                 "--image-root", str(synth), "--k-test", "3", "--device", "cpu", "--no-progress",
+                 "--output", str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+    assert {"itc", "itm"} <= set(result) and 0.0 <= result["itm"]["r_mean"] <= 100.0
+    for checkpoint, fused in ((out, True), (clip_source[2], False)):
+        zeroshot = tmp_path / f"zeroshot_{fused}.json"
+        assert main(["eval", "zeroshot", "--checkpoint", str(checkpoint), "--data", str(synth / "zeroshot.json"),
+                     "--image-root", str(synth), "--classes", str(synth / "classes.json"), "--device", "cpu",
+                     "--no-progress", "--output", str(zeroshot)]) == 0
+        assert ("itm_top1" in json.loads(zeroshot.read_text())) == fused
+
+
+def test_converted_blip_finetunes_with_a_momentum_encoder(blip_source: tuple[Any, Path, Path],
+                                                          tmp_path: Path) -> None:
+    _, _, out = blip_source
+    run = tmp_path / "run"
+    assert main(["finetune", "retrieval", str(ROOT / "configs/finetune/retrieval_tiny.yaml"), "--init", str(out),
+                 "--output-dir", str(run), "--set", "objective.momentum=0.5"]) == 0
+    model, _, _ = vlp.load(run / "final")
+    assert model.text_encoder.fusion_layers is model.fusion.text_layers
+    before, _, _ = vlp.load(out)
+    changed = [not torch.equal(a, b) for a, b in zip(model.fusion.parameters(), before.fusion.parameters())]
+    assert any(changed)

@@ -86,7 +86,7 @@ def _hand_gradcam(model: VLPModel, image: Image.Image, text: str, layer: int) ->
     else:
         att, grad = attention[0], attention.grad[0]
     heads = [att[h, :, 1:] * grad[h, :, 1:].clamp(min=0) for h in range(att.shape[0])]  # drop the image CLS
-    return (sum(heads) / len(heads)).detach().reshape(num_text, 4, 4)
+    return (torch.stack(heads).sum(dim=0) / len(heads)).detach().reshape(num_text, 4, 4)
 
 
 @pytest.mark.parametrize("name", FUSED)

@@ -169,7 +169,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Conf
                 if not dataclasses.is_dataclass(field_type):
                     node[part] = {**(node.get(part) or {}), ".".join(path[depth + 1 :]): value}
                     break
-                node = node.setdefault(part, {}) or {}
+                if not isinstance(node.get(part), dict):  # absent or null section: create it in place
+                    node[part] = {}
+                node = node[part]
                 node_cls = field_type  # type: ignore[assignment]
     return data
 

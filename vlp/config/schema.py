@@ -81,6 +81,7 @@ class FusionConfig:
     mlp_ratio: float = doc(4.0, "MLP hidden width / token width.")
     dropout: float = doc(0.0, "Dropout inside fusion layers.")
     update_image: bool = doc(False, "dual_stream only: False = ALBEF one-way (text attends to image); True = METER co-attention.")
+    image_width: int = doc(0, "dual_stream one-way only: width of the image tokens the cross-attention reads, its keys and values projecting from it directly (BLIP large: 1024 into a 768 text stream); 0 = the text width (image tokens are projected to it first).")
     share_text_layers: bool = doc(False, "dual_stream one-way only (BLIP): the text encoder (native transformer, depth 0) runs these layers without cross-attention for its own embedding, so one BERT stack serves ITC (text only) and ITM (with the image).")
 
 

@@ -11,7 +11,9 @@ ITM pass is [ENC] (``text.fusion_first_token``); Hugging Face's ``BlipForImageTe
 whatever ids it is given, so it equals vlp when given the ids with [ENC] first.
 
 The vision tower's fused ``qkv`` is split into vlp's q, k, v; ``vision_proj``/``text_proj``/``itm_head``
-map to ``image_proj``/``text_proj``/``itm_head.classifier``. The checkpoint holds no ITC temperature:
+map to ``image_proj``/``text_proj``/``itm_head.classifier``. When the vision width differs from the text width
+(BLIP large: 1024 and 768), ``fusion.image_width`` lets the cross-attention keys and values read the
+image tokens at their own width, as BLIP's do. The checkpoint holds no ITC temperature:
 vlp keeps BLIP's initial 0.07 (it does not change rankings).
 """
 
@@ -90,9 +92,6 @@ def blip_plan(src: Path, tokenizer: str | None) -> Plan:
            f"hidden_act {vision.hidden_act}/{text.hidden_act}: vlp's blocks use gelu")
     _check(bool(text.is_decoder), where, "text_config.is_decoder is false: the text layers have no cross-attention")
     _check(text.layer_norm_eps == 1e-12, where, f"text layer_norm_eps {text.layer_norm_eps}: vlp's fusion uses 1e-12")
-    _check(vision.hidden_size == text.hidden_size, where,
-           f"vision width {vision.hidden_size} != text width {text.hidden_size} (e.g. blip-itm-large): vlp's "
-           "one-way fusion reads image tokens of the text width, so only equal widths convert exactly")
     _check(getattr(vision, "num_channels", 3) == 3, where, "vlp images have 3 channels")
     notes: list[str] = []
     tok = load_tokenizer(tokenizer or str(src))
@@ -115,7 +114,9 @@ def blip_plan(src: Path, tokenizer: str | None) -> Plan:
         "fusion": {"type": "dual_stream", "depth": int(text.num_hidden_layers),
                    "num_heads": int(text.num_attention_heads),
                    "mlp_ratio": mlp_ratio(text.hidden_size, text.intermediate_size),
-                   "dropout": float(text.hidden_dropout_prob), "update_image": False, "share_text_layers": True},
+                   "dropout": float(text.hidden_dropout_prob), "update_image": False, "share_text_layers": True,
+                   # BLIP large: 1024-wide image tokens feed the 768-wide text layers' cross-attention directly
+                   "image_width": int(vision.hidden_size) if vision.hidden_size != text.hidden_size else 0},
         "embed_dim": int(config.image_text_hidden_size), "contrastive": "itc", "temperature": 0.07,
         "temperature_min": 0.001, "temperature_max": 0.5, "itm_head": True, "mlm_head": False,
     }

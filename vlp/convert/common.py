@@ -285,6 +285,8 @@ def temperature_fields(logit_scale: float, siglip: bool) -> dict[str, float]:
     """ModelConfig temperature keys for a learned log logit scale; the clamp bounds widen to admit it."""
     import math
 
+    if not math.isfinite(logit_scale):
+        raise UserError(f"cannot convert: non-finite values in: logit_scale ({logit_scale})")
     temperature = math.exp(-logit_scale)
     low, high = (0.001, 100.0) if siglip else (0.01, 100.0)
     return {"temperature": temperature, "temperature_min": min(low, temperature),

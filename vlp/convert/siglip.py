@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from vlp.convert.clip import hf_blocks_to_open_clip
-from vlp.convert.common import Plan, StateMapper, hf_preprocessing, mlp_ratio, read_hf_directory, temperature_fields
+from vlp.convert.common import (
+    Plan,
+    StateMapper,
+    hf_preprocessing,
+    mlp_ratio,
+    read_hf_directory,
+    temperature_fields,
+)
 from vlp.data.tokenizers import Tokenizer, load_tokenizer
 from vlp.errors import UserError
 from vlp.models.factory import model_config_from

@@ -8,8 +8,8 @@ Sources (``TextEncoderConfig.tokenizer``):
 - ``clip``: open_clip's bundled BPE vocabulary (``bpe_simple_vocab_16e6.txt.gz``) as a Rust BPE that
   gives the same ids as ``open_clip.SimpleTokenizer`` (start/end of text 49406/49407, pad 0 as
   open_clip pads). BPE has no mask token, so ``<|mask|>`` is appended: ``vocab_size`` is 49409, one more
-  than open_clip's embedding table. Known difference: open_clip also unescapes HTML entities and
-  repairs mojibake (ftfy) before tokenizing; plain text gives identical ids.
+  than open_clip's embedding table. open_clip's text cleaning (ftfy repair, HTML unescaping) runs only on
+  the captions that need it (non-ASCII, control characters or '&'), so the ids equal open_clip's for all text.
 - a local path: a ``tokenizer.json`` file, a directory written by ``Tokenizer.save``, or a Hugging Face
   tokenizer directory (loaded with ``local_files_only=True``). A mask token is appended if missing.
 - ``type: hf`` with ``tokenizer`` empty or equal to ``name``: the model directory's own tokenizer, so
@@ -20,13 +20,20 @@ Nothing is downloaded: any other value is a ``UserError``.
 
 from __future__ import annotations
 
+import contextlib
+import html
+import itertools
 import json
+import os
+import re
 import string
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
@@ -44,6 +51,46 @@ APPENDED_MASK = "<|mask|>"
 WORD_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # open_clip's own split pattern (its specials first), applied to lowercased text.
 CLIP_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# Text that open_clip's cleaning can change beyond case and whitespace (which the Rust normalizer does).
+_NEEDS_CLIP_CLEANING = re.compile(r"[^\t\n\r\x20-\x7e]|&")
+BPE_CACHE_WORDS = 1 << 17  # the Rust default (10k words) misses often on caption vocabularies
+_PARALLELISM = "TOKENIZERS_PARALLELISM"
+# open_clip's import overwrites TOKENIZERS_PARALLELISM with "false"; a value set before that import is the user's.
+_USER_PARALLELISM = None if "open_clip" in sys.modules else os.environ.get(_PARALLELISM)
+_IMPORT_PID = os.getpid()
+
+
+def clip_clean(text: str) -> str:
+    """open_clip's cleaning (ftfy repair, HTML unescaped twice, whitespace collapsed, lowercased) of one caption.
+
+    Printable ASCII without '&' is returned unchanged: cleaning would only collapse whitespace and lowercase it,
+    which the Rust normalizer does, and skipping ftfy there is most of the speed of batch tokenization.
+    """
+    if not _NEEDS_CLIP_CLEANING.search(text):
+        return text
+    import ftfy  # open_clip's own dependency
+
+    cleaned = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(cleaned.split()).lower()
+
+
+@contextlib.contextmanager
+def rust_parallelism() -> Iterator[None]:
+    """Let ``encode_batch`` use Rust's thread pool although importing open_clip set TOKENIZERS_PARALLELISM=false.
+
+    Kept off when the user set it false before that import, and in a forked child of this process (Rust's
+    pool does not survive a fork; the tokenizers library itself turns parallelism off there).
+    """
+    user_off = _USER_PARALLELISM is not None and _USER_PARALLELISM.lower() in ("", "0", "false", "f", "off", "no", "n")
+    current = os.environ.get(_PARALLELISM)
+    if user_off or os.getpid() != _IMPORT_PID or current is None or current.lower() == "true":
+        yield
+        return
+    os.environ[_PARALLELISM] = "true"
+    try:
+        yield
+    finally:
+        os.environ[_PARALLELISM] = current
 
 
 class Tokenizer:
@@ -55,17 +102,23 @@ class Tokenizer:
     """
 
     def __init__(self, backend: RustTokenizer, pad_id: int, mask_id: int, cls_id: int,
-                 special_ids: Iterable[int]) -> None:
+                 special_ids: Iterable[int], text_cleaning: str = "none") -> None:
+        if text_cleaning not in ("none", "clip"):
+            raise UserError(f"tokenizer text_cleaning '{text_cleaning}' is not one of none, clip")
         self.backend = backend
         self.pad_id = pad_id
         self.mask_id = mask_id
         self.cls_id = cls_id
         self.special_ids = frozenset(special_ids) | {mask_id}
-        pad_token = backend.id_to_token(pad_id)
-        if pad_token is None:
+        self.text_cleaning = text_cleaning
+        if backend.id_to_token(pad_id) is None:
             raise UserError(f"tokenizer pad id {pad_id} is not in its vocabulary")
-        backend.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
+        # Padding is done here in numpy: building tensors from padded per-caption lists cost more than encoding.
+        backend.no_padding()
         backend.no_truncation()
+        resize_cache = getattr(backend.model, "_resize_cache", None)  # BPE models (not kept in tokenizer.json)
+        if resize_cache is not None:
+            resize_cache(BPE_CACHE_WORDS)
         self._max_length: int | None = None
 
     @property
@@ -84,12 +137,18 @@ class Tokenizer:
                 raise UserError(f"max_length {max_length} leaves no room for text after {added} special tokens")
             self.backend.enable_truncation(max_length)
             self._max_length = max_length
-        encodings = self.backend.encode_batch(batch)
-        input_ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-        attention_mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
-        if not batch:
-            input_ids, attention_mask = input_ids.reshape(0, 0), attention_mask.reshape(0, 0)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.text_cleaning == "clip":
+            batch = [clip_clean(text) for text in batch]
+        with rust_parallelism():
+            encodings = self.backend.encode_batch_fast(batch)  # offsets are not needed
+        ids = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        longest = int(lengths.max()) if len(ids) else 0
+        attention_mask = np.arange(longest)[None, :] < lengths[:, None]
+        input_ids = np.full((len(ids), longest), self.pad_id, dtype=np.int64)
+        input_ids[attention_mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                                                count=int(lengths.sum()))
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """Text of one sequence (trailing padding allowed), special tokens skipped."""
@@ -108,7 +167,8 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(out / BACKEND_FILE))
         specials = {"format": FORMAT_VERSION, "pad_id": self.pad_id, "mask_id": self.mask_id,
-                    "cls_id": self.cls_id, "special_ids": sorted(self.special_ids)}
+                    "cls_id": self.cls_id, "special_ids": sorted(self.special_ids),
+                    "text_cleaning": self.text_cleaning}
         (out / SPECIALS_FILE).write_text(json.dumps(specials, indent=2) + "\n")
 
     @classmethod
@@ -123,13 +183,15 @@ class Tokenizer:
             specials: dict[str, Any] = json.loads(specials_path.read_text())
             ids = [int(specials[key]) for key in ("pad_id", "mask_id", "cls_id")]
             special_ids = [int(i) for i in specials["special_ids"]]
+            cleaning = str(specials.get("text_cleaning", "none"))  # absent in files from before it existed
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"cannot read {specials_path}: {one_line(error)}") from error
         try:
             backend = RustTokenizer.from_file(str(backend_path))
         except Exception as error:  # the Rust loader raises plain Exception on malformed files
             raise UserError(f"cannot read {backend_path}: {one_line(error)}") from error
-        return cls(backend, pad_id=ids[0], mask_id=ids[1], cls_id=ids[2], special_ids=special_ids)
+        return cls(backend, pad_id=ids[0], mask_id=ids[1], cls_id=ids[2], special_ids=special_ids,
+                   text_cleaning=cleaning)
 
 
 def one_line(error: BaseException) -> str:
@@ -165,7 +227,8 @@ def _clip_backend_json() -> str:
     backend: RustTokenizer = hf.backend_tokenizer
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        # The split above already gives the words; ByteLevel's own regex pass would only cost time.
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     if backend.token_to_id(sot) != simple.sot_token_id or backend.token_to_id(eot) != simple.eot_token_id:
         raise RuntimeError("open_clip's BPE vocabulary changed layout: start/end of text ids differ")
@@ -177,7 +240,7 @@ def clip_tokenizer() -> Tokenizer:
     """open_clip's BPE (same ids as ``open_clip.SimpleTokenizer``) with ``<|mask|>`` appended (id 49408)."""
     backend = RustTokenizer.from_str(_clip_backend_json())
     sot, eot, mask = (_token_id(backend, t) for t in ("<start_of_text>", "<end_of_text>", APPENDED_MASK))
-    return Tokenizer(backend, pad_id=0, mask_id=mask, cls_id=sot, special_ids=[sot, eot, mask])
+    return Tokenizer(backend, pad_id=0, mask_id=mask, cls_id=sot, special_ids=[sot, eot, mask], text_cleaning="clip")
 
 
 def _token_id(backend: RustTokenizer, token: str) -> int:

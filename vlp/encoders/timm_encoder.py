@@ -11,6 +11,7 @@ tensors are dropped, everything else must match exactly.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,6 +53,10 @@ def read_weights(path: str) -> dict[str, Tensor]:
     try:
         state = load_state_dict(str(file), device="cpu", weights_only=True)
     except Exception as error:  # safetensors, pickle and zip readers each raise their own types
+        found = re.search(r"Unsupported globals?: ([\w.]+?)\.?(?:\s|$)|GLOBAL ([\w.]+)", str(error))
+        if found:  # the library's advice to retry with weights_only=False would run the file's code
+            raise UserError(f"refused weights file {path}: it holds a pickled object ({found.group(1) or found.group(2)}), "
+                            "not only tensors; vlp never unpickles code (use a .safetensors file)") from error
         raise UserError(f"cannot read weights file {path}: {one_line(error)}") from error
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"weights file {path} does not hold a state dict of tensors")

@@ -146,13 +146,18 @@ def caption_heatmap(maps: Tensor, attention_mask: Tensor) -> Tensor:
     return (maps * real[:, :, None, None]).sum(dim=1) / real.sum(dim=1).clamp(min=1)[:, None, None]
 
 
-def _words(model: VLPModel, text: str, input_ids: Tensor) -> tuple[list[str], list[int | None]]:
-    """Each token's string and word index (None for special tokens), from the tokenizer's offsets."""
-    encoding = model.tokenizer.backend.encode(text)  # truncation was set by the tokenizer call
+def _word_spans(model: VLPModel, text: str, input_ids: Tensor) -> tuple[list[str], list[tuple[str, list[int]]]]:
+    """Each token's string, and each word of ``text`` with its token positions (special tokens belong to
+    no word), from the tokenizer's word ids and character offsets."""
+    encoding = model.tokenizer.backend.encode(text)  # the batch call above set the same truncation
     if list(encoding.ids) != input_ids.tolist():
-        raise UserError("the tokenizer's encoding of the text disagrees with its batch call")
-    return list(encoding.tokens), [None if special else word for word, special in
-                                   zip(encoding.word_ids, encoding.special_tokens_mask)]
+        raise RuntimeError("the tokenizer's single and batch encodings of the text differ")
+    positions: dict[int, list[int]] = {}
+    for position, (word, special) in enumerate(zip(encoding.word_ids, encoding.special_tokens_mask)):
+        if word is not None and not special:
+            positions.setdefault(word, []).append(position)
+    spans = [(text[encoding.offsets[p[0]][0]:encoding.offsets[p[-1]][1]], p) for p in positions.values()]
+    return list(encoding.tokens), spans
 
 
 def explain(model: VLPModel, image: Image.Image, text: str, layer: int | None = None) -> Explanation:
@@ -169,15 +174,9 @@ def explain(model: VLPModel, image: Image.Image, text: str, layer: int | None = 
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     maps, logits = text_to_image_gradcam(model, pixels, input_ids, mask, layer)
     token_maps = maps[0].float().cpu()  # t y x
-    tokens, word_of = _words(model, text, input_ids[0].cpu())
-    words: list[str] = []
-    word_maps: list[Tensor] = []
-    encoding = model.tokenizer.backend.encode(text)
-    for word in dict.fromkeys(w for w in word_of if w is not None):
-        positions = [k for k, w in enumerate(word_of) if w == word]
-        start, end = encoding.offsets[positions[0]][0], encoding.offsets[positions[-1]][1]
-        words.append(text[start:end])
-        word_maps.append(token_maps[positions].mean(dim=0))
+    tokens, spans = _word_spans(model, text, input_ids[0].cpu())
+    words = [word for word, _ in spans]
+    word_maps = [token_maps[positions].mean(dim=0) for _, positions in spans]
     return Explanation(
         text=text,
         heatmap=caption_heatmap(token_maps[None], mask[:1].cpu())[0],

@@ -53,12 +53,13 @@ def save_overlay(image: Image.Image, explanation: Explanation, out_png: str | Pa
     rows = math.ceil(len(word_maps) / _WORD_COLUMNS)
     big = 4.0  # inches of the main panel
     small = big * 2 / _WORD_COLUMNS
-    figure = Figure(figsize=(big + (small * _WORD_COLUMNS + 0.4 if rows else 0), max(big + 0.6, rows * (small + 0.35))),
-                    dpi=100)
+    width = big + (small * _WORD_COLUMNS + 0.4 if rows else 0)
+    figure = Figure(figsize=(width, max(big + 0.6, rows * (small + 0.35))), dpi=100)
     FigureCanvasAgg(figure)
     grid = figure.add_gridspec(max(rows, 1), 1 + (_WORD_COLUMNS if rows else 0),
                                width_ratios=[_WORD_COLUMNS / 2] + [1] * (_WORD_COLUMNS if rows else 0))
-    title = textwrap.fill(explanation.text, 48) + "\n" + f"ITM match {explanation.itm_score:.2f} (fusion layer {explanation.layer})"
+    title = (textwrap.fill(explanation.text, 48)
+             + f"\nITM match {explanation.itm_score:.2f} (fusion layer {explanation.layer})")
     _draw(figure.add_subplot(grid[:, 0]), view, explanation.heatmap, _scale(explanation.heatmap), title, 9)
     vmax = _scale(word_maps)
     for k, (word, heat) in enumerate(zip(explanation.words, word_maps)):

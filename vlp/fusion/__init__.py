@@ -36,7 +36,10 @@ def build_single_stream(cfg: FusionConfig, dim: int) -> SingleStreamFusion:
 @fusions.register("dual_stream")
 def build_dual_stream(cfg: FusionConfig, dim: int) -> DualStreamFusion:
     _check_shape(cfg, dim)
-    return DualStreamFusion(dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, update_image=cfg.update_image)
+    if cfg.image_width and cfg.update_image:
+        raise ConfigError("config key 'model.fusion.image_width' needs model.fusion.update_image: false")
+    return DualStreamFusion(dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, update_image=cfg.update_image,
+                            image_dim=cfg.image_width or None)
 
 
 fusions.register("none")(build_no_fusion)

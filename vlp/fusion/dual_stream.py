@@ -29,23 +29,28 @@ class DualStreamFusion(nn.Module):
     image [CLS] states, ``out_dim`` = 2 * ``dim``.
     ``update_image=False`` (ALBEF): only the text stream has layers, cross-attending to the fixed image
     tokens, which are returned unchanged; ``pooled`` = the text [CLS] state, ``out_dim`` = ``dim``.
+    ``image_dim`` (one-way only): the image tokens' width when it differs from ``dim``; the cross-attention
+    keys and values then project from it directly, as BLIP's (vision 1024, text 768 in its large models).
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 update_image: bool = True) -> None:
+                 update_image: bool = True, image_dim: int | None = None) -> None:
         super().__init__()
+        if image_dim and update_image:
+            raise ValueError("image_dim needs update_image=False: co-attention layers exchange states of one width")
         self.dim = dim
+        self.image_dim = image_dim or dim
         self.update_image = update_image
         self.out_dim = 2 * dim if update_image else dim
 
-        def layers(count: int) -> nn.ModuleList:
+        def layers(count: int, context_dim: int | None = None) -> nn.ModuleList:
             return nn.ModuleList(
                 TransformerBlock(dim, num_heads, mlp_ratio, dropout, pre_norm=False, cross_attention=True,
-                                 eps=LAYER_NORM_EPS)
+                                 context_dim=context_dim, eps=LAYER_NORM_EPS)
                 for _ in range(count)
             )
 
-        self.text_layers = layers(depth)
+        self.text_layers = layers(depth, image_dim)
         self.image_layers = layers(depth if update_image else 0)
         self.text_pooler = nn.Linear(dim, dim) if update_image else None
         self.image_pooler = nn.Linear(dim, dim) if update_image else None
@@ -72,7 +77,7 @@ class DualStreamFusion(nn.Module):
         ``image_kv``: ``self.image_kv(image)`` computed earlier (one-way form only), used instead of
         recomputing the image keys and values in every layer.
         """
-        check_fusion_inputs(self.dim, text, image, text_mask, image_mask)
+        check_fusion_inputs(self.dim, text, image, text_mask, image_mask, self.image_dim)
         text_mask, image_mask = as_bool_mask(text_mask), as_bool_mask(image_mask)
         if image_kv is not None:
             self._check_image_kv(image_kv, text.shape[0], image.shape[1])

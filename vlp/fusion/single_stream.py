@@ -20,12 +20,13 @@ LAYER_NORM_EPS = 1e-12
 
 
 def check_fusion_inputs(dim: int, text: Tensor, image: Tensor, text_mask: Tensor | None,
-                        image_mask: Tensor | None) -> None:
-    """Shapes a fusion block accepts: text [b, t, dim], image [b, i, dim], masks [b, t] and [b, i]."""
+                        image_mask: Tensor | None, image_dim: int | None = None) -> None:
+    """Shapes a fusion block accepts: text [b, t, dim], image [b, i, image_dim or dim], masks [b, t] and [b, i]."""
     if text.dim() != 3 or image.dim() != 3:
         raise ValueError(f"fusion expects text [B,T,D] and image [B,I,D]; got {tuple(text.shape)} and {tuple(image.shape)}")
-    if text.shape[-1] != dim or image.shape[-1] != dim:
-        raise ValueError(f"fusion width is {dim}; got text width {text.shape[-1]} and image width {image.shape[-1]} "
+    if text.shape[-1] != dim or image.shape[-1] != (image_dim or dim):
+        widths = f"width is {dim}" if (image_dim or dim) == dim else f"widths are text {dim}, image {image_dim}"
+        raise ValueError(f"fusion {widths}; got text width {text.shape[-1]} and image width {image.shape[-1]} "
                          "(project image tokens to the fusion width first)")
     if text.shape[0] != image.shape[0]:
         raise ValueError(f"text batch {text.shape[0]} != image batch {image.shape[0]}")

@@ -59,9 +59,11 @@ class VLPModel(nn.Module):
         self.image_proj: nn.Module = nn.Linear(image_encoder.embed_dim, embed_dim) if embed_dim else nn.Identity()
         self.text_proj: nn.Module = nn.Linear(text_encoder.embed_dim, embed_dim) if embed_dim else nn.Identity()
         fusion_dim = text_encoder.width
+        # a fusion may read image tokens at their own width (BLIP's cross-attention: ``image_dim``)
+        fusion_image_dim = int(getattr(fusion, "image_dim", fusion_dim))
         self.image_to_fusion: nn.Module = (
-            nn.Linear(image_encoder.width, fusion_dim)
-            if fusion is not None and image_encoder.width != fusion_dim else nn.Identity()
+            nn.Linear(image_encoder.width, fusion_image_dim)
+            if fusion is not None and image_encoder.width != fusion_image_dim else nn.Identity()
         )
         out_dim = int(getattr(fusion, "out_dim", 0))
         self.itm_head = ITMHead(out_dim) if fusion is not None and itm_head else None

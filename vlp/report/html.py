@@ -45,7 +45,7 @@ figcaption { font-size: 12px; color: #555; text-align: center; }
 .thumb img { width: 96px; height: 96px; image-rendering: pixelated; border: 4px solid #c0392b; }
 .thumb.ok img { border-color: #27ae60; } li.ok { color: #1e7d45; font-weight: bold; } li.bad { color: #555; }
 .qimg { width: 96px; height: 96px; image-rendering: pixelated; float: left; margin-right: 1em; }
-.imgquery { overflow: hidden; margin: .8em 0; }
+.imgquery { overflow: hidden; margin: .8em 0; } .imgquery ol { margin: 0 0 0 120px; }
 """
 
 
@@ -56,7 +56,8 @@ def _file_uri(path: Path) -> str:
 
 def _figure(uri: str, caption: str, half: bool = False) -> str:
     kind = ' class="half"' if half else ""
-    return f'<figure{kind}><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    text = html.escape(caption)
+    return f'<figure{kind}><img src="{uri}" alt="{text}"><figcaption>{text}</figcaption></figure>'
 
 
 def _number(value: Any, digits: int = 2) -> str:
@@ -242,8 +243,9 @@ def write_report(run_dir: str | Path) -> Path:
     nav = "".join(f'<a href="#{key}">{SECTIONS[key]}</a>' for key, body in bodies.items() if body is not None)
     sections = "".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>{body}</section>'
                        for key, body in bodies.items() if body is not None)
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><nav>{nav}</nav>{sections}</body></html>\n")
+    head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style>'
+    page = (f'<!DOCTYPE html><html lang="en"><head>{head}</head><body><h1>{html.escape(title)}</h1>'
+            f"<nav>{nav}</nav>{sections}</body></html>\n")
     out = root / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

@@ -36,6 +36,7 @@ __all__ = [
     "resume_position",
     "gather_objects",
     "mean_over_ranks",
+    "equal_rows",
     "fsdp_modules",
     "unsharded",
     "full_state_dicts",
@@ -251,6 +252,25 @@ def resume_position(trainer: dict[str, Any], world_size: int, batch_size: int) -
         log.warning("resume: %d samples of the epoch consumed, not a multiple of %d x %d: %d are repeated",
                     consumed, batch_size, world_size, consumed % per_batch)
     return consumed // per_batch
+
+
+def equal_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` cut to the smallest batch of all ranks (a collective; unchanged without a group).
+
+    Unreadable samples are dropped per rank, so batch sizes can differ, while every cross-rank gather needs
+    the same shape everywhere (and a rank with an empty batch must skip the step with all the others).
+    Cuts tensors whose first dimension is the batch, and the ``captions`` list.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return batch
+    images = batch["images"]
+    rows = torch.tensor([images.shape[0]], device=images.device)
+    dist.all_reduce(rows, op=dist.ReduceOp.MIN)
+    keep, size = int(rows), images.shape[0]
+    if keep == size:
+        return batch
+    return {key: value[:keep] if (isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size)
+            or key == "captions" else value for key, value in batch.items()}
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -32,6 +32,7 @@ from vlp.train import checkpoint as ckpt
 from vlp.train.distributed import (
     DistInfo,
     cleanup,
+    equal_rows,
     full_state_dicts,
     gather_objects,
     init_distributed,
@@ -146,7 +147,7 @@ def batches(loader: DataLoader[Any], dataset: Any, sampler: ResumableSampler | N
         elif hasattr(dataset, "skip_batches"):  # streams that skip without decoding (vlp/data/streaming.py)
             dataset.skip_batches(skip)
         produced = readable = False
-        for i, batch in enumerate(_worker_errors(loader, state)):
+        for i, batch in enumerate(loader):
             if sampler is None and not hasattr(dataset, "skip_batches") and i < skip:
                 continue
             produced = True
@@ -160,23 +161,6 @@ def batches(loader: DataLoader[Any], dataset: Any, sampler: ResumableSampler | N
         state.epoch += 1
         state.batches_in_epoch = 0
         skip = 0
-
-
-def _worker_errors(loader: DataLoader[Any], state: TrainState) -> Iterator[Any]:
-    """The loader's batches; a killed worker (usually out of memory) becomes one clear line, not a traceback."""
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError as err:
-            if "DataLoader worker" not in str(err):
-                raise
-            raise TrainingStopped(f"a data loader worker died at step {state.step + 1} ({' '.join(str(err).split())}); "
-                                  "workers are usually killed for memory: lower data.num_workers or data.batch_size, "
-                                  "then continue with --resume", exit_code=1) from err
-        yield batch
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -314,6 +298,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                 batch = _to_device(next(data_iter), dist.device)
                 state.batches_in_epoch += 1
                 _note_data(batch, state)
+                batch = equal_rows(batch)  # gathers need one batch size on all ranks: cut to the smallest
                 if batch["images"].shape[0] == 0:  # every sample of the batch was unreadable
                     _check_bad_data(config, state)
                     continue
@@ -323,8 +308,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                     terms_sum[key] = terms_sum.get(key, 0.0) + float(value) / config.train.grad_accum
                 terms_sum["loss"] = terms_sum.get("loss", 0.0) + float(out.total) / config.train.grad_accum
                 window_samples += batch["images"].shape[0] * dist.world_size
-            stop_now, nonfinite_loss = _agree(dist, stop.requested, not math.isfinite(terms_sum.get("loss", 0.0)))
-            state.loss_finite = not nonfinite_loss
+            state.loss_finite = not _agree(dist, not math.isfinite(terms_sum.get("loss", 0.0)))
             if _optimizer_step(config, module, optimizer, state):
                 scheduler.step()
                 objective.after_optimizer_step()
@@ -346,6 +330,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                 window_start, window_samples = time.perf_counter(), 0
             _check_bad_data(config, state)
             every = config.train.checkpoint_every
+            stop_now = _agree(dist, stop.requested)
             if stop_now or (every and state.step % every == 0 and state.step < config.train.max_steps):
                 saved = saver.save()
                 if stop_now:
@@ -363,6 +348,12 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
         if job.evaluate is not None and config.eval.every >= 0:
             with unsharded(objective):
                 metrics.log({"step": state.step, **job.evaluate(state.step, True)})
+    except RuntimeError as err:  # torch's SIGCHLD handler raises this wherever the main process happens to be
+        if "DataLoader worker" not in str(err):
+            raise
+        raise TrainingStopped(f"a data loader worker died at step {state.step + 1} ({' '.join(str(err).split())}); "
+                              "workers are usually killed for memory: lower data.num_workers or data.batch_size, "
+                              "then continue with --resume", exit_code=1) from err
     finally:
         bar.close()
         stop.restore()
@@ -395,13 +386,14 @@ def _nonfinite_stop(state: TrainState, ckpt_root: Path) -> UserError:
                      f"{where} (lower optim.lr or raise schedule.warmup_steps, then --resume)")
 
 
-def _agree(dist: DistInfo, *flags: bool) -> list[bool]:
-    """Flags raised on any rank: a signal can reach the ranks at different steps, a loss be NaN on one only."""
+def _agree(dist: DistInfo, flag: bool) -> bool:
+    """True when the flag is raised on any rank: a signal can reach the ranks at different steps, a loss be
+    NaN on one only, and every rank must take the same branch (or the next collective hangs)."""
     if dist.world_size == 1:
-        return list(flags)
-    tensor = torch.tensor([float(flag) for flag in flags], device=dist.device)
+        return flag
+    tensor = torch.tensor([float(flag)], device=dist.device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return [bool(value) for value in tensor.tolist()]
+    return bool(tensor.item())
 
 
 _MAX_LOGGED_BAD = 10_000  # distinct bad paths logged per run (memory stays bounded on huge broken datasets)
