@@ -163,7 +163,7 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
     else:
         peak = _cpu_peak_bytes(step)
     rss_peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    times = []
+    times = [float("nan")] if reps == 0 else []
     for _ in range(reps):
         start = time.perf_counter()
         step()

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from common import Report, base_parser, interleaved, median, paired_ratio, setup, sizes_for
 
 SIZES = {
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = SimpleTokenizer()
     ours = vlp_tokenizers.clip_tokenizer()
-    words = [token[:-4] for token in reference.encoder if token.endswith("</w>") and token[:-4].isalpha()]
+    words = [token[:-4] for token in reference.encoder if token.endswith("</w>") and token[:-4].isascii() and token[:-4].isalpha()]
     captions = make_captions(cfg["captions"], words)
     needs_cleaning = sum(1 for text in captions if vlp_tokenizers.clip_clean(text) != text)
 

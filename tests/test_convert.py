@@ -191,6 +191,23 @@ def test_open_clip_matches_open_clip(layout: str, tmp_path: Path) -> None:
     assert list(model.image_encoder.mean) == pytest.approx(expected_mean)
 
 
+@pytest.mark.slow
+def test_open_clip_checkpoint_of_a_built_in_model(tmp_path: Path) -> None:
+    import open_clip
+
+    reference = open_clip.create_model("ViT-S-32-alt").eval()  # random init: nothing is downloaded
+    torch.save(reference.state_dict(), tmp_path / "weights.pt")
+    report = convert("open_clip", tmp_path / "weights.pt", tmp_path / "vlp", model="ViT-S-32-alt")
+    assert report.unused_source == [] and report.uninitialized == []
+    model, tokenizer, _ = vlp.load(tmp_path / "vlp")
+    assert model.config.image.name == model.config.text.name == "ViT-S-32-alt"
+    batch, pixels = tokenizer(CAPTIONS, max_length=77), images(2, 224)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(pixels), reference.encode_image(pixels, normalize=True), atol=ATOL)
+        assert torch.allclose(model.encode_text(**batch),
+                              reference.encode_text(open_clip.tokenize(CAPTIONS), normalize=True), atol=ATOL)
+
+
 def test_clip_matches_transformers(clip_source: tuple[Any, Path, Path]) -> None:
     reference, src, out = clip_source
     check_report(out)

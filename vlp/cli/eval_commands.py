@@ -63,9 +63,11 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     split = load_retrieval_split(_file("--data", args.data), _image_root(args.image_root))
     if args.k_test <= 0:
         raise UserError(f"--k-test must be positive, got {args.k_test}")
-    fusion = read_checkpoint_config(checkpoint).get("model", {}).get("fusion") or {}
+    section = read_checkpoint_config(checkpoint).get("model")
+    fusion = section.get("fusion") if isinstance(section, dict) else None
     gallery = min(split.num_images, len(split.captions))
-    if fusion.get("type", "none") != "none" and args.k_test > gallery:  # checked before the model loads
+    fused = isinstance(fusion, dict) and fusion.get("type", "none") != "none"
+    if fused and args.k_test > gallery:  # checked before the model loads
         raise UserError(f"--k-test {args.k_test}: larger than the gallery of {args.data} "
                         f"({split.num_images} images, {len(split.captions)} captions)")
     model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))

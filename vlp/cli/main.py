@@ -46,6 +46,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     if args.train_size < 0 or args.test_size <= 0:
         raise UserError(f"--train-size/--test-size must be positive, got {args.train_size}/{args.test_size}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out: not a directory: {args.out}")
     paths = write_synthetic(Path(args.out), train_size=args.train_size, test_size=args.test_size,
                             seed=args.seed, image_size=args.image_size)
     for name, path in paths.items():

@@ -121,11 +121,9 @@ class StateMapper:
         self.source, self.target, self.origin = source, target, origin
         self.used: set[str] = set()
         self.missing: list[str] = []
+        self.wrong: list[str] = []
         self.values: dict[str, Tensor] = {}
         self.links: dict[str, list[str]] = {}
-
-    def has(self, name: str) -> bool:
-        return name in self.source
 
     def take(self, name: str) -> Tensor:
         """A source tensor, marked used; a missing one is recorded (the conversion then fails) and a
@@ -159,7 +157,7 @@ class StateMapper:
         """One fused tensor -> consecutive row blocks of ``sizes`` (a fused qkv -> q, k, v)."""
         value = self.take(source)
         if value.numel() and value.shape[0] != sum(sizes):
-            self.missing.append(f"{source} (has {value.shape[0]} rows, expected {sum(sizes)})")
+            self.wrong.append(f"{source} {list(value.shape)}: expected {sum(sizes)} rows")
             return
         parts = torch.split(value, sizes, dim=0) if value.numel() else [torch.empty(0)] * len(targets)
         for target, part in zip(targets, parts):
@@ -175,10 +173,10 @@ class StateMapper:
         unused = sorted(k for k in self.source if k not in self.used and k not in ignored)
         uninitialized = sorted(k for k in self.target if k not in self.values and k not in defaulted)
         unknown = sorted(k for k in self.values if k not in self.target)
-        wrong = [f"{k} {list(v.shape)} vs {list(self.target[k].shape)}" for k, v in self.values.items()
-                 if k in self.target and v.numel() and v.shape != self.target[k].shape]
-        bad = sorted({s for k, v in self.values.items() if v.is_floating_point() and v.numel()
-                      and not bool(torch.isfinite(v).all()) for s in self.links.get(k, [k])})
+        wrong = self.wrong + [f"{k} {list(v.shape)} vs {list(self.target[k].shape)}" for k, v in self.values.items()
+                              if k in self.target and v.numel() and v.shape != self.target[k].shape]
+        bad = sorted({s for k, sources in self.links.items() for s in sources
+                      if self.values[k].is_floating_point() and not bool(torch.isfinite(self.values[k]).all())})
         problems = [f"{label}: {some(names)}" for label, names in (
             ("missing source tensors", self.missing), ("unused source tensors", unused),
             ("wrong shape (source vs vlp)", wrong), ("vlp tensors left uninitialized", uninitialized),
@@ -188,8 +186,8 @@ class StateMapper:
         state = {k: v.to(self.target[k].dtype).contiguous() for k, v in self.values.items()}
         for name in defaulted:
             state[name] = self.target[name]
-        report = ConversionReport("", self.origin, "", links={k: v for k, v in self.links.items()},
-                                  ignored=ignored, defaulted=dict(defaulted))
+        report = ConversionReport("", self.origin, "", links=dict(self.links), ignored=ignored,
+                                  defaulted=dict(defaulted))
         return state, report
 
 

@@ -122,7 +122,8 @@ def _consensus_preprocessing(name: str, notes: list[str]) -> tuple[tuple[float, 
     if len(values) == 1:
         mean, std = values.pop()
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    notes.append(f"image mean/std: open_clip's defaults (the pretrained tags of {name} do not agree on one)")
+    why = "do not agree on one" if values else "are none"
+    notes.append(f"image mean/std: open_clip's defaults (the pretrained tags of {name} {why})")
     return tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
 
 

@@ -47,7 +47,7 @@ def fill_vilt(mapper: StateMapper, prefix: str, layers: int, rank: bool) -> None
     mapper.copy(f"{text}word_embeddings.weight", "text_encoder.embeddings.weight")
     position, token_type = f"{text}position_embeddings.weight", f"{text}token_type_embeddings.weight"
     positions, types = mapper.take(position), mapper.take(token_type)
-    folded = positions + types[0] if positions.numel() and types.numel() else torch.empty(0)
+    folded = positions.float() + types[0].float() if positions.numel() and types.numel() else torch.empty(0)
     mapper.put("text_encoder.pos_embed", folded, [position, token_type])
     mapper.copy_linear(f"{text}LayerNorm", "text_encoder.embed_norm")
     mapper.copy(f"{embeddings}token_type_embeddings.weight", "fusion.modality_type.weight")

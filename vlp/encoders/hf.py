@@ -14,6 +14,8 @@ If the tokenizer has more ids than the embedding table (an appended mask token),
 from __future__ import annotations
 
 import inspect
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,11 @@ def _local_model(cfg: TextEncoderConfig) -> Any:
         model_class = MODEL_MAPPING[type(config)]
         return AutoModel.from_pretrained(str(directory), config=config, local_files_only=True,
                                          trust_remote_code=False, **_without_pooler(model_class))
+    except pickle.UnpicklingError as error:  # a .bin weights file is read with torch.load(weights_only=True)
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise UserError(f"refused: the weights in {directory} hold a pickled object"
+                        f"{f' ({found.group(1)})' if found else ''}, not only tensors; vlp never unpickles code "
+                        "(use model.safetensors)") from error
     except (OSError, ValueError, KeyError, TypeError) as error:
         if "trust_remote_code" in str(error):
             raise UserError(f"refused: {directory} needs its own Python code to load (custom code); "

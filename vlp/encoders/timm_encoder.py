@@ -57,6 +57,9 @@ def read_weights(path: str) -> dict[str, Tensor]:
         if found:  # the library's advice to retry with weights_only=False would run the file's code
             raise UserError(f"refused weights file {path}: it holds a pickled object ({found.group(1) or found.group(2)}), "
                             "not only tensors; vlp never unpickles code (use a .safetensors file)") from error
+        if "weights_only" in str(error):
+            raise UserError(f"cannot read weights file {path}: corrupt, or not loadable with "
+                            "torch.load(weights_only=True)") from error
         raise UserError(f"cannot read weights file {path}: {one_line(error)}") from error
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"weights file {path} does not hold a state dict of tensors")

@@ -58,7 +58,12 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.yaml"
     if not path.is_file():
         raise UserError(f"not a vlp checkpoint (no config.yaml): {directory}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # safe_load also refuses !!python tags: nothing in a checkpoint runs code
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a checkpoint config must be a YAML mapping")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise UserError(f"{path}: unsupported checkpoint format_version {version!r} (expected {FORMAT_VERSION})")
@@ -71,6 +76,8 @@ def load_pretrained(directory: str | Path) -> VLPModel:
 
     root = Path(directory)
     data = read_checkpoint_config(root)
+    if not isinstance(data.get("model"), dict):
+        raise UserError(f"{root / 'config.yaml'}: no 'model' mapping")
     config = from_dict(ModelConfig, data["model"], prefix="model")
     validate_model_config(config)  # a checkpoint's config is input too: impossible values fail as one line
     tokenizer = Tokenizer.load(root / "tokenizer")
@@ -100,6 +107,7 @@ def load_weights_file(model: nn.Module, path: Path, device: str = "cpu") -> None
     if wrong:
         raise UserError(f"{path}: tensor shapes do not match the config (file vs model): {_some(wrong)}")
     missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=device)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the config: missing {_some(sorted(missing))}; "
-                        f"unexpected {_some(sorted(unexpected))}")
+    problems = [f"{label} {_some(sorted(names))}" for label, names in (("missing", missing), ("unexpected", unexpected))
+                if names]
+    if problems:
+        raise UserError(f"{path}: weights do not match the config: {'; '.join(problems)}")

@@ -44,7 +44,7 @@ from vlp.objectives.gradcache import (
     sync_gradients,
     take_rows,
 )
-from vlp.types import EncoderOutput, LossOutput
+from vlp.types import EncoderOutput, FusionOutput, LossOutput
 
 __all__ = ["PretrainObjective"]
 
@@ -117,23 +117,21 @@ class PretrainObjective(Objective):
                 p_m.mul_(m).add_(p.detach(), alpha=1 - m)
 
     def forward(self, batch: dict[str, Tensor]) -> LossOutput:
-        model, cfg = self.model, self.config
+        model = self.model
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
         image_ids = batch.get("image_ids")
+        masked, labels = self._mask(ids, mask) if self.use_mlm else (None, None)
         image_out, image_emb = model.image_features(images)
-        text_out, text_emb = model.text_features(ids, mask)
+        text_out, text_emb, masked_out = self._text_features(ids, mask, masked)
         momentum = self._momentum_embeddings(images, ids, mask) if self.momentum is not None else None
         terms: dict[str, Tensor] = {"itc": self._contrastive(image_emb, text_emb, image_ids, momentum)}
-        total = cfg.itc_weight * terms["itc"]
+        negatives = None
         if self.use_itm:
             neg_text, neg_image = self._negatives(image_emb, text_emb, image_ids)
             text_all, image_all = gather_tokens(text_out), gather_tokens(image_out)
-            terms["itm"] = self._itm(text_out, image_out, _rows(text_all, neg_text), _rows(image_all, neg_image))
-            total = total + cfg.itm_weight * terms["itm"]
-        if self.use_mlm:
-            masked, labels = self._mask(ids, mask)
-            terms["mlm"] = self._mlm(masked, mask, labels, image_out)
-            total = total + cfg.mlm_weight * terms["mlm"]
+            negatives = (_rows(text_all, neg_text), _rows(image_all, neg_image))
+        terms.update(self._fused_terms(text_out, image_out, negatives, masked_out, labels))
+        total = self._weighted(terms)
         terms["temperature"] = (1.0 / model.logit_scale()).detach().float()
         return LossOutput(total, terms)
 
@@ -155,11 +153,12 @@ class PretrainObjective(Objective):
         are the full-batch values (each chunk's share weighted by its rows / masked tokens).
         With DistributedDataParallel the passes bypass its hooks and the gradients are averaged at the end.
         """
-        model, cfg = self.model, self.config
+        model = self.model
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
         image_ids = batch.get("image_ids")
         batch_size = images.shape[0]
         chunks = chunk_slices(batch_size, chunk_size or self.chunk_size or batch_size)
+        masked, labels = self._mask(ids, mask) if self.use_mlm else (None, None)
         snapshots: list[RngSnapshot] = []
         image_outs: list[EncoderOutput] = []
         text_outs: list[EncoderOutput] = []
@@ -169,7 +168,7 @@ class PretrainObjective(Objective):
             for rows in chunks:
                 snapshots.append(RngSnapshot(images.device))
                 image_out, image_emb = model.image_features(images[rows])
-                text_out, text_emb = model.text_features(ids[rows], mask[rows])
+                text_out, text_emb, _ = self._text_features(ids[rows], mask[rows], _part(masked, rows))
                 embeddings.append((image_emb, text_emb))
                 if self.use_itm:  # the states an ITM negative from another chunk is read from
                     image_outs.append(image_out)
@@ -183,50 +182,45 @@ class PretrainObjective(Objective):
             momentum = (torch.cat([m[0] for m in momentum_parts]), torch.cat([m[1] for m in momentum_parts]))
         with self.autocast():
             itc = self._contrastive(image_leaf, text_leaf, image_ids, momentum)
-        (cfg.itc_weight * itc * scale).backward()
+        (self.config.itc_weight * itc * scale).backward()
         assert image_leaf.grad is not None and text_leaf.grad is not None
         image_grad, text_grad = image_leaf.grad, text_leaf.grad
         terms: dict[str, Tensor] = {"itc": itc.detach()}
-        total = cfg.itc_weight * terms["itc"]
 
         if self.use_itm:
             neg_text, neg_image = self._negatives(image_leaf.detach(), text_leaf.detach(), image_ids)
             cached_text = gather_tokens(cat_outputs(text_outs), with_grad=False)
             cached_image = gather_tokens(cat_outputs(image_outs), with_grad=False)
             offset = rank_and_world()[0] * batch_size
-            terms["itm"] = torch.zeros((), device=images.device)
-        if self.use_mlm:
-            masked, labels = self._mask(ids, mask)
-            selected = max(int((labels != IGNORE_INDEX).sum()), 1)
-            terms["mlm"] = torch.zeros((), device=images.device)
+        selected = 1 if labels is None else max(int((labels != IGNORE_INDEX).sum()), 1)
         for rows, snapshot in zip(chunks, snapshots):
             with self.autocast():
                 with snapshot.restored():
                     image_out, image_emb = model.image_features(images[rows])
-                    text_out, text_emb = model.text_features(ids[rows], mask[rows])
+                    text_out, text_emb, masked_out = self._text_features(ids[rows], mask[rows], _part(masked, rows))
                 surrogate = (image_emb * image_grad[rows]).sum() + (text_emb * text_grad[rows]).sum()
+                negatives = None
                 if self.use_itm:
                     start = offset + rows.start
-                    neg_text_out = take_rows(text_out, cached_text, neg_text[rows], start)
-                    neg_image_out = take_rows(image_out, cached_image, neg_image[rows], start)
-                    share = self._itm(text_out, image_out, neg_text_out, neg_image_out) * (len(image_emb) / batch_size)
-                    surrogate = surrogate + cfg.itm_weight * scale * share
-                    terms["itm"] = terms["itm"] + share.detach()
-                if self.use_mlm:
-                    chunk_labels = labels[rows]
-                    weight = int((chunk_labels != IGNORE_INDEX).sum()) / selected
-                    share = self._mlm(masked[rows], mask[rows], chunk_labels, image_out) * weight
-                    surrogate = surrogate + cfg.mlm_weight * scale * share
-                    terms["mlm"] = terms["mlm"] + share.detach()
+                    negatives = (take_rows(text_out, cached_text, neg_text[rows], start),
+                                 take_rows(image_out, cached_image, neg_image[rows], start))
+                chunk_labels = _part(labels, rows)
+                # each chunk's share of the batch means: its rows for ITM, its masked tokens for MLM
+                share = {"itm": len(image_emb) / batch_size,
+                         "mlm": 0.0 if chunk_labels is None else int((chunk_labels != IGNORE_INDEX).sum()) / selected}
+                parts = {key: value * share[key]
+                         for key, value in self._fused_terms(text_out, image_out, negatives, masked_out,
+                                                             chunk_labels).items()}
+                if parts:
+                    surrogate = surrogate + scale * self._weighted(parts)
+                for key, value in parts.items():
+                    terms[key] = terms[key] + value.detach() if key in terms else value.detach()
             if surrogate.requires_grad:  # False only when every part that makes the embeddings is frozen
                 surrogate.backward()
         if isinstance(self.engine, DistributedDataParallel):
             sync_gradients(self.parameters())
         self.after_backward()
-        if self.use_itm:
-            total = total + cfg.itm_weight * terms["itm"]
-        if self.use_mlm:
-            total = total + cfg.mlm_weight * terms["mlm"]
+        total = self._weighted(terms)
         terms["temperature"] = (1.0 / model.logit_scale()).detach().float()
         return LossOutput(total, terms)
 
@@ -293,25 +287,68 @@ class PretrainObjective(Objective):
         return sample_hard_negatives(sim_i2t.float(), sim_t2i.float(), image_ids=all_ids, generator=self.generator,
                                      hard=self.config.hard_negatives)
 
-    def _itm(self, text_out: EncoderOutput, image_out: EncoderOutput, neg_text: EncoderOutput,
-             neg_image: EncoderOutput) -> Tensor:
-        """ITM over B positives and 2B negatives (ALBEF's row order, see vlp.losses.matching)."""
+    def _text_features(self, ids: Tensor, mask: Tensor, masked: Tensor | None
+                       ) -> tuple[EncoderOutput, Tensor, EncoderOutput | None]:
+        """The text's encoder output and embedding and, for MLM, the masked text's output, from one encoder
+        call: weights used once per step get their gradient accumulated at once, while a second use would
+        hold a parameter-sized gradient buffer until the first use's backward reaches them."""
+        if masked is None:
+            out, emb = self.model.text_features(ids, mask)
+            return out, emb, None
+        both, emb = self.model.text_features(torch.cat([ids, masked]), torch.cat([mask, mask]))
+        rows = ids.shape[0]
+        return _split(both, 0, rows), emb[:rows], _split(both, rows, 2 * rows)
+
+    def _fused_terms(self, text_out: EncoderOutput, image_out: EncoderOutput,
+                     negatives: tuple[EncoderOutput, EncoderOutput] | None, masked_out: EncoderOutput | None,
+                     labels: Tensor | None) -> dict[str, Tensor]:
+        """ITM over B positives and 2B negatives (ALBEF's row order, see vlp.losses.matching; ``negatives``
+        = (negative texts, negative images)) and MLM of the masked text, all pairs in one fusion call (one
+        use of the fusion weights, as for the text encoder)."""
         model = self.model
-        pair_text = _cat_tokens([text_out, text_out, neg_text])
-        pair_image = _cat_tokens([image_out, neg_image, image_out])
-        logits = model.itm_scores(model.fuse(pair_text, pair_image))
-        return itm_loss(logits, itm_labels(text_out.tokens.shape[0], device=logits.device))
+        texts: list[EncoderOutput] = []
+        images: list[EncoderOutput] = []
+        if negatives is not None:
+            texts += [text_out, text_out, negatives[0]]
+            images += [image_out, negatives[1], image_out]
+        if masked_out is not None:
+            texts.append(masked_out)
+            images.append(image_out)
+        if not texts:
+            return {}
+        fused = model.fuse(_cat_tokens(texts), _cat_tokens(images))
+        rows = text_out.tokens.shape[0]
+        terms: dict[str, Tensor] = {}
+        if negatives is not None:
+            pairs = FusionOutput(fused.text[:3 * rows], fused.image[:3 * rows], fused.pooled[:3 * rows])
+            logits = model.itm_scores(pairs)
+            terms["itm"] = itm_loss(logits, itm_labels(rows, device=logits.device))
+        if masked_out is not None and labels is not None:
+            assert model.mlm_head is not None
+            masked_states = fused.text[-rows:, :labels.shape[1]]  # the pairs may be padded to a longer text
+            terms["mlm"] = mlm_loss(model.mlm_head(masked_states).float(), labels)
+        return terms
+
+    def _weighted(self, terms: dict[str, Tensor]) -> Tensor:
+        cfg = self.config
+        weights = {"itc": cfg.itc_weight, "itm": cfg.itm_weight, "mlm": cfg.mlm_weight}
+        total = torch.zeros((), device=next(iter(terms.values())).device)
+        for key, value in terms.items():
+            total = total + weights[key] * value
+        return total
 
     def _mask(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         tok = self.model.tokenizer
         return mask_tokens(ids, mask, tok.mask_id, tok.special_ids, self.model.text_encoder.vocab_size,
                            probability=self.config.mlm_probability, generator=self.generator)
 
-    def _mlm(self, masked: Tensor, mask: Tensor, labels: Tensor, image_out: EncoderOutput) -> Tensor:
-        model = self.model
-        fused = model.fuse(model.text_encoder(masked, mask), image_out)
-        assert model.mlm_head is not None
-        return mlm_loss(model.mlm_head(fused.text).float(), labels)
+
+def _part(tensor: Tensor | None, rows: slice) -> Tensor | None:
+    return None if tensor is None else tensor[rows]
+
+
+def _split(out: EncoderOutput, start: int, stop: int) -> EncoderOutput:
+    return EncoderOutput(out.tokens[start:stop], out.mask[start:stop], out.pooled[start:stop])
 
 
 def _rows(gathered: EncoderOutput, index: Tensor) -> EncoderOutput:

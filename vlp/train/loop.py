@@ -216,16 +216,20 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
 
 
 def _check_test_gallery(config: Config, model: VLPModel) -> None:
-    """eval.k_test larger than a test file's gallery fails before training, not after it."""
-    e = config.eval
-    if config.data.test and e.every >= 0 and model.has_fusion:
+    """eval.k_test larger than the test gallery fails before training, not after it."""
+    e, d = config.eval, config.data
+    if e.every < 0 or not model.has_fusion or not (d.test or d.source == "synthetic"):
+        return
+    gallery, where = d.synthetic_test_size, "data.synthetic_test_size"  # synthetic scenes have >= 1 caption each
+    if d.test:
         from vlp.train.eval_data import retrieval_split_for
 
         split = retrieval_split_for(config, model.image_encoder.image_size)
-        gallery = min(split.num_images, len(split.captions), e.max_images or split.num_images)
-        if e.k_test > gallery:
-            raise UserError(f"config key 'eval.k_test' = {e.k_test}: larger than the {gallery}-image test gallery "
-                            f"of data.test {config.data.test}")
+        gallery, where = min(split.num_images, len(split.captions)), f"data.test {d.test}"
+    gallery = min(gallery, e.max_images) if e.max_images > 0 else gallery
+    if e.k_test > gallery:
+        raise UserError(f"config key 'eval.k_test' = {e.k_test}: larger than the {gallery}-image test gallery "
+                        f"({where}, eval.max_images)")
 
 
 def _final_writer(config: Config, job: TrainingJob) -> Callable[[Path], None]:
