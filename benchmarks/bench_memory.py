@@ -18,8 +18,10 @@ Memory outside the tensor allocator (Python objects, library scratch space) is n
 configuration runs in a fresh subprocess; its peak RSS growth during the step (``ru_maxrss``, glibc
 heap kept by ``tune_allocator``) is recorded beside it as a cross-check. CUDA (``--device cuda``):
 ``torch.cuda.max_memory_allocated`` minus the allocated bytes before the step.
-Times are wall-clock seconds of a second step (the first one warms caches), on a machine whose cores
-other processes may share (the load averages are in the JSON).
+Times are wall-clock seconds: the fastest of ``--reps`` further steps, or with ``--reps 0`` (the quick
+default, to stay within a few minutes) the measured step itself, profiler and first-step warm-up
+included alike for every configuration. Other processes may share the cores (the load averages are in
+the JSON).
 
     python benchmarks/bench_memory.py [--size tiny|quick|full] [--smoke] [--in-process] [--device cpu|cuda]
 """
@@ -48,19 +50,20 @@ WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "at", "the
 # widths and depths); full: the sizes the targets name.
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"base_image": 32, "base_batch": 4, "small_image": 32, "small_batch": 32, "chunk": 8,
-             "unchunked_big": True, "reps": 1, "tiny_models": True},
+             "unchunked_big": True, "reps": 0, "tiny_models": True},
     "quick": {"base_image": 128, "base_batch": 4, "small_image": 64, "small_batch": 512, "chunk": 32,
-              "unchunked_big": True, "reps": 1, "tiny_models": False},
+              "unchunked_big": True, "reps": 0, "tiny_models": False},
     "full": {"base_image": 224, "base_batch": 16, "small_image": 224, "small_batch": 512, "chunk": 32,
              "unchunked_big": False, "reps": 2, "tiny_models": False},
 }
 
 
-def _model_dicts(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _model_dicts(cfg: dict[str, Any], base_tokenizer: str = "synthetic") -> dict[str, dict[str, Any]]:
     import yaml
 
     base: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "models" / "albef_base.yaml").read_text())["model"]
     base["image"]["image_size"] = cfg["base_image"]
+    base["text"]["tokenizer"] = base_tokenizer
     small: dict[str, Any] = {
         "name": "small",
         "image": {"type": "vit", "image_size": cfg["small_image"], "patch_size": 16, "width": 384, "depth": 12,
@@ -153,6 +156,7 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
                 param.grad.zero_()
 
     rss_before = _rss_bytes() if device.type == "cpu" else 0
+    start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -162,8 +166,9 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
         peak = torch.cuda.max_memory_allocated(device) - start_bytes
     else:
         peak = _cpu_peak_bytes(step)
+    measured_seconds = time.perf_counter() - start
     rss_peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    times = [float("nan")] if reps == 0 else []
+    times = []
     for _ in range(reps):
         start = time.perf_counter()
         step()
@@ -172,12 +177,13 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
         times.append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
     return {**case, "params": params, "peak_activation_bytes": peak, "rss_peak_growth_bytes": rss_peak_growth,
-            "step_seconds": min(times), "step_seconds_all": times, "losses": losses}
+            "step_seconds": min(times) if times else measured_seconds, "timed_steps": times,
+            "measured_step_seconds": measured_seconds, "losses": losses}
 
 
 def _run_in_subprocess(name: str, args: Any) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker-case", name, "--size", args.size, "--device", args.device,
-               "--threads", str(args.threads), "--reps", str(args.reps)]
+               "--threads", str(args.threads), "--reps", str(args.reps), "--base-tokenizer", args.base_tokenizer]
     if args.no_tune_allocator:
         command.append("--no-tune-allocator")
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -197,19 +203,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="run every configuration in this process "
                         "(no fresh subprocess per configuration: no RSS cross-check; --smoke implies it)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--base-tokenizer", choices=("synthetic", "clip"), default="synthetic",
+                        help="vocabulary of the base model: with clip's 49k BPE tokens the tied MLM embedding adds "
+                             "parameter-sized gradient buffers that checkpointing cannot remove")
     parser.add_argument("--worker-case", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cfg = sizes_for(args.size, SIZES)
     args.reps = args.reps or cfg["reps"]
     settings = setup(args)
     device = torch.device(args.device)
-    models, cases = _model_dicts(cfg), _cases(cfg)
+    models, cases = _model_dicts(cfg, args.base_tokenizer), _cases(cfg)
     if args.worker_case:
         print(json.dumps(run_case(cases[args.worker_case], models, device, args.reps)))
         return 0
 
     in_process = args.in_process or args.size == "tiny"
     report = Report("bench_memory", args, {**settings, **cfg, "device": args.device, "in_process": in_process,
+                                           "base_tokenizer": args.base_tokenizer,
                                            "memory_method": "cuda max_memory_allocated" if device.type == "cuda"
                                            else "torch.profiler CPU allocator events (peak of running sum)"})
     results: dict[str, dict[str, Any]] = {}

@@ -117,7 +117,7 @@ CASES: list[tuple[list[str], str]] = [
      "--image-root: directory not found: nowhere"),
     (["eval", "retrieval", *EVAL, "--data", "{D}/test.json", "--k-test", "0"], "--k-test must be positive, got 0"),
     (["eval", "retrieval", *EVAL, "--data", "{D}/test.json", "--k-test", "100"],
-     "--k-test 100: larger than the gallery of"),
+     "--k-test: k_test=100 is larger than the gallery of"),
     (["eval", "retrieval", *EVAL, "--data", "{T}/bad.json"], "bad.json:1: malformed JSON"),
     (["eval", "retrieval", *EVAL, "--data", "{D}/vqa_test.json"], "vqa_test.json: entry 0: missing key 'caption'"),
     (["eval", "retrieval", *EVAL, "--data", "{D}/test.json", "--batch-size", "many"],

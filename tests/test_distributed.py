@@ -35,6 +35,7 @@ from vlp.objectives import PretrainObjective
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "demo_tiny.yaml"  # albef_base_tiny: ITM and MLM heads, fusion
+ALBEF_TINY = ROOT / "configs" / "pretrain" / "albef_4m_tiny.yaml"  # + MLM, momentum encoder, queue of 32
 WORLD, BATCH = 2, 4  # per-rank batch; global batch 8
 WDS_SIZES = [6] * 8  # 8 equal shards: 48 samples; 2 ranks x 2 workers x 2 shards of 6 = 3 batches of 4
 WDS_UNEVEN = [5, 9, 3, 7]
@@ -150,7 +151,9 @@ def _epoch(dataset: Any, epoch: int, skip: int = 0, workers: int = 2) -> list[li
 
     dataset.set_epoch(epoch)
     dataset.skip_batches(skip)
-    loader = DataLoader(dataset, batch_size=STREAM_BATCH, num_workers=workers, collate_fn=_ids, drop_last=True)
+    # fork: under mp.spawn the workers would otherwise be spawned too, re-importing everything each epoch
+    loader = DataLoader(dataset, batch_size=STREAM_BATCH, num_workers=workers, collate_fn=_ids, drop_last=True,
+                        multiprocessing_context="fork" if workers else None)
     return list(loader)
 
 
@@ -215,7 +218,7 @@ def _max_grad_error(result: dict[str, torch.Tensor], reference: dict[str, torch.
     return max(float((result[name] - reference[name]).abs().max()) for name in reference if name != "loss")
 
 
-def test_ddp_itc_gradients_equal_one_process_with_the_global_batch(ranks: list[dict[str, Any]]) -> None:
+def test_ddp_itc_gradients_equal_a_single_process_on_the_global_batch(ranks: list[dict[str, Any]]) -> None:
     reference = _itc_grads(slice(0, WORLD * BATCH))
     assert len(reference) > 20  # both encoders, both projections and the temperature
     for result in ranks:
@@ -234,7 +237,7 @@ def test_a_gather_without_gradient_is_caught(ranks: list[dict[str, Any]]) -> Non
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def test_sharded_retrieval_equals_one_process(ranks: list[dict[str, Any]]) -> None:
+def test_sharded_retrieval_equals_a_single_process(ranks: list[dict[str, Any]]) -> None:
     from vlp.eval.retrieval import evaluate_retrieval
 
     model = _model()
@@ -246,7 +249,7 @@ def test_sharded_retrieval_equals_one_process(ranks: list[dict[str, Any]]) -> No
             assert result[key] == single, key
 
 
-def test_sharded_vqa_equals_one_process(ranks: list[dict[str, Any]]) -> None:
+def test_sharded_vqa_equals_a_single_process(ranks: list[dict[str, Any]]) -> None:
     from vlp.eval.vqa import evaluate_vqa
 
     vqa_model, questions, load_image, vocab = _vqa_setup()
@@ -296,8 +299,9 @@ def _free_port() -> int:
 
 
 def _torchrun(run_dir: Path, *overrides: str, resume: bool = False) -> None:
+    """``vlp pretrain`` of albef_4m_tiny (ITC with momentum distillation and queue, ITM, MLM) on 2 ranks."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-               "--master_port", str(_free_port()), "-m", "vlp.cli.main", "pretrain", str(TINY),
+               "--master_port", str(_free_port()), "-m", "vlp.cli.main", "pretrain", str(ALBEF_TINY),
                "--output-dir", str(run_dir)] + [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command + (["--resume"] if resume else []), cwd=ROOT, env=env, capture_output=True,
@@ -309,7 +313,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(directory / "model.safetensors"))
 
 
-def test_torchrun_pretrain_and_exact_resume(tmp_path: Path) -> None:
+def test_torchrun_pretrain_then_exact_resume(tmp_path: Path) -> None:
     # 48 samples / (8 x 2 ranks) = 3 batches per epoch: the resumed part crosses an epoch boundary
     common = ("train.max_steps=4", "train.checkpoint_every=2", "data.synthetic_train_size=48")
     straight = tmp_path / "straight"
@@ -330,14 +334,16 @@ def test_torchrun_pretrain_and_exact_resume(tmp_path: Path) -> None:
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_two_process_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+def test_torchrun_checkpoint_resumes_on_another_world_size(tmp_path: Path) -> None:
     from vlp.train.loop import pretrain
 
     run = tmp_path / "run"
     _torchrun(run, "train.max_steps=1", "train.checkpoint_every=0")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]  # one checkpoint
     checkpoint = _weights(run / "checkpoints" / "step_1")
-    config = load_config(TINY, ["train.max_steps=2", "train.checkpoint_every=0"])
+    queue = safetensors.torch.load_file(str(run / "checkpoints" / "step_1" / "objective.safetensors"))
+    assert int(queue["queue.ptr"]) == 8 * WORLD  # the queue took the gathered momentum features of both ranks
+    config = load_config(ALBEF_TINY, ["train.max_steps=2", "train.checkpoint_every=0"])
     pretrain(config, output_dir=run, resume=True)  # one process now: weights, optimizer, position carry over
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]

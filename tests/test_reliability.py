@@ -336,7 +336,14 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path: Path,
     process.send_signal(signal.SIGKILL)
     assert process.wait(60) == -signal.SIGKILL
     assert not (tmp_path / "run" / "final").exists()  # killed mid-run (normally during step 3), not after it
-    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name in ("step_2", "step_4")
+    latest = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert latest is not None and latest.name in ("step_2", "step_4")
+    # the full training state, loadable with weights_only=True (tensors and plain values only)
+    trainer = ckpt.load_trainer_state(latest / "trainer_state.pt")
+    assert {"optimizer", "scheduler", "step", "epoch", "batches_in_epoch", "rng", "rng_ranks"} <= set(trainer)
+    assert trainer["optimizer"]["state"] and set(trainer["rng"]) >= {"python", "numpy", "torch"}
+    assert (trainer["epoch"], trainer["batches_in_epoch"]) == (0, trainer["step"])  # 2 of the epoch's 4 batches
+    assert {k.split(".")[0] for k in load_file(str(latest / "objective.safetensors"))} == {"momentum", "queue"}
     _resume_and_compare(tmp_path / "run", straight)
 
 
@@ -348,6 +355,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path: Path, s
     assert process.wait(60) == -signal.SIGKILL
     partial = [p for p in root.iterdir() if p.name.startswith(".tmp-step_4")]
     assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()  # a half-written checkpoint
+    (root / "step_99").mkdir()  # a step directory without the COMPLETE marker is no checkpoint either
     assert ckpt.latest_checkpoint(root) == root / "step_2"
     _resume_and_compare(tmp_path / "run", straight)
     assert not partial[0].exists()  # the next save removed the leftover

@@ -152,6 +152,14 @@ def test_report_leaves_out_missing_parts(run_dir: Path, tmp_path: Path) -> None:
     assert (partial / "plots" / "loss.png").is_file()
     for src in page.images:
         _load(src, partial)
+    # an unloadable final/ checkpoint leaves out only the examples, and the page says why
+    broken = tmp_path / "broken"
+    (broken / "final").mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", broken / "config.yaml")
+    (broken / "final" / "config.yaml").write_text("format_version: 99\n")
+    assert _parse(write_report(broken)).sections == ["summary", "config"]
+    assert "retrieval examples: " in (broken / "report.html").read_text()
+    assert "unsupported checkpoint format_version 99" in (broken / "report.html").read_text()
 
 
 def test_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,7 +68,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     gallery = min(split.num_images, len(split.captions))
     fused = isinstance(fusion, dict) and fusion.get("type", "none") != "none"
     if fused and args.k_test > gallery:  # checked before the model loads
-        raise UserError(f"--k-test {args.k_test}: larger than the gallery of {args.data} "
+        raise UserError(f"--k-test: k_test={args.k_test} is larger than the gallery of {args.data} "
                         f"({split.num_images} images, {len(split.captions)} captions)")
     model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
     result = evaluate_retrieval(model, split, model.image_transform(train=False), k_test=args.k_test,

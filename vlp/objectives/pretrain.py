@@ -326,7 +326,9 @@ class PretrainObjective(Objective):
         if masked_out is not None and labels is not None:
             assert model.mlm_head is not None
             masked_states = fused.text[-rows:, :labels.shape[1]]  # the pairs may be padded to a longer text
-            terms["mlm"] = mlm_loss(model.mlm_head(masked_states).float(), labels)
+            # the vocabulary projection only where there is a label: [B, T, V] logits are large for a BPE vocabulary
+            selected = labels != IGNORE_INDEX
+            terms["mlm"] = mlm_loss(model.mlm_head(masked_states[selected]).float(), labels[selected])
         return terms
 
     def _weighted(self, terms: dict[str, Tensor]) -> Tensor:

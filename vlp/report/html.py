@@ -76,7 +76,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 class _Report:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.missing: list[str] = []
+        self.notes: list[str] = []  # why a section that had inputs was still left out
         config_path = root / "config.yaml"
         self.config_text = config_path.read_text() if config_path.is_file() else None
         metrics_path = root / "metrics.jsonl"
@@ -159,8 +159,12 @@ class _Report:
         from vlp.report.examples import retrieval_examples
         from vlp.train.eval_data import retrieval_split_for
 
-        model = VLPModel.from_pretrained(self.root / "final")
-        split = retrieval_split_for(load_config(self.root / "config.yaml"), model.image_encoder.image_size)
+        try:  # a report should still come out when only the examples cannot be made
+            model = VLPModel.from_pretrained(self.root / "final")
+            split = retrieval_split_for(load_config(self.root / "config.yaml"), model.image_encoder.image_size)
+        except UserError as err:
+            self.notes.append(f"retrieval examples: {err}")
+            return None
         if split is None:
             return None
         return _examples_html(retrieval_examples(model, split))
@@ -239,6 +243,8 @@ def write_report(run_dir: str | Path) -> Path:
     if missing:
         bodies["summary"] = (bodies["summary"] or "") + (
             '<p class="missing">Not in this run (left out): ' + html.escape(", ".join(missing)) + ".</p>")
+    bodies["summary"] = (bodies["summary"] or "") + "".join(
+        f'<p class="missing">{html.escape(note)}</p>' for note in report.notes)
     title = f"vlp run report: {root.resolve().name}"
     nav = "".join(f'<a href="#{key}">{SECTIONS[key]}</a>' for key, body in bodies.items() if body is not None)
     sections = "".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>{body}</section>'

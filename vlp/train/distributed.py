@@ -162,10 +162,11 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False,
                block_types: tuple[type[nn.Module], ...] | None = None) -> nn.Module:
     """Wrap ``model`` for data-parallel training; a single process gets ``model`` back unchanged.
 
-    ``fsdp=False``: ``DistributedDataParallel`` with ``static_graph=True``: the parameters a step uses are fixed
-    by the config (an MLM head with ``mlm_weight: 0``, or the projections during VQA fine-tuning, never get a
-    gradient), so DDP records the unused ones in the first step and skips them from then on, without
-    ``find_unused_parameters``' graph walk at every step; reentrant activation checkpointing works too.
+    ``fsdp=False``: ``DistributedDataParallel`` with ``find_unused_parameters=True``: presets carry heads that
+    an objective may not use (an MLM head with ``mlm_weight: 0``; the projections and ITM head during VQA
+    fine-tuning), and their parameters must not hold up the gradient all-reduce. (``static_graph=True`` would
+    skip the per-step graph walk, but with this torch and vlp's step it left the first step's gradients
+    unreduced, so the ranks drifted apart; tests/test_distributed.py compares DDP gradients with one process.)
     ``broadcast_buffers=False``: vlp's buffers are constants or the feature queue, which every rank updates
     identically from gathered features (re-broadcasting a 65536-entry queue every forward would dominate the
     step). Gradients are only synchronized for backward passes through the wrapper's ``forward``.
@@ -182,19 +183,34 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False,
         # torch 2.14 renamed broadcast_buffers (init-time sync stays on under the new name, as we want)
         no_buffer_sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _ddp_parameters()
                           else {"broadcast_buffers": False})
-        return DistributedDataParallel(model, device_ids=device_ids, static_graph=True,
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True,
                                        gradient_as_bucket_view=True, **no_buffer_sync)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     types = block_types if block_types is not None else default_block_types()
+    # fully_shard rejects 0-d parameters (the learned temperature, SigLIP's bias): they stay replicated,
+    # and a hook averages their gradients over the ranks, as DDP would.
+    scalars = {param for param in model.parameters() if param.dim() == 0}
+    for param in scalars:
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(_average_gradient)
     # Children before parents: a block nested in another block (rare) must be sharded first.
     blocks = [module for module in model.modules() if isinstance(module, types) and module is not model]
     for block in reversed(blocks):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, ignored_params=scalars)
+        if hasattr(block, "forward_with_weights"):  # the fusion stacks call it instead of forward
+            register_fsdp_forward_method(block, "forward_with_weights")
+    fully_shard(model, mesh=mesh, ignored_params=scalars)
     return model
+
+
+def _average_gradient(param: Tensor) -> None:
+    # Re-averaging an accumulated gradient is harmless: the part from earlier micro-batches is equal everywhere.
+    assert param.grad is not None
+    dist.all_reduce(param.grad)
+    param.grad /= dist.get_world_size()
 
 
 # ---------------------------------------------------------------------------------------- per-rank state
@@ -324,6 +340,8 @@ def full_state_dicts(root: nn.Module) -> Iterator[None]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # own storage for each: the gathered tensors can be views of one buffer, which safetensors refuses
+    full = {key: value.clone() if isinstance(value, Tensor) else value for key, value in full.items()}
     handles = []
     for name, module in root.named_modules():
         own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
