@@ -17,7 +17,10 @@ install: $(STAMP)
 # Pretrain the demo config on the embedded synthetic data, evaluate retrieval, write runs/demo/.
 demo: $(STAMP)
 	$(VENV)/bin/vlp pretrain configs/pretrain/demo.yaml --output-dir runs/demo
+	$(VENV)/bin/python -m vlp.explain runs/demo/final > runs/demo/explain.json
 	$(VENV)/bin/vlp report runs/demo
+	@cat runs/demo/explain.json
+	@echo "runs/demo: metrics.jsonl, plots/, eval_retrieval.json, report.html, final/"
 
 test: $(STAMP)
 	$(PY) -m pytest -x --durations=15

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny test models: one thread avoids oversubscription
 
 from vlp.runtime import tune_allocator  # noqa: E402
 

@@ -468,3 +468,10 @@ def test_converted_blip_finetunes_with_a_momentum_encoder(blip_source: tuple[Any
     before, _, _ = vlp.load(out)
     changed = [not torch.equal(a, b) for a, b in zip(model.fusion.parameters(), before.fusion.parameters())]
     assert any(changed)
+
+
+def test_cli_source_list_matches_the_converters() -> None:
+    import vlp.cli.convert
+    import vlp.convert
+
+    assert vlp.cli.convert.SOURCES == vlp.convert.SOURCES

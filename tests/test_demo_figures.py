@@ -40,7 +40,7 @@ def test_vqa_finetune_beats_majority_answer(tmp_path: Path) -> None:
 
     run = tmp_path / "vqa"
     assert main(["finetune", "vqa", str(ROOT / "configs/finetune/vqa.yaml"), "--init", str(DEMO / "final"),
-                 "--output-dir", str(run), "--set", "train.progress=false"]) == 0
+                 "--output-dir", str(run), "--set", "train.progress=false", "--set", "train.max_steps=300"]) == 0
     metrics = json.loads((run / "eval_vqa.json").read_text())
     config = load_config(ROOT / "configs/finetune/vqa.yaml")
     questions = synthetic_vqa(SyntheticScenes(config.data.synthetic_test_size, seed=config.data.synthetic_seed,
@@ -75,7 +75,8 @@ def test_zeroshot_above_chance(tmp_path: Path) -> None:
 def test_retrieval_finetune_improves_r1(tmp_path: Path) -> None:
     run = tmp_path / "ret"
     assert main(["finetune", "retrieval", str(ROOT / "configs/finetune/retrieval.yaml"), "--init",
-                 str(DEMO / "final"), "--output-dir", str(run), "--set", "train.progress=false"]) == 0
+                 str(DEMO / "final"), "--output-dir", str(run), "--set", "train.progress=false",
+                 "--set", "train.max_steps=200"]) == 0
     before, after = _retrieval(DEMO), _retrieval(run)
     print(f"retrieval fine-tuning: text->image R@1 {before['itm']['img_r1']:.1f} -> {after['itm']['img_r1']:.1f}, "
           f"image->text R@1 {before['itm']['txt_r1']:.1f} -> {after['itm']['txt_r1']:.1f}")

@@ -17,9 +17,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_command(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    from vlp.convert import SOURCES
+# Spelled out here so that building the parser does not import the converters (torch, transformers);
+# tests/test_convert.py checks it equals vlp.convert.SOURCES.
+SOURCES = ("open_clip", "clip", "blip_itm", "vilt", "siglip")
 
+
+def add_command(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("convert", help="convert a local Hugging Face / open_clip checkpoint into a vlp checkpoint",
                        description="Map a local checkpoint's weights onto vlp's encoders, fusion and heads and write "
                                    "a vlp checkpoint (with the source's tokenizer and image mean/std) plus "
