@@ -58,9 +58,13 @@ _COUNT_WORDS = ("one", "two", "three")
 _COUNT_ANSWERS = ("1", "2", "3", "4")
 _QUESTIONS_PER_IMAGE = 8  # question_id = image index * this + question number
 
+# Prompt ensembles in the captions' own phrasing (CLIP averages 80 templates for ImageNet): every caption
+# names size, color and position, so a class prompt is averaged over the attributes it does not name.
 ZEROSHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "shape": ("a picture of a {}", "there is a {}", "one shape: a {}"),
-    "color": ("a picture of a {} shape", "there is a {} shape", "one shape: a {} shape"),
+    "shape": tuple(f"one shape: a {size} {color} {{}} {where}"
+                   for size in SIZES for color in COLORS for where in _POSITION_PHRASES),
+    "color": tuple(f"one shape: a {size} {{}} {shape} {where}"
+                   for size in SIZES for shape in SHAPES for where in _POSITION_PHRASES),
 }
 
 # (cell, color, shape, size) indices; a scene keeps its objects sorted by cell, which makes it canonical.
