@@ -19,11 +19,12 @@ configuration runs in a fresh subprocess; the growth of its peak RSS (``ru_maxrs
 the warm-up step to the end of the measured step is recorded beside it as a cross-check (an upper bound:
 it also holds the profiler's own buffers and heap fragmentation). CUDA (``--device cuda``):
 ``torch.cuda.max_memory_allocated`` minus the allocated bytes before the step.
-Times are wall-clock seconds: the fastest of ``--reps`` further steps, or with ``--reps 0`` (the quick
-default, to stay within a few minutes) the measured step itself, profiler included alike for every
-configuration; an untimed warm-up step on the first 32 rows precedes it. Other processes may share the
-cores (the load averages are in the JSON); ``--threads 1`` keeps small kernels from waiting on a busy
-second core.
+Times are seconds of process CPU time on CPU (what this process computed: waiting for a core that
+other processes hold does not count, so use ``--threads 1``, where no thread spins waiting for another)
+and of wall-clock time on CUDA: the fastest of ``--reps`` further steps (at least 3 for batches of at
+most 32 rows, which take seconds), or with ``--reps 0`` (the quick default, to stay within a few
+minutes) the measured step itself, profiler included; an untimed warm-up step on the first 32 rows
+precedes it. Wall-clock times are in the JSON too, with the load averages.
 
     python benchmarks/bench_memory.py [--size tiny|quick|full] [--smoke] [--in-process] [--device cpu|cuda]
 """
@@ -165,7 +166,10 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
     for param in model.parameters():
         if param.grad is not None:
             param.grad.zero_()
-    start = time.perf_counter()
+    # CPU: process time, the work of this process (a shared core's waiting does not count; with several
+    # threads it also counts their spinning on each other); CUDA: wall time after synchronizing
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    start, wall = clock(), time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -175,19 +179,22 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
         peak = torch.cuda.max_memory_allocated(device) - start_bytes
     else:
         peak = _cpu_peak_bytes(step)
-    measured_seconds = time.perf_counter() - start
+    measured, measured_wall = clock() - start, time.perf_counter() - wall
     rss_peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+    times, walls = [], []
+    # a step of at most 32 rows takes seconds: time a few, as one on a shared machine is noisy
+    for _ in range(reps if case["batch"] > WARMUP_ROWS else max(reps, 3)):
+        start, wall = clock(), time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
+        walls.append(time.perf_counter() - wall)
     params = sum(p.numel() for p in model.parameters())
     return {**case, "params": params, "peak_activation_bytes": peak, "rss_peak_growth_bytes": rss_peak_growth,
-            "step_seconds": min(times) if times else measured_seconds, "timed_steps": times,
-            "measured_step_seconds": measured_seconds, "losses": losses}
+            "step_seconds": min(times) if times else measured, "step_clock": clock.__name__,
+            "timed_steps": times, "timed_steps_wall": walls, "measured_step_seconds": measured,
+            "measured_step_wall_seconds": measured_wall, "losses": losses}
 
 
 def _run_in_subprocess(name: str, args: Any) -> dict[str, Any]:

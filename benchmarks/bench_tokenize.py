@@ -26,7 +26,7 @@ from common import Report, base_parser, interleaved, median, paired_ratio, setup
 
 SIZES = {
     "tiny": {"captions": 300, "reps": 1},
-    "quick": {"captions": 50_000, "reps": 3},
+    "quick": {"captions": 20_000, "reps": 3},
     "full": {"captions": 100_000, "reps": 5},
 }
 CONTEXT = 77

@@ -33,7 +33,7 @@ SIZES = {
     "tiny": {"batch": 2, "image_size": 32, "patch": 16, "width": 64, "heads": 2, "image_layers": 1, "text_layers": 1,
              "fusion_layers": 1, "fused_text_layers": 1, "context": 77, "reps": 1, "precisions": ["bf16"]},
     "quick": {"batch": 16, "image_size": 224, "patch": 16, "width": 384, "heads": 6, "image_layers": 12,
-              "text_layers": 12, "fusion_layers": 3, "fused_text_layers": 6, "context": 77, "reps": 2,
+              "text_layers": 12, "fusion_layers": 3, "fused_text_layers": 6, "context": 77, "reps": 1,
               "precisions": ["bf16"]},
     "full": {"batch": 16, "image_size": 224, "patch": 16, "width": 384, "heads": 6, "image_layers": 12,
              "text_layers": 12, "fusion_layers": 3, "fused_text_layers": 6, "context": 77, "reps": 4,
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or cfg["reps"]
     settings = setup(args)
     report = Report("bench_train", args, {**settings, **cfg, "reps": reps})
-    size = 512 if args.size == "tiny" else 2048
+    size = 256 if args.size == "tiny" else 2048
     peaks = {"bf16": matmul_peak(torch.bfloat16, size), "fp32": matmul_peak(torch.float32, size)}
     start = time.perf_counter()
     if args.only in (None, "clip"):

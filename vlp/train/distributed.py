@@ -315,12 +315,21 @@ def unsharded(root: nn.Module) -> Iterator[None]:
     so ranks may run different numbers of them. No-op without FSDP.
     """
     modules = fsdp_modules(root)
+    if not modules:
+        yield
+        return
     for module in modules:
         module.unshard()  # type: ignore[operator]
         module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+    # A block called outside the root's forward would take itself for the start of a new iteration and, at
+    # its end, reshard every group "left over" from it (then the next call all-gathers: ranks doing unequal
+    # work hang). Marking the root as the running iteration's root keeps every block's hooks local.
+    context = root._get_fsdp_state()._state_ctx  # type: ignore[operator]
+    context.iter_forward_root = root._get_fsdp_state()  # type: ignore[operator]
     try:
         yield
     finally:
+        context.iter_forward_root = None
         for module in modules:
             module.reshard()  # type: ignore[operator]
             # FSDP's own default: the root keeps its parameters for the backward that follows its forward
