@@ -15,16 +15,16 @@ allocation and free of the CPU allocator during the step; the figure is the peak
 i.e. the most tensor bytes the step held at once beyond what existed before it (parameters, the batch,
 and the gradients, which are allocated before the step so that they do not count as activations).
 Memory outside the tensor allocator (Python objects, library scratch space) is not counted. Each
-configuration runs in a fresh subprocess; the growth of its peak RSS (``ru_maxrss``) from just before
-the warm-up step to the end of the measured step is recorded beside it as a cross-check (an upper bound:
-it also holds the profiler's own buffers and heap fragmentation). CUDA (``--device cuda``):
+configuration runs in a fresh subprocess; for the four configurations the targets compare, a first step
+runs without the profiler and the growth of the process's peak RSS (``ru_maxrss``) over it is recorded as
+a cross-check (it also holds heap fragmentation and non-tensor memory); the other configurations warm
+up on 32 rows instead. CUDA (``--device cuda``):
 ``torch.cuda.max_memory_allocated`` minus the allocated bytes before the step.
 Times are seconds of process CPU time on CPU (what this process computed: waiting for a core that
 other processes hold does not count, so use ``--threads 1``, where no thread spins waiting for another)
 and of wall-clock time on CUDA: the fastest of ``--reps`` further steps (at least 3 for batches of at
 most 32 rows, which take seconds), or with ``--reps 0`` (the quick default, to stay within a few
-minutes) the measured step itself, profiler included; an untimed warm-up step on the first 32 rows
-precedes it. Wall-clock times are in the JSON too, with the load averages.
+minutes) the measured step itself, profiler included, after the first (RSS or warm-up) step. Wall-clock times are in the JSON too, with the load averages.
 
     python benchmarks/bench_memory.py [--size tiny|quick|full] [--smoke] [--in-process] [--device cpu|cuda]
 """
@@ -92,17 +92,21 @@ def _cases(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     albef = {"itm_weight": 1.0, "mlm_weight": 1.0}
     contrastive_itm = {"itm_weight": 1.0, "mlm_weight": 0.0}
     cases = {
-        "base_plain": {"model": "base", "batch": cfg["base_batch"], "ckpt": False, "chunk": 0, "objective": albef},
-        "base_checkpointed": {"model": "base", "batch": cfg["base_batch"], "ckpt": True, "chunk": 0, "objective": albef},
-        f"small_batch{chunk}": {"model": small, "batch": chunk, "ckpt": False, "chunk": 0, "objective": contrastive_itm},
+        "base_plain": {"model": "base", "batch": cfg["base_batch"], "ckpt": False, "chunk": 0, "objective": albef,
+                       "rss": True},
+        "base_checkpointed": {"model": "base", "batch": cfg["base_batch"], "ckpt": True, "chunk": 0,
+                              "objective": albef, "rss": True},
+        f"small_batch{chunk}": {"model": small, "batch": chunk, "ckpt": False, "chunk": 0,
+                                "objective": contrastive_itm, "rss": True},
         f"small_batch{big}_chunk{chunk}": {"model": small, "batch": big, "ckpt": False, "chunk": chunk,
-                                           "objective": contrastive_itm},
+                                           "objective": contrastive_itm, "rss": True},
+        # the extra figures: one (profiled) step each, after a warm-up on 32 rows
         f"small_batch{big}_chunk{chunk}_checkpointed": {"model": small, "batch": big, "ckpt": True, "chunk": chunk,
-                                                        "objective": contrastive_itm},
+                                                        "objective": contrastive_itm, "rss": False},
     }
     if cfg["unchunked_big"]:
         cases[f"small_batch{big}"] = {"model": small, "batch": big, "ckpt": False, "chunk": 0,
-                                      "objective": contrastive_itm}
+                                      "objective": contrastive_itm, "rss": False}
     return cases
 
 
@@ -152,20 +156,22 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
         param.grad = torch.zeros_like(param)
     losses: dict[str, float] = {}
 
-    def step() -> None:
-        out = objective.training_step(batch)
+    def step(rows: dict[str, torch.Tensor] = batch) -> None:
+        out = objective.training_step(rows)
         losses.update({k: float(v) for k, v in out.terms.items()})
         for param in model.parameters():
             if param.grad is not None:
                 param.grad.zero_()
 
-    rss_before = _rss_bytes() if device.type == "cpu" else 0
-    # warm-up (untimed): process-level initialization and the kernels of one chunk-sized batch
-    warm = {k: v[:min(case["batch"], WARMUP_ROWS)] for k, v in batch.items()}
-    objective.training_step(warm)
-    for param in model.parameters():
-        if param.grad is not None:
-            param.grad.zero_()
+    rss_growth = None
+    if case["rss"] and device.type == "cpu":
+        # a first step without the profiler (whose own buffers would count): the growth of the process's
+        # peak RSS cross-checks the tensor peak measured next
+        rss_before = _rss_bytes()
+        step()
+        rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    else:  # warm-up (untimed): process-level initialization and the kernels of one chunk-sized batch
+        step({k: v[:min(case["batch"], WARMUP_ROWS)] for k, v in batch.items()})
     # CPU: process time, the work of this process (a shared core's waiting does not count; with several
     # threads it also counts their spinning on each other); CUDA: wall time after synchronizing
     clock = time.perf_counter if device.type == "cuda" else time.process_time
@@ -180,7 +186,6 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
     else:
         peak = _cpu_peak_bytes(step)
     measured, measured_wall = clock() - start, time.perf_counter() - wall
-    rss_peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     times, walls = [], []
     # a step of at most 32 rows takes seconds: time a few, as one on a shared machine is noisy
     for _ in range(reps if case["batch"] > WARMUP_ROWS else max(reps, 3)):
@@ -191,7 +196,7 @@ def run_case(case: dict[str, Any], models: dict[str, dict[str, Any]], device: to
         times.append(clock() - start)
         walls.append(time.perf_counter() - wall)
     params = sum(p.numel() for p in model.parameters())
-    return {**case, "params": params, "peak_activation_bytes": peak, "rss_peak_growth_bytes": rss_peak_growth,
+    return {**case, "params": params, "peak_activation_bytes": peak, "rss_peak_growth_bytes": rss_growth,
             "step_seconds": min(times) if times else measured, "step_clock": clock.__name__,
             "timed_steps": times, "timed_steps_wall": walls, "measured_step_seconds": measured,
             "measured_step_wall_seconds": measured_wall, "losses": losses}

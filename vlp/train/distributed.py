@@ -38,7 +38,6 @@ __all__ = [
     "mean_over_ranks",
     "equal_rows",
     "fsdp_modules",
-    "unsharded",
     "full_state_dicts",
     "optimizer_state",
     "load_optimizer_state",
@@ -307,36 +306,6 @@ def fsdp_modules(root: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def unsharded(root: nn.Module) -> Iterator[None]:
-    """Full parameters on every rank inside the block, for code that calls sub-modules directly (evaluation
-    calls ``model.image_features`` etc., which FSDP's hooks on the root would never see).
-
-    Under FSDP this is a collective (every rank enters); forwards inside neither gather nor free parameters,
-    so ranks may run different numbers of them. No-op without FSDP.
-    """
-    modules = fsdp_modules(root)
-    if not modules:
-        yield
-        return
-    for module in modules:
-        module.unshard()  # type: ignore[operator]
-        module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
-    # A block called outside the root's forward would take itself for the start of a new iteration and, at
-    # its end, reshard every group "left over" from it (then the next call all-gathers: ranks doing unequal
-    # work hang). Marking the root as the running iteration's root keeps every block's hooks local.
-    context = root._get_fsdp_state()._state_ctx  # type: ignore[operator]
-    context.iter_forward_root = root._get_fsdp_state()  # type: ignore[operator]
-    try:
-        yield
-    finally:
-        context.iter_forward_root = None
-        for module in modules:
-            module.reshard()  # type: ignore[operator]
-            # FSDP's own default: the root keeps its parameters for the backward that follows its forward
-            module.set_reshard_after_forward(module is not root, recurse=False)  # type: ignore[operator]
-
-
-@contextlib.contextmanager
 def full_state_dicts(root: nn.Module) -> Iterator[None]:
     """Inside the block, ``state_dict()`` of ``root`` or any sub-module holds full, unsharded CPU tensors on
     rank 0, so the checkpoint writers (``save_pretrained``, safetensors) work unchanged under FSDP.
@@ -349,8 +318,14 @@ def full_state_dicts(root: nn.Module) -> Iterator[None]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # own storage for each: the gathered tensors can be views of one buffer, which safetensors refuses
+    # own storage for each: the gathered tensors can be views of one buffer, which safetensors refuses;
+    # tied parameters (the MLM decoder and the word embeddings) share one copy again, as in the model
     full = {key: value.clone() if isinstance(value, Tensor) else value for key, value in full.items()}
+    first_name: dict[int, str] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(id(param), name)
+        if first != name and first in full and name in full:
+            full[name] = full[first]
     handles = []
     for name, module in root.named_modules():
         own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]

@@ -41,7 +41,6 @@ from vlp.train.distributed import (
     optimizer_state,
     restore_rank_rng,
     resume_position,
-    unsharded,
 )
 from vlp.train.metrics import MetricsLogger, plot_metrics
 from vlp.train.optim import build_optimizer, scaled_lr
@@ -275,6 +274,10 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     from vlp.train.distributed import parallelize
 
     objective.set_engine(parallelize(objective, dist, config.train.fsdp, config.train.compile, config.train.seed))
+    if config.train.fsdp and dist.world_size > 1 and job.evaluate is not None:
+        # evaluation calls sub-modules directly, outside FSDP's root forward: not supported in the loop
+        log.warning("train.fsdp: no evaluation during training; run 'vlp eval' on the final/ checkpoint")
+        job.evaluate = None
 
     effective = config.data.batch_size * config.train.grad_accum * dist.world_size
     lr = scaled_lr(config.optim.lr, config.optim.base_batch_size, effective, config.optim.lr_scaling)
@@ -342,16 +345,14 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                                           f"checkpoint saved at {saved} (continue with --resume)", 128 + stop.signum)
             e = config.eval.every
             if job.evaluate is not None and e > 0 and state.step % e == 0 and state.step < config.train.max_steps:
-                with unsharded(objective):  # every rank evaluates its shard
-                    metrics.log({"step": state.step, **job.evaluate(state.step, False)})
+                metrics.log({"step": state.step, **job.evaluate(state.step, False)})  # every rank: its shard
                 window_start = time.perf_counter()
         saver.save()
         with full_state_dicts(objective):
             if main:
                 ckpt.write_atomic(run_dir / "final", _final_writer(config, job))
         if job.evaluate is not None and config.eval.every >= 0:
-            with unsharded(objective):
-                metrics.log({"step": state.step, **job.evaluate(state.step, True)})
+            metrics.log({"step": state.step, **job.evaluate(state.step, True)})
     except RuntimeError as err:  # torch's SIGCHLD handler raises this wherever the main process happens to be
         if "DataLoader worker" not in str(err):
             raise
