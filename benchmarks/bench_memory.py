@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                   higher_is_better=False,
                   note=f"{_mib(small['peak_activation_bytes']):.0f} vs {_mib(chunked['peak_activation_bytes']):.0f} MiB, "
                        f"{cfg['small_image']} px")
+    if chunked["rss_peak_growth_bytes"] and small["rss_peak_growth_bytes"]:
+        report.figure(f"chunked_{big}_vs_unchunked_{chunk}_rss_growth",
+                      chunked["rss_peak_growth_bytes"] / small["rss_peak_growth_bytes"], "x peak RSS growth",
+                      note="cross-check of the tensor peaks, first step of each process without the profiler")
     per_sample = (chunked["step_seconds"] / big) / (small["step_seconds"] / chunk)
     report.figure("chunking_time_cost_per_sample", per_sample, f"x time per sample (batch {big} in chunks of "
                   f"{chunk} / batch {chunk})", note=f"{chunked['step_seconds']:.2f} s per step of {big} vs "

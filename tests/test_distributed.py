@@ -150,11 +150,11 @@ def _epoch(dataset: Any, epoch: int, skip: int = 0, workers: int = 2) -> list[li
     from torch.utils.data import DataLoader
 
     dataset.set_epoch(epoch)
-    dataset.skip_batches(skip)
+    drop = dataset.skip_batches(skip, max(1, workers))  # as the training loop does on resume
     # fork: under mp.spawn the workers would otherwise be spawned too, re-importing everything each epoch
     loader = DataLoader(dataset, batch_size=STREAM_BATCH, num_workers=workers, collate_fn=_ids, drop_last=True,
                         multiprocessing_context="fork" if workers else None)
-    return list(loader)
+    return list(loader)[drop:]
 
 
 # ------------------------------------------------------------------------------------------ the two ranks
@@ -194,11 +194,11 @@ def _worker(rank: int, out_dir: str, data: dict[str, str]) -> None:
 
         stream = WebDatasetStream(data["even"], _to_tensor, STREAM_BATCH, shuffle_buffer=10)
         results["wds_epochs"] = [_epoch(stream, 0), _epoch(stream, 1)]
-        results["wds_resumed"] = _epoch(stream, 1, skip=3)
+        results["wds_resumed"] = [_epoch(stream, 1, skip=k) for k in (3, 4)]
         results["wds_uneven"] = _epoch(WebDatasetStream(data["uneven"], _to_tensor, STREAM_BATCH), 0)
         hf = HFStreamPairs(data["hf"], _to_tensor, STREAM_BATCH, num_workers=2, shuffle_buffer=8)
         results["hf_epoch"] = _epoch(hf, 0)
-        results["hf_resumed"] = _epoch(hf, 0, skip=1)
+        results["hf_resumed"] = _epoch(hf, 0, skip=3)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -278,8 +278,8 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(ranks: list[di
 
 def test_stream_resume_continues_with_the_same_batches(ranks: list[dict[str, Any]]) -> None:
     for result in ranks:
-        assert result["wds_resumed"] == result["wds_epochs"][1][3:]
-        assert result["hf_resumed"] == result["hf_epoch"][1:]
+        assert result["wds_resumed"] == [result["wds_epochs"][1][3:], result["wds_epochs"][1][4:]]
+        assert result["hf_resumed"] == result["hf_epoch"][3:]
 
 
 def test_hf_iterable_sees_every_row_once(ranks: list[dict[str, Any]]) -> None:
@@ -313,11 +313,19 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(directory / "model.safetensors"))
 
 
-def test_torchrun_pretrain_then_exact_resume(tmp_path: Path) -> None:
-    # 48 samples / (8 x 2 ranks) = 3 batches per epoch: the resumed part crosses an epoch boundary
-    common = ("train.max_steps=4", "train.checkpoint_every=2", "data.synthetic_train_size=48")
-    straight = tmp_path / "straight"
-    _torchrun(straight, *common)
+COMMON = ("train.max_steps=4", "train.checkpoint_every=2", "data.synthetic_train_size=48")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 steps on 2 ranks, checkpoints at steps 2 and 4. 48 samples / (8 x 2 ranks) = 3 batches per epoch:
+    a run resumed at step 2 crosses an epoch boundary."""
+    run = tmp_path_factory.mktemp("torchrun") / "straight"
+    _torchrun(run, *COMMON)
+    return run
+
+
+def test_torchrun_pretrain_then_exact_resume(straight: Path, tmp_path: Path) -> None:
     steps = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3, 4]
     assert steps[0]["effective_batch_size"] == 8 * WORLD
@@ -325,27 +333,43 @@ def test_torchrun_pretrain_then_exact_resume(tmp_path: Path) -> None:
     state = torch.load(straight / "checkpoints" / "step_2" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == WORLD and len(state["rng_ranks"]) == WORLD
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # per-rank streams
+    queue = safetensors.torch.load_file(str(straight / "checkpoints" / "step_2" / "objective.safetensors"))
+    assert int(queue["queue.ptr"]) == (2 * 8 * WORLD) % 32  # the queue took both ranks' momentum features
     # a run that died after step 2 resumes from its checkpoint and ends with the same weights
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
-    _torchrun(resumed, *common, resume=True)
+    _torchrun(resumed, *COMMON, resume=True)
     expected, got = _weights(straight / "final"), _weights(resumed / "final")
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_torchrun_checkpoint_resumes_on_another_world_size(tmp_path: Path) -> None:
+def test_torchrun_checkpoint_resumes_on_another_world_size(straight: Path, tmp_path: Path) -> None:
     from vlp.train.loop import pretrain
 
-    run = tmp_path / "run"
-    _torchrun(run, "train.max_steps=1", "train.checkpoint_every=0")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]  # one checkpoint
-    checkpoint = _weights(run / "checkpoints" / "step_1")
-    queue = safetensors.torch.load_file(str(run / "checkpoints" / "step_1" / "objective.safetensors"))
-    assert int(queue["queue.ptr"]) == 8 * WORLD  # the queue took the gathered momentum features of both ranks
-    config = load_config(ALBEF_TINY, ["train.max_steps=2", "train.checkpoint_every=0"])
+    run = tmp_path / "one_process"
+    shutil.copytree(straight / "checkpoints" / "step_2", run / "checkpoints" / "step_2")
+    checkpoint = _weights(run / "checkpoints" / "step_2")
+    config = load_config(ALBEF_TINY, ["train.max_steps=3", "train.checkpoint_every=0", "data.synthetic_train_size=48"])
     pretrain(config, output_dir=run, resume=True)  # one process now: weights, optimizer, position carry over
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "loss" in r] == [3]
+    state = torch.load(run / "checkpoints" / "step_3" / "trainer_state.pt", weights_only=True)
+    # 2 batches of 8 on 2 ranks = the first 32 of the epoch's 48 samples: one process goes on with its 5th batch
+    assert (state["epoch"], state["batches_in_epoch"]) == (0, 5)
     final = _weights(run / "final")
     assert any(not torch.equal(final[k], checkpoint[k]) for k in final)  # it trained on from the checkpoint
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_and_resumes_exactly(straight: Path, tmp_path: Path) -> None:
+    _torchrun(tmp_path / "fsdp", *COMMON, "train.fsdp=true")
+    ddp, fsdp = _weights(straight / "final"), _weights(tmp_path / "fsdp" / "final")
+    assert ddp.keys() == fsdp.keys()  # full weights, tied ones included, in the usual checkpoint
+    assert max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp) < 1e-5
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
+    _torchrun(resumed, *COMMON, "train.fsdp=true", resume=True)  # full optimizer state, loaded by name
+    again = _weights(resumed / "final")
+    assert all(torch.equal(fsdp[k], again[k]) for k in fsdp)
+    VLPModel.from_pretrained(tmp_path / "fsdp" / "final")  # loads without FSDP

@@ -28,7 +28,7 @@ REGENERATE = "python -m vlp.config.docs > docs/configs.md"
 SECTIONS = sorted({path.split(".")[0] for path, _, _ in config_sections(Config) if path})
 FILE_SUFFIXES = {"safetensors", "py", "pt", "yaml", "json", "jsonl", "png", "md", "html", "txt", "tar"}
 # keys the docs show on purpose as mistakes (the error message for a typo)
-DELIBERATE_TYPOS = {"optim.lr_rate"}
+DELIBERATE_TYPOS = {"optim.lr_rate", "data.batchsize"}
 # commands whose pages other engineers write; their lines are checked once the command is registered
 PENDING_COMMANDS = {"explain", "report"}
 

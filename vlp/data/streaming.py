@@ -15,10 +15,11 @@ With equal shards and counts that divide evenly, every sample is seen exactly on
 epoch repeats or leaves out a few samples (as webdataset's ``with_epoch`` does).
 
 Resume: a worker's stream is a function of (seed, epoch, rank, worker), so after k batches of an epoch
-worker w has made k // W of them (+1 when w < k % W). ``skip_batches(k)`` makes each worker pass over that
-many samples without decoding them, and the run continues with the batches an uninterrupted run would have
-seen, as long as the data, world size, batch size and ``num_workers`` are unchanged (else the position is
-approximate). ``datasets``' own ``IterableDataset.state_dict()`` is not used: with workers it lives in the
+worker w has made k // W of them (+1 when w < k % W). ``skip_batches(k, W)`` makes each worker pass over
+its k // W whole rounds without decoding them; the last k % W batches are read and dropped by the caller
+(a new DataLoader starts its round at worker 0). The run then continues with the batches an uninterrupted
+run would have seen, as long as the data, world size, batch size and ``num_workers`` are unchanged (else the
+position is approximate). ``datasets``' own ``IterableDataset.state_dict()`` is not used: with workers it lives in the
 worker processes, out of reach of a plain DataLoader (it needs torchdata's StatefulDataLoader).
 """
 
@@ -90,9 +91,13 @@ class EpochStream(IterableDataset[Sample | None]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.skip = epoch, 0
 
-    def skip_batches(self, count: int) -> None:
-        """Start the epoch (set by ``set_epoch`` before) after this rank's first ``count`` batches."""
-        self.skip = count
+    def skip_batches(self, count: int, workers: int = 1) -> int:
+        """Start the epoch (set by ``set_epoch`` before) after this rank's first ``count`` batches, for a
+        DataLoader with ``workers`` workers. The workers skip whole rounds (one batch each) without decoding;
+        the last ``count % workers`` batches are returned for the caller to read and drop, because a new
+        DataLoader takes its first batch from worker 0, not from the worker whose turn it was."""
+        self.skip = count - count % workers
+        return count % workers
 
     def __len__(self) -> int:
         return self.batches_per_rank() * self.batch_size

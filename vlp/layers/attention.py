@@ -23,18 +23,17 @@ def key_padding_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | No
     return rearrange(bias, "b m -> b 1 1 m")
 
 
-def explicit_attention_is_faster(q: Tensor, k: Tensor) -> bool:
-    """Whether matmul + softmax beats SDPA for these [b, h, n, d] queries and [b, h, m, d] keys.
+def explicit_attention_is_faster(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether matmul + softmax beats SDPA for these [b, h, n, d] queries and [b, h, m, d] keys/values.
 
-    Measured on CPU (benchmarks/bench_fusion.py, torch 2.14, AVX-512 Xeon): SDPA's flash kernel is slower in
-    bf16/fp16 for every fusion shape (its backward about 1.3-2x), while in fp32 it wins except for a few
-    queries against many keys (ITM re-ranking: 40 text tokens over 577 image tokens). CUDA keeps SDPA.
+    Measured on CPU (torch 2.14, AVX-512 Xeon; benchmarks/bench_fusion.py and the per-shape timings in
+    benchmarks/README.md): when gradients are needed, SDPA's bf16/fp16 flash kernel is 1.5-5x slower than
+    the explicit path (mostly its backward), which makes a whole fusion layer 7-35% faster; in fp32 and
+    without gradients (inference, re-ranking) SDPA is as fast or faster. CUDA keeps SDPA.
     """
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if q.dtype in (torch.bfloat16, torch.float16):
-        return True
-    return k.shape[-2] >= 8 * q.shape[-2]
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def attention(
@@ -45,7 +44,7 @@ def attention(
 
     SDPA by default; the explicit path when weights are asked for or when it is faster for the dtype/shape.
     """
-    if not return_weights and not explicit_attention_is_faster(q, k):
+    if not return_weights and not explicit_attention_is_faster(q, k, v):
         mask = None if key_mask is None else rearrange(key_mask.bool(), "b m -> b 1 1 m")
         if causal and mask is not None:
             n, m = q.shape[-2], k.shape[-2]
@@ -76,6 +75,8 @@ def _joint_linear(x: Tensor, layers: tuple[nn.Linear, ...]) -> Tensor:
     The parameters stay separate (checkpoint layout unchanged); one wide GEMM is faster on CPU, and under
     autocast the input is cast once and backward computes one input gradient instead of summing several.
     """
+    if any(type(layer) is not nn.Linear for layer in layers):  # e.g. LoRA-wrapped: their forward must run
+        return torch.cat([layer(x) for layer in layers], dim=-1)
     weight = torch.cat([layer.weight for layer in layers])
     biases = [layer.bias for layer in layers]
     bias = None

@@ -141,13 +141,14 @@ def batches(loader: DataLoader[Any], dataset: Any, sampler: ResumableSampler | N
     while True:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(state.epoch)
+        drop = 0 if sampler is not None else skip  # batches to read and discard here
         if sampler is not None:
             sampler.set_epoch(state.epoch, start=skip * loader.batch_size)  # type: ignore[operator]
-        elif hasattr(dataset, "skip_batches"):  # streams that skip without decoding (vlp/data/streaming.py)
-            dataset.skip_batches(skip)
+        elif hasattr(dataset, "skip_batches"):  # streams skip whole rounds undecoded (vlp/data/streaming.py)
+            drop = dataset.skip_batches(skip, max(1, loader.num_workers))
         produced = readable = False
         for i, batch in enumerate(loader):
-            if sampler is None and not hasattr(dataset, "skip_batches") and i < skip:
+            if i < drop:
                 continue
             produced = True
             readable = readable or len(batch.get("images", (None,))) > 0
