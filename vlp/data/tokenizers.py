@@ -51,7 +51,7 @@ APPENDED_MASK = "<|mask|>"
 WORD_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # open_clip's own split pattern (its specials first), applied to lowercased text.
 CLIP_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-# Text that open_clip's cleaning can change beyond case and whitespace (which the Rust normalizer does).
+# Text that open_clip's cleaning can change beyond case and whitespace (which the Rust side handles).
 _NEEDS_CLIP_CLEANING = re.compile(r"[^\t\n\r\x20-\x7e]|&")
 BPE_CACHE_WORDS = 1 << 17  # the Rust default (10k words) misses often on caption vocabularies
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
@@ -64,7 +64,8 @@ def clip_clean(text: str) -> str:
     """open_clip's cleaning (ftfy repair, HTML unescaped twice, whitespace collapsed, lowercased) of one caption.
 
     Printable ASCII without '&' is returned unchanged: cleaning would only collapse whitespace and lowercase it,
-    which the Rust normalizer does, and skipping ftfy there is most of the speed of batch tokenization.
+    and the Rust split drops whitespace and its normalizer lowercases; skipping ftfy there is most of the speed
+    of batch tokenization.
     """
     if not _NEEDS_CLIP_CLEANING.search(text):
         return text
@@ -225,6 +226,9 @@ def _clip_backend_json() -> str:
     hf = CLIPTokenizer(vocab=dict(simple.encoder), merges=merges, unk_token=eot, bos_token=sot,
                        eos_token=eot, pad_token=eot)
     backend: RustTokenizer = hf.backend_tokenizer
+    # Whitespace never reaches a token (the split drops it) and only non-ASCII text can change under NFC,
+    # which clip_clean applies with ftfy: lowercasing is all the Rust side still has to do.
+    backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
         # The split above already gives the words; ByteLevel's own regex pass would only cost time.
