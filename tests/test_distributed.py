@@ -145,14 +145,22 @@ def _ids(samples: list[Any]) -> list[int]:
     return [int(s["image_id"]) for s in samples if s is not None]
 
 
-def _epoch(dataset: Any, epoch: int, skip: int = 0, workers: int = 2) -> list[list[int]]:
+def _augmented(image: Image.Image) -> torch.Tensor:
+    return _to_tensor(image) + torch.rand(1)  # a random augmentation: resume must replay its draws
+
+
+def _ids_and_pixels(samples: list[Any]) -> list[tuple[int, float]]:
+    return [(int(s["image_id"]), float(s["image"][0, 0, 0])) for s in samples if s is not None]
+
+
+def _epoch(dataset: Any, epoch: int, skip: int = 0, workers: int = 2, collate: Any = _ids) -> list[Any]:
     """The batches (lists of image ids) that a DataLoader with ``workers`` workers makes in one epoch."""
     from torch.utils.data import DataLoader
 
     dataset.set_epoch(epoch)
     drop = dataset.skip_batches(skip, max(1, workers))  # as the training loop does on resume
     # fork: under mp.spawn the workers would otherwise be spawned too, re-importing everything each epoch
-    loader = DataLoader(dataset, batch_size=STREAM_BATCH, num_workers=workers, collate_fn=_ids, drop_last=True,
+    loader = DataLoader(dataset, batch_size=STREAM_BATCH, num_workers=workers, collate_fn=collate, drop_last=True,
                         multiprocessing_context="fork" if workers else None)
     return list(loader)[drop:]
 
@@ -192,9 +200,10 @@ def _worker(rank: int, out_dir: str, data: dict[str, str]) -> None:
         vqa_model, questions, load_image, vocab = _vqa_setup()
         results["vqa"] = evaluate_vqa_sharded(vqa_model, questions, load_image, vocab, batch_size=16, progress=False)
 
-        stream = WebDatasetStream(data["even"], _to_tensor, STREAM_BATCH, shuffle_buffer=10)
+        stream = WebDatasetStream(data["even"], _augmented, STREAM_BATCH, shuffle_buffer=10)
         results["wds_epochs"] = [_epoch(stream, 0), _epoch(stream, 1)]
-        results["wds_resumed"] = [_epoch(stream, 1, skip=k) for k in (3, 4)]
+        results["wds_pixels"] = _epoch(stream, 1, collate=_ids_and_pixels)
+        results["wds_resumed"] = [_epoch(stream, 1, skip=k, collate=_ids_and_pixels) for k in (3, 4)]
         results["wds_uneven"] = _epoch(WebDatasetStream(data["uneven"], _to_tensor, STREAM_BATCH), 0)
         hf = HFStreamPairs(data["hf"], _to_tensor, STREAM_BATCH, num_workers=2, shuffle_buffer=8)
         results["hf_epoch"] = _epoch(hf, 0)
@@ -278,7 +287,9 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(ranks: list[di
 
 def test_stream_resume_continues_with_the_same_batches(ranks: list[dict[str, Any]]) -> None:
     for result in ranks:
-        assert result["wds_resumed"] == [result["wds_epochs"][1][3:], result["wds_epochs"][1][4:]]
+        assert [[i for i, _ in batch] for batch in result["wds_pixels"]] == result["wds_epochs"][1]
+        # the same samples with the same random augmentation as an uninterrupted epoch
+        assert result["wds_resumed"] == [result["wds_pixels"][3:], result["wds_pixels"][4:]]
         assert result["hf_resumed"] == result["hf_epoch"][3:]
 
 

@@ -25,12 +25,14 @@ worker processes, out of reach of a plain DataLoader (it needs torchdata's State
 
 from __future__ import annotations
 
+import random
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlp.config.schema import DataConfig
@@ -77,9 +79,10 @@ class EpochStream(IterableDataset[Sample | None]):
     (see the module docstring). Subclasses give ``raw_pass(index)`` (this rank's and worker's samples,
     undecoded, pass ``index`` of the current epoch) and ``decode(raw)``."""
 
-    def _init_stream(self, samples_per_epoch: int, batch_size: int) -> None:
-        _, world = rank_and_world()
+    def _init_stream(self, samples_per_epoch: int, batch_size: int, seed: int) -> None:
+        rank, world = rank_and_world()
         self.samples_per_epoch, self.batch_size, self.world_size = samples_per_epoch, batch_size, world
+        self.stream_seed, self.rank = seed, rank
         self.epoch, self.skip = 0, 0
         if self.batches_per_rank() == 0:
             raise UserError(f"{samples_per_epoch} samples per epoch make no batch of {batch_size} on each of "
@@ -102,6 +105,20 @@ class EpochStream(IterableDataset[Sample | None]):
     def __len__(self) -> int:
         return self.batches_per_rank() * self.batch_size
 
+    def _seeded_decode(self, raw: Any, worker: int, position: int) -> Sample | None:
+        """Decode with the RNGs seeded from the sample's place in the stream, so augmentations do not depend
+        on how many samples were decoded before it (a resumed run skips them undecoded)."""
+        key = f"{self.stream_seed}:{self.epoch}:{self.rank}:{worker}:{position}"
+        sample_seed = zlib.crc32(key.encode()) * 2_654_435_761 % 2**63
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # leave the worker's own streams untouched
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                return self.decode(raw)
+            finally:
+                random.setstate(state)
+
     def raw_pass(self, index: int) -> Iterator[Any]:
         raise TypeError(f"{type(self).__name__} must implement raw_pass")
 
@@ -118,7 +135,7 @@ class EpochStream(IterableDataset[Sample | None]):
             before = produced
             for raw in self.raw_pass(index):
                 if produced >= skip:
-                    yield self.decode(raw)
+                    yield self._seeded_decode(raw, worker, produced)
                 produced += 1
                 if produced == quota:
                     return
@@ -135,7 +152,7 @@ class WebDatasetStream(EpochStream, WebDatasetPairs):
     def __init__(self, pattern: str, transform: ImageTransform, batch_size: int, samples_per_epoch: int = 0,
                  shuffle_buffer: int = 1000, seed: int = 0) -> None:
         WebDatasetPairs.__init__(self, pattern, transform, shuffle_buffer=shuffle_buffer, seed=seed)
-        self._init_stream(samples_per_epoch or count_tar_samples(self.urls), batch_size)
+        self._init_stream(samples_per_epoch or count_tar_samples(self.urls), batch_size, seed)
 
     def raw_pass(self, index: int) -> Iterator[Any]:
         return self.raw_samples(self.epoch + index * _PASS_STRIDE)
@@ -164,7 +181,7 @@ class HFStreamPairs(EpochStream, HFPairs):
         if shuffle_buffer > 0:
             stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world)
-        self._init_stream(samples_per_epoch or len(self.index), batch_size)
+        self._init_stream(samples_per_epoch or len(self.index), batch_size, seed)
 
     def raw_pass(self, index: int) -> Iterator[Any]:
         self.stream.set_epoch(self.epoch + index * _PASS_STRIDE)
