@@ -29,8 +29,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check vlp tests benchmarks examples
 	$(VENV)/bin/mypy vlp
 
+# Every benchmark at its quick size (full sizes: --full); JSON goes to benchmarks/results/.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_fusion.py
+	for b in fusion tokenize retrieval data train memory; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs
