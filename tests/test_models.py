@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import vlp
+from vlp.config import ObjectiveConfig
 from vlp.models import VLPModel
 from vlp.objectives import PretrainObjective
-from vlp.config import ObjectiveConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = sorted((ROOT / "configs" / "models").glob("*_tiny.yaml"))

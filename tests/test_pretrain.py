@@ -74,8 +74,6 @@ def test_resume_gives_identical_final_weights(tmp_path: Path, accum: int, monkey
     a = safetensors.torch.load_file(str(straight / "final" / "model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
-    for key in a:
-        pass
     bad = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
     assert not bad, bad
     qa = safetensors.torch.load_file(str(straight / "checkpoints" / "step_4" / "objective.safetensors"))
