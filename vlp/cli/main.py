@@ -23,13 +23,6 @@ def _existing_file(value: str) -> Path:
     return path
 
 
-def _existing_dir(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        raise UserError(f"directory not found: {value}")
-    return path
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp.config import load_config
 
