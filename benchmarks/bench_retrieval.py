@@ -9,7 +9,8 @@
     candidate orders within a dtype; >= 1.5x faster in fp32; >= 3x with vlp's defaults (bf16 autocast,
     cached keys/values, batching) against the fp32 loop.
 (b) ITC ranking: top-k of every query over a gallery of L2-normalized embeddings. Reference: the plain
-    chunked ``mm`` + ``topk`` + merge, same block sizes. Targets: identical results (values, and indices
+    chunked ``mm`` + ``topk`` + merge, same score-block budget (256 MB at the full 1M gallery, scaled with
+    the gallery at smaller sizes so the memory figure keeps its meaning). Targets: identical results (values, and indices
     up to the order of exactly tied scores); >= 1.5x faster; vlp's peak memory above the post-import
     baseline <= 1.5x the gallery's own size (measured in a fresh subprocess per side).
 
@@ -34,17 +35,16 @@ from torch import Tensor, nn
 SIZES = {
     "tiny": {"dim": 64, "heads": 4, "image_tokens": 17, "text_tokens": 12, "queries": 4, "k": 3,
              "gallery": 5000, "itc_queries": 64, "itc_k": 8, "itc_dim": 32, "reps": 1, "itc_reps": 1,
-             "probe_plain": False},
+             "probe_plain": False, "score_mb": 1},
     "quick": {"dim": 768, "heads": 12, "image_tokens": 577, "text_tokens": 30, "queries": 12, "k": 16,
               "gallery": 200_000, "itc_queries": 2_000, "itc_k": 128, "itc_dim": 256, "reps": 1, "itc_reps": 3,
-              "probe_plain": True},
+              "probe_plain": True, "score_mb": 64},
     "full": {"dim": 768, "heads": 12, "image_tokens": 577, "text_tokens": 30, "queries": 100, "k": 16,
              "gallery": 1_000_000, "itc_queries": 10_000, "itc_k": 128, "itc_dim": 256, "reps": 2, "itc_reps": 3,
-             "probe_plain": True},
+             "probe_plain": True, "score_mb": 256},
 }
 FUSION_DEPTH = 2
 ITM_BATCH = 128
-MEMORY_BUDGET_MB = 256  # the score block of both ITC sides
 
 
 # ------------------------------------------------------------------------------------------ (a) ITM re-ranking
@@ -161,7 +161,7 @@ def make_embeddings(count: int, dim: int, seed: int) -> Tensor:
     return rows.div_(rows.norm(dim=1, keepdim=True))
 
 
-def plain_topk(queries: Tensor, gallery: Tensor, k: int, memory_mb: float = MEMORY_BUDGET_MB) -> tuple[Tensor, Tensor]:
+def plain_topk(queries: Tensor, gallery: Tensor, k: int, memory_mb: float = 256) -> tuple[Tensor, Tensor]:
     """The straightforward chunked ranking: mm per block, topk per block, merge by cat + topk."""
     budget = int(memory_mb * 2**20) // 4
     gallery_chunk = min(len(gallery), max(k, budget // max(1, min(len(queries), 1024))))
@@ -206,7 +206,8 @@ def _peak_mb() -> float:
     return float("nan")
 
 
-def memory_probe(side: str, gallery_size: int, queries: int, dim: int, k: int, tune: bool) -> dict[str, float]:
+def memory_probe(side: str, gallery_size: int, queries: int, dim: int, k: int, tune: bool,
+                 memory_mb: float = 256) -> dict[str, float]:
     """Run in a fresh process: peak RSS above the post-import baseline while ranking (gallery included)."""
     from vlp.eval.retrieval import chunked_topk
     from vlp.runtime import tune_allocator
@@ -217,9 +218,9 @@ def memory_probe(side: str, gallery_size: int, queries: int, dim: int, k: int, t
     gallery = make_embeddings(gallery_size, dim, seed=2)
     query_emb = make_embeddings(queries, dim, seed=3)
     if side == "vlp":
-        chunked_topk(query_emb, gallery, k, memory_mb=MEMORY_BUDGET_MB)
+        chunked_topk(query_emb, gallery, k, memory_mb=memory_mb)
     else:
-        plain_topk(query_emb, gallery, k)
+        plain_topk(query_emb, gallery, k, memory_mb=memory_mb)
     return {"baseline_mb": baseline, "peak_above_baseline_mb": _peak_mb() - baseline,
             "gallery_mb": gallery.numel() * 4 / 2**20}
 
@@ -228,9 +229,11 @@ def _probe_in_subprocess(side: str, cfg: dict[str, Any], tune: bool, threads: in
     # The child's RSS after importing torch and vlp is the post-import baseline.
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import torch; torch.set_num_threads(int(sys.argv[8]));"
             " from bench_retrieval import memory_probe;"
-            " print(json.dumps(memory_probe(sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7] == '1')))")
+            " print(json.dumps(memory_probe(sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7] == '1',"
+            " float(sys.argv[9]))))")
     args = [sys.executable, "-c", code, str(Path(__file__).resolve().parent), side, str(cfg["gallery"]),
-            str(cfg["itc_queries"]), str(cfg["itc_dim"]), str(cfg["itc_k"]), "1" if tune else "0", str(threads)]
+            str(cfg["itc_queries"]), str(cfg["itc_dim"]), str(cfg["itc_k"]), "1" if tune else "0", str(threads),
+            str(cfg["score_mb"])]
     output = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
     return result
@@ -246,13 +249,13 @@ def bench_itc(report: Report, cfg: dict[str, Any], reps: int, tune: bool) -> Non
 
     def run(name: str, fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[[], None]:
         def go() -> None:
-            results[name] = fn(queries, gallery, k, memory_mb=MEMORY_BUDGET_MB)
+            results[name] = fn(queries, gallery, k, memory_mb=cfg["score_mb"])
         return go
 
     times = interleaved({"plain": run("plain", plain_topk), "vlp": run("vlp", chunked_topk)}, reps)
     report.detail("itc_times_seconds", {name: [round(t, 3) for t in ts] for name, ts in times.items()})
     report.detail("itc_setup", {"gallery": cfg["gallery"], "queries": cfg["itc_queries"], "dim": cfg["itc_dim"],
-                                "k": k, "score_block_mb": MEMORY_BUDGET_MB})
+                                "k": k, "score_block_mb": cfg["score_mb"]})
     (plain_values, plain_indices), (vlp_values, vlp_indices) = results["plain"], results["vlp"]
     same = torch.equal(plain_values, vlp_values) and torch.equal(canonical(plain_values, plain_indices),
                                                                  canonical(vlp_values, vlp_indices))
@@ -267,7 +270,7 @@ def bench_itc(report: Report, cfg: dict[str, Any], reps: int, tune: bool) -> Non
     ratios = {side: m["peak_above_baseline_mb"] / m["gallery_mb"] for side, m in memory.items()}
     report.figure("itc_memory_over_gallery", ratios["vlp"], "x gallery size (peak RSS above post-import baseline)",
                   1.5, higher_is_better=False,
-                  note=f"gallery {memory['vlp']['gallery_mb']:.0f} MB, score block {MEMORY_BUDGET_MB} MB"
+                  note=f"gallery {memory['vlp']['gallery_mb']:.0f} MB, score block {cfg['score_mb']} MB"
                        + (f"; plain merge {ratios['plain']:.2f}x" if "plain" in ratios else ""))
 
 

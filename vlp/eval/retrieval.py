@@ -251,9 +251,11 @@ def _merge_topk(block: Tensor, offset: int, k: int, best_values: Tensor | None,
     if width > 0:
         # Rows with fewer live groups also bring a few dead ones: a superset of the candidates is still exact.
         ids = maxima.topk(width, dim=1).indices
-        values = grouped.gather(1, ids[..., None].expand(-1, -1, TOPK_GROUP)).flatten(1)
-        columns = (ids[..., None] * TOPK_GROUP + torch.arange(offset, offset + TOPK_GROUP, device=block.device))
-        best_values, best_indices = _keep_best(best_values, best_indices, values, columns.flatten(1), k)
+        values = grouped.gather(1, ids[..., None].expand(-1, -1, TOPK_GROUP)).flatten(1)  # [q, width * group]
+        top, position = values.topk(min(k, values.shape[1]), dim=1)
+        # Columns only for the winners: a column tensor per candidate would double the transient memory.
+        columns = ids.gather(1, position // TOPK_GROUP) * TOPK_GROUP + position % TOPK_GROUP + offset
+        best_values, best_indices = _keep_best(best_values, best_indices, top, columns, k)
     if num_columns > groups * TOPK_GROUP:  # the last, partial group
         values, columns = block[:, groups * TOPK_GROUP:].topk(min(k, num_columns - groups * TOPK_GROUP), dim=1)
         return _keep_best(best_values, best_indices, values, columns + offset + groups * TOPK_GROUP, k)
