@@ -88,7 +88,8 @@ def same_order(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
                for x, y in zip(a, b))
 
 
-def bench_rerank(report: Report, cfg: dict[str, Any], reps: int) -> None:
+def bench_rerank(report: Report, cfg: dict[str, Any], reps: int) -> bool:
+    """Figures of (a); returns whether the fp32 candidate orders are identical."""
     from vlp.eval.rerank import rerank_candidates
     from vlp.types import EncoderOutput
 
@@ -152,6 +153,7 @@ def bench_rerank(report: Report, cfg: dict[str, Any], reps: int) -> None:
     report.figure("rerank_speedup_defaults_vs_fp32_loop", paired_ratio(times["loop_fp32"], times["vlp_bf16"]),
                   "x (LAVIS-style fp32 loop / vlp bf16 defaults)", 3.0,
                   note=f"vlp bf16 {pairs / median(times['vlp_bf16']):.1f} pairs/s")
+    return fp32_same
 
 
 # ------------------------------------------------------------------------------------------ (b) ITC top-k
@@ -239,7 +241,8 @@ def _probe_in_subprocess(side: str, cfg: dict[str, Any], tune: bool, threads: in
     return result
 
 
-def bench_itc(report: Report, cfg: dict[str, Any], reps: int, tune: bool) -> None:
+def bench_itc(report: Report, cfg: dict[str, Any], reps: int, tune: bool) -> bool:
+    """Figures of (b); returns whether vlp's top-k equals the plain merge's."""
     from vlp.eval.retrieval import chunked_topk
 
     gallery = make_embeddings(cfg["gallery"], cfg["itc_dim"], seed=2)
@@ -272,6 +275,7 @@ def bench_itc(report: Report, cfg: dict[str, Any], reps: int, tune: bool) -> Non
                   1.5, higher_is_better=False,
                   note=f"gallery {memory['vlp']['gallery_mb']:.0f} MB, score block {cfg['score_mb']} MB"
                        + (f"; plain merge {ratios['plain']:.2f}x" if "plain" in ratios else ""))
+    return same
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sizes_for(args.size, SIZES)
     settings = setup(args)
     report = Report("bench_retrieval", args, {**settings, **cfg})
+    exact = True
     with torch.no_grad():
         if args.only in (None, "rerank"):
-            bench_rerank(report, cfg, args.reps or cfg["reps"])
+            exact = bench_rerank(report, cfg, args.reps or cfg["reps"]) and exact
         if args.only in (None, "itc"):
-            bench_itc(report, cfg, args.reps or cfg["itc_reps"], not args.no_tune_allocator)
+            exact = bench_itc(report, cfg, args.reps or cfg["itc_reps"], not args.no_tune_allocator) and exact
     report.write()
-    return 0
+    return 0 if exact else 1
 
 
 if __name__ == "__main__":
