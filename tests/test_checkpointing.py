@@ -5,7 +5,6 @@ dropout off) with ``set_grad_checkpointing(True)``, and every part really recomp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,6 @@ TIMM_HF: dict[str, Any] = {
 MODELS: dict[str, Any] = {**{p.stem: p for p in TINY}, "timm_hf_tiny": TIMM_HF}
 CAPTIONS = ["a red circle at the top left", "a blue square in the center", "a green triangle at the bottom",
             "two shapes: a red square at the left and a blue circle at the right", "a small blue circle"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only adds synchronization (costly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _batch(model: VLPModel) -> dict[str, torch.Tensor]:

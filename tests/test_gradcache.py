@@ -6,7 +6,6 @@ processes under DistributedDataParallel against one process on the global batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "left", "right", "top", "bottom", "a", "the"]
 CONTRASTIVE_PARAMS = ("image_proj.", "text_proj.", "temperature.")  # reached by the contrastive loss only
 Grads = dict[str, torch.Tensor]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only adds synchronization (costly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(preset: str, **overrides: Any) -> VLPModel:
