@@ -82,9 +82,11 @@ def test_zeroshot_above_chance() -> None:
 def test_retrieval_finetune_improves_r1(tmp_path: Path) -> None:
     run = tmp_path / "ret"
     assert main(["finetune", "retrieval", str(ROOT / "configs/finetune/retrieval.yaml"), "--init",
-                 str(DEMO / "final"), "--output-dir", str(run), "--set", "train.progress=false",
-                 "--set", "train.max_steps=600", "--set", "optim.lr=0.0002"]) == 0
+                 str(DEMO / "final"), "--output-dir", str(run), "--set", "train.progress=false"]) == 0
     before, after = _retrieval(DEMO), _retrieval(run)
-    print(f"retrieval fine-tuning: text->image R@1 {before['itm']['img_r1']:.1f} -> {after['itm']['img_r1']:.1f}, "
-          f"image->text R@1 {before['itm']['txt_r1']:.1f} -> {after['itm']['txt_r1']:.1f}")
-    assert after["itm"]["img_r1"] > before["itm"]["img_r1"]
+    for score in ("itc", "itm"):
+        print(f"retrieval fine-tuning ({score}): text->image R@1 {before[score]['img_r1']:.1f} -> "
+              f"{after[score]['img_r1']:.1f}, image->text R@1 {before[score]['txt_r1']:.1f} -> "
+              f"{after[score]['txt_r1']:.1f}")
+        assert after[score]["img_r1"] > before[score]["img_r1"] + 1.0
+        assert after[score]["txt_r1"] > before[score]["txt_r1"] + 1.0

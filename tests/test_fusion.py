@@ -393,3 +393,29 @@ def test_default_init_is_bert_style() -> None:
     assert torch.equal(layer.norm1.weight, torch.ones(256)) and layer.norm1.eps == 1e-12
     single = SingleStreamFusion(256, 1, 4)
     assert abs(single.modality_type.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_pooled_only_equals_full_pooled_output_and_gradients(name: str, grad_checkpointing: bool) -> None:
+    """pooled_only computes only the last layer's [CLS] rows: same pooled output and same gradients as the
+    full pass (the only thing ITM reads), with a [b, 1, d] text state."""
+    block = _block(name).train()
+    block.set_grad_checkpointing(grad_checkpointing)
+    text, image, text_mask, image_mask = _inputs()
+    head = torch.randn(block.out_dim, generator=torch.Generator().manual_seed(3))
+
+    def run(pooled_only: bool) -> tuple[Tensor, FusionOutput, dict[str, Tensor]]:
+        block.zero_grad()
+        out = block(text, image, text_mask, image_mask, pooled_only=pooled_only)
+        (out.pooled @ head).sum().backward()
+        return out.pooled.detach(), out, {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+
+    full_pooled, full, full_grads = run(False)
+    part_pooled, part, part_grads = run(True)
+    torch.testing.assert_close(part_pooled, full_pooled, atol=1e-5, rtol=1e-5)
+    assert part.text.shape == (B, 1, DIM)
+    torch.testing.assert_close(part.text[:, 0], full.text[:, 0], atol=1e-5, rtol=1e-5)
+    assert part_grads.keys() == full_grads.keys() and len(full_grads) > 0
+    for param_name, grad in full_grads.items():
+        torch.testing.assert_close(part_grads[param_name], grad, atol=1e-5, rtol=1e-5)

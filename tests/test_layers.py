@@ -219,3 +219,22 @@ def test_init_transformer_weights() -> None:
     assert abs(embedding.weight.std().item() - 0.02) < 0.001
     assert linear.bias.abs().max() == 0
     assert torch.equal(norm.weight, torch.ones(256)) and norm.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_block_first_only_equals_first_row_of_full_forward(pre_norm: bool) -> None:
+    block = TransformerBlock(16, 4, pre_norm=pre_norm, cross_attention=True).eval()
+    _randomize(block)
+    gen = torch.Generator().manual_seed(1)
+    x, context = torch.randn(3, 6, 16, generator=gen), torch.randn(3, 5, 16, generator=gen)
+    mask, context_mask = _key_mask([6, 3, 1], 6), _key_mask([5, 2, 4], 5)
+    full = block(x, mask, context, context_mask)
+    first = block(x, mask, context, context_mask, first_only=True)
+    assert first.shape == (3, 1, 16)
+    torch.testing.assert_close(first[:, 0], full[:, 0], atol=1e-5, rtol=1e-5)
+    # the first row still attends to the others: changing the later real tokens changes it
+    x2 = x.clone()
+    x2[0, 1:] = torch.randn(5, 16, generator=gen)
+    assert (block(x2, mask, context, context_mask, first_only=True) - first).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="causal"):
+        block(x, mask, causal=True, first_only=True)

@@ -162,7 +162,7 @@ class StandIn(nn.Module):
         tokens = torch.zeros(*input_ids.shape, 1)
         return EncoderOutput(tokens, attention_mask, tokens[:, 0]), tokens[:, 0]
 
-    def fuse(self, text_out: EncoderOutput, image_out: EncoderOutput) -> FusionOutput:
+    def fuse(self, text_out: EncoderOutput, image_out: EncoderOutput, pooled_only: bool = False) -> FusionOutput:
         pooled = self.scale * F.one_hot(image_out.tokens[:, 0, 0].long(), self.width).float()
         return FusionOutput(text_out.tokens, image_out.tokens, pooled)
 

@@ -201,7 +201,7 @@ class VQAModel(nn.Module):
         """Answer logits [B, num_answers] (fp32)."""
         image_out, _ = self.model.image_features(images)
         text_out, _ = self.model.text_features(input_ids, attention_mask)
-        return self.head(self.model.fuse(text_out, image_out).pooled).float()  # type: ignore[no-any-return]
+        return self.head(self.model.fuse(text_out, image_out, pooled_only=True).pooled).float()  # type: ignore[no-any-return]
 
 
 def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:

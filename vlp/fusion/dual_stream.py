@@ -71,24 +71,29 @@ class DualStreamFusion(nn.Module):
         return [_cross_attention(layer).key_value(image) for layer in transformer_blocks(self.text_layers)]
 
     def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, image_mask: Tensor | None = None,
-                return_attention: bool = False, image_kv: list[tuple[Tensor, Tensor]] | None = None) -> FusionOutput:
+                return_attention: bool = False, image_kv: list[tuple[Tensor, Tensor]] | None = None,
+                pooled_only: bool = False) -> FusionOutput:
         """text [b, t, dim], image [b, i, dim], masks bool [b, t], [b, i] (True = real; None = all real).
 
         ``image_kv``: ``self.image_kv(image)`` computed earlier (one-way form only), used instead of
         recomputing the image keys and values in every layer.
+        ``pooled_only``: the last layer computes only the [CLS] rows that ``pooled`` reads (ITM scoring);
+        ``text`` (and, with co-attention, ``image``) then hold that one row [b, 1, dim].
         """
         check_fusion_inputs(self.dim, text, image, text_mask, image_mask, self.image_dim)
         text_mask, image_mask = as_bool_mask(text_mask), as_bool_mask(image_mask)
         if image_kv is not None:
             self._check_image_kv(image_kv, text.shape[0], image.shape[1])
         if self.update_image:
-            return self._co_attention(text, image, text_mask, image_mask, return_attention)
+            return self._co_attention(text, image, text_mask, image_mask, return_attention, pooled_only)
 
         attentions: list[dict[str, Tensor]] = []
-        for index, layer in enumerate(transformer_blocks(self.text_layers)):
+        layers = transformer_blocks(self.text_layers)
+        for index, layer in enumerate(layers):
             kv = image_kv[index] if image_kv is not None else None
             text, weights = layer.forward_with_weights(text, text_mask, context=image, context_mask=image_mask,
-                                                       return_weights=return_attention, context_kv=kv)
+                                                       return_weights=return_attention, context_kv=kv,
+                                                       first_only=pooled_only and index == len(layers) - 1)
             if return_attention:
                 attentions.append({"text_self": weights["self"], "text_to_image": weights["cross"]})
         return FusionOutput(text=text, image=image, pooled=text[:, 0],
@@ -105,14 +110,18 @@ class DualStreamFusion(nn.Module):
                              f"{num_image} image tokens")
 
     def _co_attention(self, text: Tensor, image: Tensor, text_mask: Tensor | None, image_mask: Tensor | None,
-                      return_attention: bool) -> FusionOutput:
+                      return_attention: bool, pooled_only: bool) -> FusionOutput:
         attentions: list[dict[str, Tensor]] = []
-        for text_layer, image_layer in zip(transformer_blocks(self.text_layers), transformer_blocks(self.image_layers)):
+        pairs = list(zip(transformer_blocks(self.text_layers), transformer_blocks(self.image_layers)))
+        for index, (text_layer, image_layer) in enumerate(pairs):
             # Both streams read the other's states from the previous layer, as in METER.
+            first_only = pooled_only and index == len(pairs) - 1
             new_text, text_weights = text_layer.forward_with_weights(
-                text, text_mask, context=image, context_mask=image_mask, return_weights=return_attention)
+                text, text_mask, context=image, context_mask=image_mask, return_weights=return_attention,
+                first_only=first_only)
             new_image, image_weights = image_layer.forward_with_weights(
-                image, image_mask, context=text, context_mask=text_mask, return_weights=return_attention)
+                image, image_mask, context=text, context_mask=text_mask, return_weights=return_attention,
+                first_only=first_only)
             text, image = new_text, new_image
             if return_attention:
                 attentions.append({

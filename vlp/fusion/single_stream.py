@@ -70,8 +70,12 @@ class SingleStreamFusion(nn.Module):
             block.grad_checkpointing = enable
 
     def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, image_mask: Tensor | None = None,
-                return_attention: bool = False) -> FusionOutput:
-        """text [b, t, d], image [b, i, d], masks bool [b, t], [b, i] (True = real; None = all real)."""
+                return_attention: bool = False, pooled_only: bool = False) -> FusionOutput:
+        """text [b, t, d], image [b, i, d], masks bool [b, t], [b, i] (True = real; None = all real).
+
+        ``pooled_only``: the last block computes only the text [CLS] row that ``pooled`` reads (ITM scoring);
+        ``text`` then holds that row [b, 1, d] and ``image`` is empty [b, 0, d].
+        """
         check_fusion_inputs(self.dim, text, image, text_mask, image_mask)
         text_mask, image_mask = as_bool_mask(text_mask), as_bool_mask(image_mask)
         num_text = text.shape[1]
@@ -84,8 +88,10 @@ class SingleStreamFusion(nn.Module):
             mask = torch.cat([text_real, image_real], dim=1)
 
         attentions: list[dict[str, Tensor]] = []
-        for block in transformer_blocks(self.blocks):
-            tokens, weights = block.forward_with_weights(tokens, mask, return_weights=return_attention)
+        blocks = transformer_blocks(self.blocks)
+        for index, block in enumerate(blocks):
+            tokens, weights = block.forward_with_weights(tokens, mask, return_weights=return_attention,
+                                                         first_only=pooled_only and index == len(blocks) - 1)
             if return_attention:
                 attentions.append({"self": weights["self"]})
         tokens = self.norm(tokens)

@@ -50,46 +50,57 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout, activation=activation)
         self.drop = nn.Dropout(dropout)
 
-    def _residual(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    def _residual(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor], rows: slice = slice(None)) -> Tensor:
+        """The residual branch; only ``rows`` of ``x`` get an output (``fn`` still sees all of it)."""
         if self.pre_norm:
-            return x + fn(norm(x))
-        return norm(x + fn(x))
+            return x[:, rows] + fn(norm(x))
+        return norm(x[:, rows] + fn(x))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, causal: bool = False,
-                context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                context_kv: tuple[Tensor, Tensor] | None = None, first_only: bool = False) -> Tensor:
         """x [b, n, dim]; mask bool [b, n]; context [b, m, context_dim] with context_mask bool [b, m];
-        ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``."""
-        return self.forward_with_weights(x, mask, context, context_mask, causal, context_kv=context_kv)[0]
+        ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``.
+
+        ``first_only``: compute only the first token's output [b, 1, dim] (its self-attention still reads every
+        token) — what a last layer needs when only the [CLS] state is used (ITM scoring).
+        """
+        return self.forward_with_weights(x, mask, context, context_mask, causal, context_kv=context_kv,
+                                         first_only=first_only)[0]
 
     def forward_with_weights(
         self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
         context_mask: Tensor | None = None, causal: bool = False, return_weights: bool = False,
-        context_kv: tuple[Tensor, Tensor] | None = None,
+        context_kv: tuple[Tensor, Tensor] | None = None, first_only: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """As ``forward``; with ``return_weights`` also the attention weights [b, h, n, m] under
         ``"self"`` and ``"cross"`` (explicit attention path instead of SDPA)."""
+        if first_only and causal:
+            raise ValueError("first_only needs non-causal attention (the first token would see only itself)")
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             out: tuple[Tensor, dict[str, Tensor]] = checkpoint(
-                self._forward, x, mask, context, context_mask, causal, return_weights, context_kv,
+                self._forward, x, mask, context, context_mask, causal, return_weights, context_kv, first_only,
                 use_reentrant=False,
             )
             return out
-        return self._forward(x, mask, context, context_mask, causal, return_weights, context_kv)
+        return self._forward(x, mask, context, context_mask, causal, return_weights, context_kv, first_only)
 
     def _forward(
         self, x: Tensor, mask: Tensor | None, context: Tensor | None, context_mask: Tensor | None,
-        causal: bool, return_weights: bool, context_kv: tuple[Tensor, Tensor] | None,
+        causal: bool, return_weights: bool, context_kv: tuple[Tensor, Tensor] | None, first_only: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         weights: dict[str, Tensor] = {}
+        rows = slice(0, 1) if first_only else slice(None)
 
         def self_attend(h: Tensor) -> Tensor:
-            out, w = self.attn(h, key_mask=mask, causal=causal, return_weights=return_weights)
+            # first_only: one query row attending to every token (the same keys/values as the full layer)
+            out, w = self.attn(h[:, rows], context=h if first_only else None, key_mask=mask, causal=causal,
+                               return_weights=return_weights)
             if w is not None:
                 weights["self"] = w
             return self.drop(out)
 
-        x = self._residual(x, self.norm1, self_attend)
+        x = self._residual(x, self.norm1, self_attend, rows)
         cross, norm_cross = self.cross_attn, self.norm_cross
         if cross is not None and norm_cross is not None and (context is not None or context_kv is not None):
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,20 @@ class VLPModel(nn.Module):
             raise UserError("this model has no fusion block (fusion.type: none): ITM/VQA need a fused model")
         return self.fusion
 
-    def fuse(self, text_out: EncoderOutput, image_out: EncoderOutput, return_attention: bool = False) -> FusionOutput:
+    def fuse(self, text_out: EncoderOutput, image_out: EncoderOutput, return_attention: bool = False,
+             pooled_only: bool = False) -> FusionOutput:
+        """Fuse aligned rows. ``pooled_only``: only ``pooled`` is needed (ITM), so a fusion block that
+        supports it computes just the [CLS] rows in its last layer; its ``text``/``image`` are then partial."""
         fusion = self._require_fusion()
         image_tokens = self.image_to_fusion(image_out.tokens)
         result: FusionOutput = fusion(text_out.tokens, image_tokens, text_out.mask, image_out.mask,
-                                      return_attention=return_attention)
+                                      return_attention=return_attention, **self._pooled_only(pooled_only))
         return result
+
+    def _pooled_only(self, wanted: bool) -> dict[str, bool]:
+        # user-registered fusion blocks need not accept the keyword
+        accepts = "pooled_only" in inspect.signature(type(self._require_fusion()).forward).parameters
+        return {"pooled_only": True} if wanted and accepts else {}
 
     def itm_scores(self, fused: FusionOutput) -> Tensor:
         if self.itm_head is None:
@@ -122,7 +131,7 @@ class VLPModel(nn.Module):
         """[B, 2] match logits of aligned (image, text) rows; column 1 = match."""
         image_out = self.image_encoder(images)
         text_out = self.text_encoder(input_ids, attention_mask.bool())
-        return self.itm_scores(self.fuse(text_out, image_out))
+        return self.itm_scores(self.fuse(text_out, image_out, pooled_only=True))
 
     def image_context(self, image_out: EncoderOutput) -> ImageContext:
         fusion = self._require_fusion()
@@ -136,6 +145,7 @@ class VLPModel(nn.Module):
         fusion = self._require_fusion()
         picked = context.select(index)
         kwargs: dict[str, Any] = {} if picked.kv is None else {"image_kv": picked.kv}
+        kwargs.update(self._pooled_only(True))
         fused = fusion(text_out.tokens, picked.tokens, text_out.mask, picked.mask, **kwargs)
         return self.itm_scores(fused)
 

@@ -316,7 +316,8 @@ class PretrainObjective(Objective):
             images.append(image_out)
         if not texts:
             return {}
-        fused = model.fuse(_cat_tokens(texts), _cat_tokens(images))
+        # without MLM only the [CLS] states are read, so the last fusion layer computes just those rows
+        fused = model.fuse(_cat_tokens(texts), _cat_tokens(images), pooled_only=masked_out is None)
         rows = text_out.tokens.shape[0]
         terms: dict[str, Tensor] = {}
         if negatives is not None:
