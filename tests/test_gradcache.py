@@ -121,6 +121,21 @@ def test_mlm_is_exact_per_chunk_and_one_chunk_equals_unchunked_with_itm() -> Non
     _assert_grads_equal(one, full)
 
 
+@pytest.mark.parametrize("preset", ["albef_base_tiny", "meter_base_tiny", "vilt_base_tiny"])
+def test_shared_image_fusion_equals_per_pair_images(preset: str) -> None:
+    """The unchunked step fuses the ITM pairs reading each batch image by index (one-way fusion: keys/values
+    projected once per image) and, without MLM, only the last layer's [CLS] rows; the gradient-cache path
+    (one chunk) copies every pair's image rows and runs full layers. Same loss and gradients."""
+    model = _model(preset)
+    batch = _batch(model, 16)
+    config = ObjectiveConfig(itm_weight=1.0, mlm_weight=0.0)
+    full_out, full = _step(model, config, batch, chunk=0)
+    one_out, one = _step(model, config, batch, chunk=16, force=True)
+    _assert_terms_equal(one_out, full_out)
+    _assert_grads_equal(one, full)
+    assert any(n.startswith("fusion.") and g.abs().max() > 0 for n, g in full.items())
+
+
 def test_momentum_distillation_and_queue() -> None:
     model = _model("albef_base_tiny")
     config = ObjectiveConfig(itm_weight=0.0, momentum=0.9, queue_size=48)

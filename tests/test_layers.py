@@ -238,3 +238,29 @@ def test_block_first_only_equals_first_row_of_full_forward(pre_norm: bool) -> No
     assert (block(x2, mask, context, context_mask, first_only=True) - first).abs().max() > 1e-4
     with pytest.raises(ValueError, match="causal"):
         block(x, mask, causal=True, first_only=True)
+
+
+def test_attention_by_context_equals_per_row_copies_with_gradients() -> None:
+    from vlp.layers import attention_by_context
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(7, 2, 3, 8, generator=gen, requires_grad=True)
+    keys = torch.randn(4, 2, 5, 8, generator=gen, requires_grad=True)
+    values = torch.randn(4, 2, 5, 8, generator=gen, requires_grad=True)
+    index = torch.tensor([2, 0, 2, 3, 0, 2, 3])  # context 1 unused, rows out of order
+    key_mask = _key_mask([5, 3, 1, 4], 5)
+    weights = torch.randn(7, 2, 3, 8, generator=gen)
+
+    def run(shared: bool) -> tuple[Tensor, ...]:
+        if shared:
+            out = attention_by_context(q, keys, values, index, key_mask)
+        else:
+            out, _ = attention(q, keys[index], values[index], key_mask[index])
+        grads = torch.autograd.grad((out * weights).sum(), (q, keys, values))
+        return (out.detach(), *grads)
+
+    for shared, reference in zip(run(True), run(False)):
+        torch.testing.assert_close(shared, reference, atol=1e-6, rtol=1e-5)
+    block = Attention(16, 2)
+    with pytest.raises(ValueError, match="indexed"):
+        block(torch.randn(7, 3, 16), kv=(keys, values, index), return_weights=True)

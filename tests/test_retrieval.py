@@ -403,6 +403,25 @@ def test_bf16_encoding_is_close_to_fp32_and_returns_fp32() -> None:
     assert set(result["itm"]) == set(result["itc"]) and 0.0 <= result["itm"]["r_mean"] <= 100.0
 
 
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlp.eval.retrieval import autocast_context, fast_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert fast_precision(cpu) == "fp32"
+    with autocast_context("auto", cpu)():
+        assert not torch.is_autocast_enabled("cpu")
+    model, split = TinyFused().eval(), make_split(4)
+    result = evaluate_retrieval(model, split, None, k_test=2, progress=False)
+    assert result["precision"] == "fp32"
+    assert result["itc"] == evaluate_retrieval(model, split, None, k_test=2, precision="fp32", progress=False)["itc"]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert fast_precision(cpu) == "bf16"
+    with autocast_context("auto", cpu)():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert evaluate_retrieval(model, split, None, k_test=2, progress=False)["precision"] == "bf16"
+
+
 def test_bad_eval_settings_are_user_errors() -> None:
     model, split = TinyFused(), make_split(4)
     with pytest.raises(UserError, match=r"eval\.k_test=5 .*4 images"):

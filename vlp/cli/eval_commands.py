@@ -6,34 +6,37 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vlp.errors import UserError
 
 __all__ = ["add_eval_commands", "add_finetune_commands"]
 
 
-def _checkpoint(value: str, flag: str = "--checkpoint") -> Path:
+# "path": a file or a directory (--data may name a Hugging Face dataset directory)
+_PATH_CHECKS: dict[str, Callable[[Path], bool]] = {"file": Path.is_file, "directory": Path.is_dir,
+                                                   "path": Path.exists}
+
+
+def existing_path(value: str, kind: Literal["file", "directory", "path"], flag: str = "") -> Path:
+    """A path from the command line, checked before anything heavy is imported or loaded; else one UserError
+    line ``[FLAG: ][KIND ]not found: VALUE`` (a "path" is not named by its kind)."""
     path = Path(value)
-    if not path.is_dir():
-        raise UserError(f"{flag}: directory not found: {value}")
+    if not _PATH_CHECKS[kind](path):
+        where, what = f"{flag}: " if flag else "", "" if kind == "path" else f"{kind} "
+        raise UserError(f"{where}{what}not found: {value}")
+    return path
+
+
+def checkpoint_dir(value: str, flag: str = "--checkpoint") -> Path:
+    path = existing_path(value, "directory", flag)
     if not (path / "config.yaml").is_file():
         raise UserError(f"{flag}: not a vlp checkpoint (no config.yaml): {value}")
     return path
 
 
-def _file(flag: str, value: str) -> Path:
-    path = Path(value)
-    if not path.exists():
-        raise UserError(f"{flag}: not found: {value}")
-    return path
-
-
 def _image_root(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        raise UserError(f"--image-root: directory not found: {value}")
-    return path
+    return existing_path(value, "directory", "--image-root")
 
 
 def _write(result: dict[str, Any], output: str | None) -> None:
@@ -59,8 +62,8 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from vlp.models import VLPModel
     from vlp.models.persist import read_checkpoint_config
 
-    checkpoint = _checkpoint(args.checkpoint)
-    split = load_retrieval_split(_file("--data", args.data), _image_root(args.image_root))
+    checkpoint = checkpoint_dir(args.checkpoint)
+    split = load_retrieval_split(existing_path(args.data, "path", "--data"), _image_root(args.image_root))
     if args.k_test <= 0:
         raise UserError(f"--k-test must be positive, got {args.k_test}")
     section = read_checkpoint_config(checkpoint).get("model")
@@ -85,8 +88,8 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
     from vlp.data.vqa_data import load_vqa
     from vlp.train.finetune import evaluate_vqa_split, load_vqa_checkpoint
 
-    checkpoint = _checkpoint(args.checkpoint)
-    questions = load_vqa(_file("--data", args.data), _image_root(args.image_root))
+    checkpoint = checkpoint_dir(args.checkpoint)
+    questions = load_vqa(existing_path(args.data, "path", "--data"), _image_root(args.image_root))
     vqa_model, vocab = load_vqa_checkpoint(checkpoint)
     device = _device(args.device)
     predictions, metrics = evaluate_vqa_split(vqa_model.to(device), vocab, questions, load_image_file,
@@ -106,8 +109,9 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     from vlp.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot
     from vlp.models import VLPModel
 
-    checkpoint = _checkpoint(args.checkpoint)
-    split = load_zeroshot(_file("--data", args.data), _image_root(args.image_root), _file("--classes", args.classes))
+    checkpoint = checkpoint_dir(args.checkpoint)
+    split = load_zeroshot(existing_path(args.data, "path", "--data"), _image_root(args.image_root),
+                          existing_path(args.classes, "path", "--classes"))
     model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
     templates = list(DEFAULT_TEMPLATES)
     if model.config.text.tokenizer == "synthetic":  # prompts in the synthetic vocabulary
@@ -115,7 +119,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
 
         templates = list(ZEROSHOT_TEMPLATES["color" if set(split.classes) & set(COLORS) else "shape"])
     if args.templates:
-        templates = json.loads(_file("--templates", args.templates).read_text())
+        templates = json.loads(existing_path(args.templates, "path", "--templates").read_text())
     result = evaluate_zeroshot(model, split, model.image_transform(train=False), split.classes, templates,
                                batch_size=args.batch_size, precision=args.precision, device=_device(args.device),
                                progress=not args.no_progress, itm_rerank_k=args.itm_k if model.has_fusion else 0)
@@ -127,8 +131,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from vlp.config import load_config
     from vlp.train.finetune import finetune_retrieval, finetune_vqa
 
-    config_path = _file("CONFIG", args.config)
-    init = _checkpoint(args.init, "--init")
+    config_path = existing_path(args.config, "path", "CONFIG")
+    init = checkpoint_dir(args.init, "--init")
     from vlp.models.persist import read_checkpoint_config
 
     model_section = read_checkpoint_config(init)["model"]
@@ -144,7 +148,8 @@ def _eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", required=True)
     parser.add_argument("--output", default=None, help="write the result JSON here")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 on CUDA with bf16 and on CPUs with AMX, else fp32")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-progress", action="store_true")
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlp.errors import UserError
+from vlp.cli.eval_commands import checkpoint_dir
 
 __all__ = ["add_command", "cmd_explain"]
 
@@ -17,11 +17,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from vlp.explain import explain, save_overlay
     from vlp.models import VLPModel
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():
-        raise UserError(f"--checkpoint: directory not found: {args.checkpoint}")
-    if not (checkpoint / "config.yaml").is_file():
-        raise UserError(f"--checkpoint: not a vlp checkpoint (no config.yaml): {args.checkpoint}")
+    checkpoint = checkpoint_dir(args.checkpoint)
     image = load_image_file(args.image)
     model = VLPModel.from_pretrained(checkpoint)
     explanation = explain(model, image, args.text, layer=args.layer)

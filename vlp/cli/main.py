@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from vlp.cli.eval_commands import existing_path
 from vlp.errors import UserError
 from vlp.runtime import tune_allocator
 
@@ -16,17 +17,11 @@ __all__ = ["main", "build_parser"]
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _existing_file(value: str) -> Path:
-    path = Path(value)
-    if not path.is_file():
-        raise UserError(f"file not found: {value}")
-    return path
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp.config import load_config
 
-    config = load_config(_existing_file(args.config), args.set)  # config errors come before the heavy imports
+    # config errors come before the heavy imports
+    config = load_config(existing_path(args.config, "file"), args.set)
     from vlp.train.loop import pretrain
 
     run_dir = pretrain(config, output_dir=args.output_dir, resume=args.resume)

@@ -179,7 +179,7 @@ class EvalConfig:
     score: str = doc("itm", "Re-rank score: itm (match logit) or itm+itc (BLIP).")
     batch_size: int = doc(128, "Encoding batch size.")
     max_images: int = doc(0, "Evaluate on the first N test images only; 0 = all.")
-    precision: str = doc("fp32", "fp32 or bf16 for encoding.")
+    precision: str = doc("auto", "auto, fp32 or bf16 for encoding and re-ranking; auto = bf16 on CUDA with bf16 and on CPUs with AMX, fp32 elsewhere (bf16 is slower than fp32 on CPUs without AMX).")
 
 
 @dataclass(frozen=True)

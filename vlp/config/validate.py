@@ -95,5 +95,5 @@ def validate_config(config: Config) -> None:
         _require(config.model.mlm_head, "objective.mlm_weight", o.mlm_weight, "needs model.mlm_head: true")
     _require(e.k_test > 0, "eval.k_test", e.k_test, "must be positive")
     _choice("eval.score", e.score, ("itm", "itm+itc"))
-    _choice("eval.precision", e.precision, ("fp32", "bf16"))
+    _choice("eval.precision", e.precision, ("auto", "fp32", "bf16"))
     _require(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")

@@ -50,11 +50,7 @@ def fill_blip(mapper: StateMapper, vision_layers: int, text_layers: int, width: 
         s, t = f"{vision}encoder.layers.{i}", f"{image}blocks.{i}"
         for kind in ("weight", "bias"):
             mapper.split(f"{s}.self_attn.qkv.{kind}", [f"{t}.attn.{p}.{kind}" for p in "qkv"], [width] * 3)
-        mapper.copy_linear(f"{s}.self_attn.projection", f"{t}.attn.proj")
-        mapper.copy_linear(f"{s}.layer_norm1", f"{t}.norm1")
-        mapper.copy_linear(f"{s}.layer_norm2", f"{t}.norm2")
-        mapper.copy_linear(f"{s}.mlp.fc1", f"{t}.mlp.fc1")
-        mapper.copy_linear(f"{s}.mlp.fc2", f"{t}.mlp.fc2")
+        mapper.copy_parts(s, t, ("self_attn.projection", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"))
     mapper.copy_linear(f"{vision}post_layernorm", f"{image}norm")
     text = "text_encoder."
     mapper.copy(f"{text}embeddings.word_embeddings.weight", "text_encoder.embeddings.weight")

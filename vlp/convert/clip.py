@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from vlp.convert.common import Plan, StateMapper, hf_preprocessing, mlp_ratio, read_hf_directory
+from vlp.convert.common import Plan, StateMapper, clip_layers, hf_preprocessing, mlp_ratio, read_hf_directory
 from vlp.convert.open_clip_source import towers_plan
 from vlp.data.tokenizers import load_tokenizer
 from vlp.errors import UserError
@@ -42,15 +42,7 @@ def _norm(eps: float) -> dict[str, Any]:
 
 def hf_blocks_to_open_clip(mapper: StateMapper, source: str, target: str, layers: int) -> None:
     """HF CLIP/SigLIP encoder layers -> open_clip residual attention blocks."""
-    for i in range(layers):
-        s, t = f"{source}.{i}", f"{target}.{i}"
-        for kind in ("weight", "bias"):
-            mapper.concat([f"{s}.self_attn.{p}_proj.{kind}" for p in "qkv"], f"{t}.attn.in_proj_{kind}")
-        mapper.copy_linear(f"{s}.self_attn.out_proj", f"{t}.attn.out_proj")
-        mapper.copy_linear(f"{s}.layer_norm1", f"{t}.ln_1")
-        mapper.copy_linear(f"{s}.layer_norm2", f"{t}.ln_2")
-        mapper.copy_linear(f"{s}.mlp.fc1", f"{t}.mlp.c_fc")
-        mapper.copy_linear(f"{s}.mlp.fc2", f"{t}.mlp.c_proj")
+    clip_layers(mapper, source, target, layers, "open_clip")
 
 
 def _transpose(tensor: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,11 +25,16 @@ from vlp.data.tokenizers import Tokenizer
 from vlp.errors import UserError
 
 __all__ = ["ConversionReport", "Plan", "StateMapper", "read_hf_directory", "read_tensor_file", "read_json",
-           "hf_preprocessing", "mlp_ratio", "temperature_fields", "one_line", "some"]
+           "hf_preprocessing", "mlp_ratio", "temperature_fields", "one_line", "some", "clip_layers"]
 
 # Buffers that older transformers versions saved although they are derived, never learned.
 DERIVED_BUFFERS = (".position_ids", ".token_type_ids", "attn_mask")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A transformer block's parts besides q/k/v, always in this order: attention output projection, the two
+# norms, the MLP's two layers. vlp's own blocks and timm's name them alike; open_clip and HF CLIP/SigLIP do not.
+_BLOCK_PARTS = ("attn.proj", "norm1", "norm2", "mlp.fc1", "mlp.fc2")
+_OPEN_CLIP_PARTS = ("attn.out_proj", "ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj")
+_HF_CLIP_PARTS = ("self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
 
 
 def one_line(error: BaseException) -> str:
@@ -147,6 +152,13 @@ class StateMapper:
         for suffix in ("weight", "bias"):
             self.copy(f"{source}.{suffix}", f"{target}.{suffix}")
 
+    def copy_parts(self, source: str, target: str, source_parts: tuple[str, ...],
+                   target_parts: tuple[str, ...] = _BLOCK_PARTS) -> None:
+        """Linear/LayerNorm modules under ``source`` -> under ``target``, paired by position; by default the
+        targets are a vlp/timm block's ``attn.proj``, ``norm1``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``."""
+        for theirs, ours in zip(source_parts, target_parts, strict=True):
+            self.copy_linear(f"{source}.{theirs}", f"{target}.{ours}")
+
     def concat(self, sources: list[str], target: str) -> None:
         """Separate q/k/v projections -> one fused in_proj/qkv tensor (rows in the given order)."""
         values = [self.take(s) for s in sources]
@@ -189,6 +201,23 @@ class StateMapper:
         report = ConversionReport("", self.origin, "", links=dict(self.links), ignored=ignored,
                                   defaulted=dict(defaulted))
         return state, report
+
+
+# Blocks with one fused q/k/v projection: its name ({kind}: weight or bias), then the other parts
+_FUSED_QKV_BLOCKS = {"open_clip": ("attn.in_proj_{kind}", _OPEN_CLIP_PARTS),
+                     "timm": ("attn.qkv.{kind}", _BLOCK_PARTS)}
+
+
+def clip_layers(mapper: StateMapper, source: str, target: str, layers: int,
+                block: Literal["open_clip", "timm"]) -> None:
+    """Hugging Face CLIP/SigLIP encoder layers ``source.{i}`` -> open_clip or timm blocks ``target.{i}``
+    (HF's separate q, k, v projections concatenated, in that order, into the block's fused one)."""
+    fused, parts = _FUSED_QKV_BLOCKS[block]
+    for i in range(layers):
+        s, t = f"{source}.{i}", f"{target}.{i}"
+        for kind in ("weight", "bias"):
+            mapper.concat([f"{s}.self_attn.{p}_proj.{kind}" for p in "qkv"], f"{t}.{fused.format(kind=kind)}")
+        mapper.copy_parts(s, t, _HF_CLIP_PARTS, parts)
 
 
 def _shared_names(state: dict[str, Tensor]) -> dict[str, list[str]]:

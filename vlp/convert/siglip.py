@@ -24,6 +24,7 @@ from vlp.convert.clip import hf_blocks_to_open_clip
 from vlp.convert.common import (
     Plan,
     StateMapper,
+    clip_layers,
     hf_preprocessing,
     mlp_ratio,
     read_hf_directory,
@@ -45,15 +46,7 @@ def fill_siglip(mapper: StateMapper, vision_layers: int, text_layers: int, width
     vision, trunk = "vision_model.", "image_encoder.model."
     mapper.copy_linear(f"{vision}embeddings.patch_embedding", f"{trunk}patch_embed.proj")
     mapper.copy(f"{vision}embeddings.position_embedding.weight", f"{trunk}pos_embed", lambda t: t.unsqueeze(0))
-    for i in range(vision_layers):
-        s, t = f"{vision}encoder.layers.{i}", f"{trunk}blocks.{i}"
-        for kind in ("weight", "bias"):
-            mapper.concat([f"{s}.self_attn.{p}_proj.{kind}" for p in "qkv"], f"{t}.attn.qkv.{kind}")
-        mapper.copy_linear(f"{s}.self_attn.out_proj", f"{t}.attn.proj")
-        mapper.copy_linear(f"{s}.layer_norm1", f"{t}.norm1")
-        mapper.copy_linear(f"{s}.layer_norm2", f"{t}.norm2")
-        mapper.copy_linear(f"{s}.mlp.fc1", f"{t}.mlp.fc1")
-        mapper.copy_linear(f"{s}.mlp.fc2", f"{t}.mlp.fc2")
+    clip_layers(mapper, f"{vision}encoder.layers", f"{trunk}blocks", vision_layers, "timm")
     mapper.copy_linear(f"{vision}post_layernorm", f"{trunk}norm")
     head, pool = f"{vision}head.", f"{trunk}attn_pool."
     mapper.copy(f"{head}probe", f"{pool}latent")

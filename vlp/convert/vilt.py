@@ -55,11 +55,8 @@ def fill_vilt(mapper: StateMapper, prefix: str, layers: int, rank: bool) -> None
         s, t = f"{prefix}encoder.layer.{i}", f"fusion.blocks.{i}"
         for theirs, ours in (("query", "q"), ("key", "k"), ("value", "v")):
             mapper.copy_linear(f"{s}.attention.attention.{theirs}", f"{t}.attn.{ours}")
-        mapper.copy_linear(f"{s}.attention.output.dense", f"{t}.attn.proj")
-        mapper.copy_linear(f"{s}.layernorm_before", f"{t}.norm1")
-        mapper.copy_linear(f"{s}.layernorm_after", f"{t}.norm2")
-        mapper.copy_linear(f"{s}.intermediate.dense", f"{t}.mlp.fc1")
-        mapper.copy_linear(f"{s}.output.dense", f"{t}.mlp.fc2")
+        mapper.copy_parts(s, t, ("attention.output.dense", "layernorm_before", "layernorm_after",
+                                 "intermediate.dense", "output.dense"))
     mapper.copy_linear(f"{prefix}layernorm", "fusion.norm")
     mapper.copy_linear(f"{prefix}pooler.dense", "fusion.pooler")
     if rank:

@@ -40,6 +40,16 @@ _IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_path", "file_name")
 _CAPTION_COLUMNS = ("caption", "captions", "text", "txt", "sentences", "sentence")
 
 
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    """``json.loads``; malformed JSON is one UserError naming the file and line (``line``: the JSONL line that
+    ``text`` is, else the line of the error inside ``text``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where, what = (line, "JSON line") if line is not None else (err.lineno, "JSON")
+        raise UserError(f"{path}:{where}: malformed {what} ({err.msg})") from None
+
+
 def read_json_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """A JSON list of objects or a JSONL file -> [(location, record)], location = "line N" or "entry N".
 
@@ -54,18 +64,12 @@ def read_json_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: malformed JSON line ({err.msg})") from None
+            record = _parse_json(line, path, number)
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             records.append((f"line {number}", record))
         return records
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    entries = _parse_json(text, path)
     if not isinstance(entries, list):
         raise UserError(f"{path}: expected a JSON list of objects")
     for index, entry in enumerate(entries):

@@ -60,10 +60,18 @@ class HFTextEncoder(TextEncoder):
         return EncoderOutput(tokens=tokens, mask=mask, pooled=pool_tokens(tokens, mask, self.pooling))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, kwargs = self.model, {"use_reentrant": False}
+        # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn, and go
+        # in v6); older releases have only the old names
+        if hasattr(model, "activation_checkpointing_enable"):
+            if enable:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.activation_checkpointing_disable()
+        elif enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
-            self.model.gradient_checkpointing_disable()
+            model.gradient_checkpointing_disable()
 
 
 def _without_pooler(model_class: Any) -> dict[str, Any]:

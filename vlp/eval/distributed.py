@@ -38,6 +38,7 @@ from vlp.eval.retrieval import (
     chunked_ranks,
     chunked_topk,
     evaluate_retrieval,
+    fast_precision,
     image_loader,
     max_text_length,
     recall_curves,
@@ -100,7 +101,7 @@ def _encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: 
 
 @torch.no_grad()
 def evaluate_retrieval_sharded(model: Any, split: RetrievalSplitLike, transform: Any, k_test: int = 16,
-                               score: str = "itm", batch_size: int = 128, precision: str = "fp32",
+                               score: str = "itm", batch_size: int = 128, precision: str = "auto",
                                device: str | torch.device | None = None, progress: bool = True,
                                max_images: int = 0, memory_mb: float = 1024,
                                num_workers: int = 0) -> dict[str, Any]:
@@ -119,6 +120,7 @@ def evaluate_retrieval_sharded(model: Any, split: RetrievalSplitLike, transform:
         return evaluate_retrieval(model, split, transform, k_test, score, batch_size, precision, device,
                                   progress and rank == 0, 0, memory_mb, num_workers)
     target = resolve_device(model, device)
+    precision = fast_precision(target) if precision == "auto" else precision
     autocast = autocast_context(precision, target)
     txt2img = _as_index_tensor(split.txt2img, num_images, num_texts)
     image_positives = _validate_img2txt(split.img2txt, txt2img, num_images)
@@ -154,7 +156,7 @@ def evaluate_retrieval_sharded(model: Any, split: RetrievalSplitLike, transform:
         result["curves"] = curves
     finally:
         model.train(was_training)
-    result.update(score=score, k_test=k_test, num_images=num_images, num_texts=num_texts)
+    result.update(score=score, k_test=k_test, num_images=num_images, num_texts=num_texts, precision=precision)
     return result
 
 
@@ -220,7 +222,7 @@ def vqa_metrics(questions: Sequence[Mapping[str, Any]], predictions: Sequence[Ma
 def evaluate_vqa_sharded(vqa_model: Any, questions: Sequence[Mapping[str, Any]],
                          load_image: Callable[[Any], Tensor], vocab: Any, batch_size: int = 64,
                          device: str | torch.device | None = None, progress: bool = True,
-                         precision: str = "fp32", num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                         precision: str = "auto", num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``evaluate_vqa`` with the questions split over the ranks; the same result on every rank (a collective)."""
     from vlp.eval.vqa import evaluate_vqa
     from vlp.train.distributed import gather_objects

@@ -24,7 +24,7 @@ from vlp.types import EncoderOutput
 
 __all__ = [
     "RetrievalSplitLike", "EncodedSplit", "split_images", "retrieval_metrics", "recall_curves",
-    "chunked_topk", "chunked_ranks", "encode_split", "evaluate_retrieval",
+    "chunked_topk", "chunked_ranks", "encode_split", "evaluate_retrieval", "fast_precision",
 ]
 
 SCORES = ("itm", "itm+itc")
@@ -291,13 +291,28 @@ def chunked_ranks(query_emb: Tensor, gallery_emb: Tensor, positives: Tensor,
 
 
 # ------------------------------------------------------------------------------------------ encoding
+def fast_precision(device: torch.device) -> str:
+    """The precision ``auto`` resolves to: bf16 where the device multiplies bf16 matrices faster than fp32
+    (CUDA GPUs with bf16 support, CPUs with AMX tiles), fp32 elsewhere. On AVX-512 CPUs without AMX, bf16
+    matmuls run at about half the fp32 rate (benchmarks/README.md), so bf16 there is slower, not faster."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x; absent = no AMX known
+        return "bf16" if callable(amx) and amx() else "fp32"
+    return "fp32"
+
+
 def autocast_context(precision: str, device: torch.device) -> AutocastFactory:
-    """A factory of the autocast context for ``precision`` (fp32: none; bf16: autocast on the device type)."""
+    """A factory of the autocast context for ``precision`` (fp32: none; bf16: autocast on the device type;
+    auto: ``fast_precision(device)``)."""
+    if precision == "auto":
+        precision = fast_precision(device)
     if precision == "fp32":
         return contextlib.nullcontext
     if precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise UserError(f"eval.precision: '{precision}' is not one of fp32, bf16")
+    raise UserError(f"eval.precision: '{precision}' is not one of auto, fp32, bf16")
 
 
 def resolve_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -342,7 +357,7 @@ class EncodedSplit(NamedTuple):
 
 @torch.no_grad()
 def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_size: int = 128,
-                 precision: str = "fp32", device: str | torch.device | None = None, progress: bool = True,
+                 precision: str = "auto", device: str | torch.device | None = None, progress: bool = True,
                  keep_tokens: bool | None = None, num_workers: int = 0) -> EncodedSplit:
     """Encode every image and caption of a split in batches (tqdm bar, optional bf16 autocast).
 
@@ -393,7 +408,7 @@ class _FirstImages:
 
 # ------------------------------------------------------------------------------------------ harness
 def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_test: int = 16,
-                       score: str = "itm", batch_size: int = 128, precision: str = "fp32",
+                       score: str = "itm", batch_size: int = 128, precision: str = "auto",
                        device: str | torch.device | None = None, progress: bool = True, max_images: int = 0,
                        memory_mb: float = 1024, num_workers: int = 0) -> dict[str, Any]:
     """Retrieval metrics of a model on a split: ITC from the full ranking, plus ITM re-ranking when fused.
@@ -402,13 +417,14 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_
     match logit (``score="itm"``) or the logit plus the ITC cosine (``"itm+itc"``, BLIP). Re-scored
     candidates rank above all others; the others keep their ITC order, so a ground truth outside the top
     k keeps its ITC rank. Result: {"itc": metrics, "itm": metrics (fused only), "curves": recall@K lists,
-    "score", "k_test", "num_images", "num_texts"}.
+    "score", "k_test", "num_images", "num_texts", "precision" (what ``auto`` resolved to)}.
     """
     if score not in SCORES:
         raise UserError(f"eval.score: '{score}' is not one of {', '.join(SCORES)}")
     if max_images < 0:
         raise UserError(f"eval.max_images must be >= 0; got {max_images}")
     target = resolve_device(model, device)
+    precision = fast_precision(target) if precision == "auto" else precision
     autocast = autocast_context(precision, target)
     if 0 < max_images < split.num_images:
         split = _FirstImages(split, max_images)
@@ -430,7 +446,7 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_
                                     score, batch_size, autocast, progress, memory_mb)
     finally:
         model.train(was_training)
-    result.update(score=score, k_test=k_test, num_images=num_images, num_texts=num_texts)
+    result.update(score=score, k_test=k_test, num_images=num_images, num_texts=num_texts, precision=precision)
     return result
 
 

@@ -230,7 +230,7 @@ def _percent(values: list[float]) -> float:
 def evaluate_vqa(vqa_model: VQAModel, questions: Sequence[Mapping[str, Any]],
                  load_image: Callable[[Any], Tensor], vocab: AnswerVocab, batch_size: int = 64,
                  device: str | torch.device | None = None,
-                 progress: bool = True, precision: str = "fp32",
+                 progress: bool = True, precision: str = "auto",
                  num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Answer every question (the highest-scoring vocabulary answer) and score those with human answers.
 

@@ -67,7 +67,7 @@ def _encode_prompts(model: Any, prompts: list[str], batch_size: int, device: tor
 @torch.no_grad()
 def zeroshot_classifier(model: Any, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                         device: str | torch.device | None = None, batch_size: int = 256,
-                        precision: str = "fp32") -> Tensor:
+                        precision: str = "auto") -> Tensor:
     """Class embeddings [c, e]: each class's prompts embedded, normalized, averaged, renormalized (CLIP)."""
     _check_prompts(classnames, templates)
     target = resolve_device(model, device)
@@ -99,7 +99,7 @@ def _accuracy(ranks: Tensor, k: int) -> float:
 @torch.no_grad()
 def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, classnames: Sequence[str],
                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128,
-                      precision: str = "fp32", device: str | torch.device | None = None, progress: bool = True,
+                      precision: str = "auto", device: str | torch.device | None = None, progress: bool = True,
                       itm_rerank_k: int = 0, num_workers: int = 0) -> dict[str, Any]:
     """Top-1/top-5 zero-shot accuracy (percent) of the ITC classifier; for a fused model with
     ``itm_rerank_k`` > 0 also after re-scoring each image's top-k classes with the ITM match logit of the

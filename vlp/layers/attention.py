@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["Attention", "attention", "key_padding_bias"]
+__all__ = ["Attention", "attention", "attention_by_context", "key_padding_bias"]
 
 
 def key_padding_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -69,6 +69,31 @@ def attention(
     return torch.matmul(dropped, v), weights if return_weights else None
 
 
+def attention_by_context(q: Tensor, keys: Tensor, values: Tensor, index: Tensor,
+                         key_mask: Tensor | None = None, dropout: float = 0.0) -> Tensor:
+    """Attention of query rows that read shared contexts: row b of q [b, h, n, d] attends to the keys and
+    values ``keys[index[b]]``, ``values[index[b]]`` of [g, h, m, d] (g distinct contexts, e.g. gallery
+    images); ``key_mask`` [g, m] (True = real) per context.
+
+    The rows that read one context are stacked along the query axis and attend in one call, so no
+    per-row copy of the (much larger) keys and values is made. Equal to ``attention(q, keys[index],
+    values[index], key_mask[index])``; differentiable in q, keys and values.
+    """
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=keys.shape[0]).tolist()
+    parts: list[Tensor] = []
+    start = 0
+    for context, count in enumerate(counts):
+        if count == 0:
+            continue
+        stacked = rearrange(q[order[start:start + count]], "c h n d -> 1 h (c n) d")
+        start += count
+        mask = None if key_mask is None else key_mask[context:context + 1]
+        result, _ = attention(stacked, keys[context:context + 1], values[context:context + 1], mask, dropout=dropout)
+        parts.append(rearrange(result, "1 h (c n) d -> c h n d", c=count))
+    return torch.cat(parts)[torch.argsort(order)]  # back to the rows' own order
+
+
 def _joint_linear(x: Tensor, layers: tuple[nn.Linear, ...]) -> Tensor:
     """Several projections of one input as one GEMM over their concatenated weights.
 
@@ -113,14 +138,22 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None, causal: bool = False,
-        return_weights: bool = False, kv: tuple[Tensor, Tensor] | None = None,
+        return_weights: bool = False, kv: tuple[Tensor, ...] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """``kv``: cached ``key_value(context)`` (keys, values) per row, or (keys, values, index) of shared
+        contexts read by row b as ``index[b]`` (``attention_by_context``; ``key_mask`` is then per context)."""
+        dropout = self.dropout if self.training else 0.0
+        if kv is not None and len(kv) == 3:
+            if return_weights or causal:
+                raise ValueError("shared (indexed) keys/values support neither attention weights nor causal masks")
+            q = self.split_heads(self.q(x))
+            out = attention_by_context(q, kv[0], kv[1], kv[2], key_mask, dropout=dropout)
+            return self.proj(rearrange(out, "b h n d -> b n (h d)")), None
         if context is None and kv is None and self.k.in_features == self.q.in_features:
             q, k, v = rearrange(_joint_linear(x, (self.q, self.k, self.v)), "b n (three h d) -> three b h n d",
                                 three=3, h=self.num_heads)
         else:
             q = self.split_heads(self.q(x))
             k, v = kv if kv is not None else self.key_value(x if context is None else context)
-        dropout = self.dropout if self.training else 0.0
         out, weights = attention(q, k, v, key_mask, causal=causal, dropout=dropout, return_weights=return_weights)
         return self.proj(rearrange(out, "b h n d -> b n (h d)")), weights

@@ -58,9 +58,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, causal: bool = False,
-                context_kv: tuple[Tensor, Tensor] | None = None, first_only: bool = False) -> Tensor:
+                context_kv: tuple[Tensor, ...] | None = None, first_only: bool = False) -> Tensor:
         """x [b, n, dim]; mask bool [b, n]; context [b, m, context_dim] with context_mask bool [b, m];
-        ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``.
+        ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``, or
+        (keys, values, index) of shared contexts (see ``Attention.forward``; context_mask is then per context).
 
         ``first_only``: compute only the first token's output [b, 1, dim] (its self-attention still reads every
         token) — what a last layer needs when only the [CLS] state is used (ITM scoring).
@@ -71,7 +72,7 @@ class TransformerBlock(nn.Module):
     def forward_with_weights(
         self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
         context_mask: Tensor | None = None, causal: bool = False, return_weights: bool = False,
-        context_kv: tuple[Tensor, Tensor] | None = None, first_only: bool = False,
+        context_kv: tuple[Tensor, ...] | None = None, first_only: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """As ``forward``; with ``return_weights`` also the attention weights [b, h, n, m] under
         ``"self"`` and ``"cross"`` (explicit attention path instead of SDPA)."""
@@ -87,7 +88,7 @@ class TransformerBlock(nn.Module):
 
     def _forward(
         self, x: Tensor, mask: Tensor | None, context: Tensor | None, context_mask: Tensor | None,
-        causal: bool, return_weights: bool, context_kv: tuple[Tensor, Tensor] | None, first_only: bool = False,
+        causal: bool, return_weights: bool, context_kv: tuple[Tensor, ...] | None, first_only: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         weights: dict[str, Tensor] = {}
         rows = slice(0, 1) if first_only else slice(None)

@@ -115,6 +115,24 @@ class VLPModel(nn.Module):
                                       return_attention=return_attention, **self._pooled_only(pooled_only))
         return result
 
+    def fuse_indexed(self, text_out: EncoderOutput, image_out: EncoderOutput, index: Tensor,
+                     pooled_only: bool = False) -> FusionOutput:
+        """Fuse text row b with image row ``index[b]`` of ``image_out`` (e.g. ITM positives and negatives that
+        reuse a batch's images). A one-way fusion projects each distinct image's cross-attention keys/values
+        once and shares them across its rows; other blocks get the selected rows."""
+        fusion = self._require_fusion()
+        image_kv = getattr(fusion, "image_kv", None)
+        if not callable(image_kv) or getattr(fusion, "update_image", True):
+            picked = EncoderOutput(image_out.tokens[index], image_out.mask[index], image_out.pooled[index])
+            return self.fuse(text_out, picked, pooled_only=pooled_only)
+        used, inverse = torch.unique(index, return_inverse=True)
+        tokens = self.image_to_fusion(image_out.tokens[used])
+        kv = [(keys, values, inverse) for keys, values in image_kv(tokens)]
+        fused: FusionOutput = fusion(text_out.tokens, tokens[:1].expand(len(index), -1, -1), text_out.mask,
+                                     image_out.mask[index], image_kv=kv, **self._pooled_only(pooled_only))
+        # one-way fusion returns the image tokens unchanged: each row's own, not the expanded placeholder
+        return FusionOutput(fused.text, tokens[inverse], fused.pooled, fused.attentions)
+
     def _pooled_only(self, wanted: bool) -> dict[str, bool]:
         # user-registered fusion blocks need not accept the keyword
         accepts = "pooled_only" in inspect.signature(type(self._require_fusion()).forward).parameters
@@ -143,10 +161,17 @@ class VLPModel(nn.Module):
     def itm_logits_from(self, text_out: EncoderOutput, context: ImageContext, index: Tensor) -> Tensor:
         """Match logits pairing text row b with gallery image ``index[b]`` of a precomputed context."""
         fusion = self._require_fusion()
-        picked = context.select(index)
-        kwargs: dict[str, Any] = {} if picked.kv is None else {"image_kv": picked.kv}
-        kwargs.update(self._pooled_only(True))
-        fused = fusion(text_out.tokens, picked.tokens, text_out.mask, picked.mask, **kwargs)
+        kwargs: dict[str, Any] = self._pooled_only(True)
+        if context.kv is None:
+            picked = context.select(index)
+            fused = fusion(text_out.tokens, picked.tokens, text_out.mask, picked.mask, **kwargs)
+        else:
+            # The cached keys/values stay shared: each row reads its image's by index (no per-pair copy of
+            # [pairs, heads, image tokens, head dim]); the image tokens are an expanded view for shape checks.
+            rows = index.shape[0]
+            kwargs["image_kv"] = [(keys, values, index) for keys, values in context.kv]
+            fused = fusion(text_out.tokens, context.tokens[:1].expand(rows, -1, -1), text_out.mask,
+                           context.mask[index], **kwargs)
         return self.itm_scores(fused)
 
     # construction / persistence ---------------------------------------------------------------

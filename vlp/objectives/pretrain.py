@@ -130,7 +130,9 @@ class PretrainObjective(Objective):
             neg_text, neg_image = self._negatives(image_emb, text_emb, image_ids)
             text_all, image_all = gather_tokens(text_out), gather_tokens(image_out)
             negatives = (_rows(text_all, neg_text), _rows(image_all, neg_image))
-        terms.update(self._fused_terms(text_out, image_out, negatives, masked_out, labels))
+            shared = (image_all, neg_image, rank_and_world()[0] * image_out.tokens.shape[0])
+        terms.update(self._fused_terms(text_out, image_out, negatives, masked_out, labels,
+                                       shared if self.use_itm else None))
         total = self._weighted(terms)
         terms["temperature"] = (1.0 / model.logit_scale()).detach().float()
         return LossOutput(total, terms)
@@ -301,10 +303,16 @@ class PretrainObjective(Objective):
 
     def _fused_terms(self, text_out: EncoderOutput, image_out: EncoderOutput,
                      negatives: tuple[EncoderOutput, EncoderOutput] | None, masked_out: EncoderOutput | None,
-                     labels: Tensor | None) -> dict[str, Tensor]:
+                     labels: Tensor | None, shared: tuple[EncoderOutput, Tensor, int] | None = None
+                     ) -> dict[str, Tensor]:
         """ITM over B positives and 2B negatives (ALBEF's row order, see vlp.losses.matching; ``negatives``
         = (negative texts, negative images)) and MLM of the masked text, all pairs in one fusion call (one
-        use of the fusion weights, as for the text encoder)."""
+        use of the fusion weights, as for the text encoder).
+
+        ``shared`` = (gathered image outputs, negative image indices into them, this rank's first row): every
+        pair's image is a row of the gathered batch, so the fusion reads the distinct images by index and a
+        one-way fusion projects their keys/values once instead of once per pair (3B or 4B pairs, B images).
+        """
         model = self.model
         texts: list[EncoderOutput] = []
         images: list[EncoderOutput] = []
@@ -317,7 +325,14 @@ class PretrainObjective(Objective):
         if not texts:
             return {}
         # without MLM only the [CLS] states are read, so the last fusion layer computes just those rows
-        fused = model.fuse(_cat_tokens(texts), _cat_tokens(images), pooled_only=masked_out is None)
+        pooled_only = masked_out is None
+        if shared is not None and negatives is not None:
+            image_all, neg_image, offset = shared
+            local = torch.arange(offset, offset + image_out.tokens.shape[0], device=neg_image.device)
+            index = torch.cat([local, neg_image, local] + ([local] if masked_out is not None else []))
+            fused = model.fuse_indexed(_cat_tokens(texts), image_all, index, pooled_only=pooled_only)
+        else:
+            fused = model.fuse(_cat_tokens(texts), _cat_tokens(images), pooled_only=pooled_only)
         rows = text_out.tokens.shape[0]
         terms: dict[str, Tensor] = {}
         if negatives is not None:

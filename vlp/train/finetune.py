@@ -122,7 +122,7 @@ def load_vqa_checkpoint(directory: str | Path) -> tuple[Any, Any]:
 
 
 def evaluate_vqa_split(vqa_model: Any, vocab: Any, questions: list[dict[str, Any]], loader: Any,
-                       batch_size: int, device: str, progress: bool, precision: str = "fp32") -> tuple[list[Any], dict[str, Any]]:
+                       batch_size: int, device: str, progress: bool, precision: str = "auto") -> tuple[list[Any], dict[str, Any]]:
     # in a process group every rank answers its share of the questions (one process: evaluate_vqa)
     from vlp.eval.distributed import evaluate_vqa_sharded as evaluate_vqa
 

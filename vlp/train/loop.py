@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -29,6 +28,7 @@ from vlp.models import VLPModel, build_model
 from vlp.objectives import PretrainObjective
 from vlp.runtime import tune_allocator
 from vlp.train import checkpoint as ckpt
+from vlp.train import faults
 from vlp.train.distributed import (
     DistInfo,
     cleanup,
@@ -42,6 +42,7 @@ from vlp.train.distributed import (
     restore_rank_rng,
     resume_position,
 )
+from vlp.train.faults import TrainingStopped
 from vlp.train.metrics import MetricsLogger, plot_metrics
 from vlp.train.optim import build_optimizer, scaled_lr
 from vlp.train.sampler import ResumableSampler, SeededDataset
@@ -78,15 +79,6 @@ def prepare_model(config: Config, model: VLPModel) -> VLPModel:
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
-
-
-class TrainingStopped(UserError):
-    """The run stopped on request (SIGTERM/SIGINT) or because a data worker died; ``exit_code`` is what
-    the CLI exits with (128 + signal number, as a shell reports a killed process; 1 for a dead worker)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class TrainState:
@@ -153,11 +145,8 @@ def batches(loader: DataLoader[Any], dataset: Any, sampler: ResumableSampler | N
             produced = True
             readable = readable or len(batch.get("images", (None,))) > 0
             yield batch
-        if not produced and skip == 0:
-            raise UserError("the training data produced no batch (empty data or batch_size too large)")
-        if not readable and skip == 0:  # else an all-bad dataset with max_bad_fraction 1 would loop forever
-            raise UserError(f"no readable sample in a whole epoch of the training data; examples: "
-                            f"{', '.join(state.bad_examples) or 'none recorded'}")
+        if skip == 0:
+            faults.check_epoch(produced, readable, state)
         state.epoch += 1
         state.batches_in_epoch = 0
         skip = 0
@@ -291,7 +280,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     metrics = MetricsLogger(run_dir, enabled=main)
     if main and state.step == 0:
         metrics.log({"step": 0, "lr_scaled": lr, "effective_batch_size": effective})
-    stop = _StopFlag()
+    stop = faults.StopFlag()
     data_iter = batches(job.loader, job.dataset, job.sampler, state)
     bar = tqdm(total=config.train.max_steps, initial=state.step, disable=not (main and config.train.progress),
                desc=f"{config.name}", dynamic_ncols=True)
@@ -305,10 +294,10 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
             while micro < config.train.grad_accum:
                 batch = _to_device(next(data_iter), dist.device)
                 state.batches_in_epoch += 1
-                _note_data(batch, state)
+                faults.note_data(batch, state)
                 batch = equal_rows(batch)  # gathers need one batch size on all ranks: cut to the smallest
                 if batch["images"].shape[0] == 0:  # every sample of the batch was unreadable
-                    _check_bad_data(config, state)
+                    faults.check_bad_data(config, state)
                     continue
                 micro += 1
                 out = objective.training_step(batch, scale=1.0 / config.train.grad_accum)
@@ -316,12 +305,12 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                     terms_sum[key] = terms_sum.get(key, 0.0) + float(value) / config.train.grad_accum
                 terms_sum["loss"] = terms_sum.get("loss", 0.0) + float(out.total) / config.train.grad_accum
                 window_samples += batch["images"].shape[0] * dist.world_size
-            state.loss_finite = not _agree(dist, not math.isfinite(terms_sum.get("loss", 0.0)))
+            state.loss_finite = not faults.any_rank(dist, not math.isfinite(terms_sum.get("loss", 0.0)))
             if _optimizer_step(config, module, optimizer, state):
                 scheduler.step()
                 objective.after_optimizer_step()
-            elif state.nonfinite_in_row >= config.train.max_nonfinite_steps:
-                raise _nonfinite_stop(state, ckpt_root)
+            else:
+                faults.check_nonfinite(config, state, ckpt_root)
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.samples_seen += effective
@@ -330,20 +319,19 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                 elapsed = time.perf_counter() - window_start
                 terms_sum = mean_over_ranks(terms_sum, dist.device)  # ITM/MLM terms are per-rank means
                 record = {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": window_samples / max(elapsed, 1e-9), **_data_counts(state, dist),
-                          "nonfinite_steps": state.nonfinite_total, **terms_sum}
+                          "samples_per_s": window_samples / max(elapsed, 1e-9),
+                          **faults.data_counts(state, dist), "nonfinite_steps": state.nonfinite_total, **terms_sum}
                 metrics.log(record)
                 bar.set_postfix(loss=f"{terms_sum['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 sps=f"{record['samples_per_s']:.0f}")
                 window_start, window_samples = time.perf_counter(), 0
-            _check_bad_data(config, state)
+            faults.check_bad_data(config, state)
             every = config.train.checkpoint_every
-            stop_now = _agree(dist, stop.requested)
+            stop_now = faults.any_rank(dist, stop.requested)
             if stop_now or (every and state.step % every == 0 and state.step < config.train.max_steps):
                 saved = saver.save()
                 if stop_now:
-                    raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} at step {state.step}; "
-                                          f"checkpoint saved at {saved} (continue with --resume)", 128 + stop.signum)
+                    raise stop.stopped(state.step, saved)
             e = config.eval.every
             if job.evaluate is not None and e > 0 and state.step % e == 0 and state.step < config.train.max_steps:
                 metrics.log({"step": state.step, **job.evaluate(state.step, False)})  # every rank: its shard
@@ -354,12 +342,11 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                 ckpt.write_atomic(run_dir / "final", _final_writer(config, job))
         if job.evaluate is not None and config.eval.every >= 0:
             metrics.log({"step": state.step, **job.evaluate(state.step, True)})
-    except RuntimeError as err:  # torch's SIGCHLD handler raises this wherever the main process happens to be
-        if "DataLoader worker" not in str(err):
+    except RuntimeError as err:  # a dead data loader worker is a clean stop, anything else a bug
+        stopped = faults.worker_death(err, state.step)
+        if stopped is None:
             raise
-        raise TrainingStopped(f"a data loader worker died at step {state.step + 1} ({' '.join(str(err).split())}); "
-                              "workers are usually killed for memory: lower data.num_workers or data.batch_size, "
-                              "then continue with --resume", exit_code=1) from err
+        raise stopped from err
     finally:
         bar.close()
         stop.restore()
@@ -374,72 +361,10 @@ def _optimizer_step(config: Config, model: nn.Module, optimizer: torch.optim.Opt
     params = [p for p in model.parameters() if p.grad is not None]
     clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
-    if not (state.loss_finite and torch.isfinite(norm)):
-        state.nonfinite_in_row += 1
-        state.nonfinite_total += 1
-        log.warning("step %d: non-finite %s, step skipped (%d in a row)", state.step + 1,
-                    "gradient" if state.loss_finite else "loss", state.nonfinite_in_row)
+    if not faults.step_is_finite(state, norm):
         return False
-    state.nonfinite_in_row = 0
     optimizer.step()
     return True
-
-
-def _nonfinite_stop(state: TrainState, ckpt_root: Path) -> UserError:
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
-    return UserError(f"{state.nonfinite_in_row} non-finite steps in a row (loss or gradient) at step {state.step + 1}; "
-                     f"{where} (lower optim.lr or raise schedule.warmup_steps, then --resume)")
-
-
-def _agree(dist: DistInfo, flag: bool) -> bool:
-    """True when the flag is raised on any rank: a signal can reach the ranks at different steps, a loss be
-    NaN on one only, and every rank must take the same branch (or the next collective hangs)."""
-    if dist.world_size == 1:
-        return flag
-    tensor = torch.tensor([float(flag)], device=dist.device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-_MAX_LOGGED_BAD = 10_000  # distinct bad paths logged per run (memory stays bounded on huge broken datasets)
-
-
-def _note_data(batch: dict[str, Any], state: TrainState) -> None:
-    """Count the collator's reports; log each bad path once per run and keep a few for the error message."""
-    state.bad_samples += int(batch.get("bad", 0))
-    state.good_samples += len(batch["images"])
-    state.truncated_captions += int(batch.get("truncated", 0))
-    for path, reason in zip(batch.get("bad_paths", ()), batch.get("bad_reasons", ())):
-        if len(state.bad_examples) < 3 and path not in state.bad_examples:
-            state.bad_examples.append(path)
-        if path in state.logged_bad or len(state.logged_bad) >= _MAX_LOGGED_BAD:
-            continue
-        state.logged_bad.add(path)
-        log.warning("skipping sample %s: %s", path, reason)
-        if len(state.logged_bad) == _MAX_LOGGED_BAD:
-            log.warning("%d bad paths logged; further ones are only counted (bad_samples in metrics.jsonl)",
-                        _MAX_LOGGED_BAD)
-
-
-def _data_counts(state: TrainState, dist: DistInfo) -> dict[str, float]:
-    """Data-fault counts of all ranks (each reads its own shard) for metrics.jsonl."""
-    counts = [state.bad_samples, state.good_samples, state.truncated_captions]
-    if dist.world_size > 1:
-        tensor = torch.tensor(counts, dtype=torch.int64, device=dist.device)
-        torch.distributed.all_reduce(tensor)
-        counts = [int(value) for value in tensor.tolist()]
-    bad, good, truncated = counts
-    return {"bad_samples": bad, "bad_fraction": bad / max(bad + good, 1), "truncated_captions": truncated}
-
-
-def _check_bad_data(config: Config, state: TrainState) -> None:
-    """Stop when more than data.max_bad_fraction of the samples read so far were unusable (once 200 were read)."""
-    read = state.good_samples + state.bad_samples
-    if read >= 200 and state.bad_samples > config.data.max_bad_fraction * read:
-        raise UserError(f"{state.bad_samples} of {read} samples ({state.bad_samples / read:.1%}) were unreadable, "
-                        f"above data.max_bad_fraction={config.data.max_bad_fraction}; e.g. "
-                        f"{', '.join(state.bad_examples) or '(paths not reported by this data source)'}")
 
 
 class _Saver:
@@ -462,11 +387,9 @@ class _Saver:
                     ckpt.save_trainer_state(directory / "trainer_state.pt", {
                         "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                         "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
-                        "nonfinite_total": state.nonfinite_total, "bad_samples": state.bad_samples,
                         "samples_seen": state.samples_seen, "rng": rngs[0], "rng_ranks": rngs,
                         "world_size": self.dist.world_size, "batch_size": self.config.data.batch_size,
-                        "good_samples": state.good_samples, "truncated_captions": state.truncated_captions,
-                        "bad_examples": list(state.bad_examples),
+                        **faults.fault_state(state),
                     })
 
                 ckpt.write_atomic(target, write)
@@ -484,12 +407,8 @@ def _restore_trainer(directory: Path, optimizer: torch.optim.Optimizer, schedule
     scheduler.load_state_dict(trainer["scheduler"])
     state.step, state.epoch = int(trainer["step"]), int(trainer["epoch"])
     state.batches_in_epoch = resume_position(trainer, dist.world_size, config.data.batch_size)
-    state.nonfinite_total = int(trainer.get("nonfinite_total", 0))
-    state.bad_samples = int(trainer.get("bad_samples", 0))
     state.samples_seen = int(trainer.get("samples_seen", 0))
-    state.good_samples = int(trainer.get("good_samples", state.samples_seen))
-    state.truncated_captions = int(trainer.get("truncated_captions", 0))
-    state.bad_examples = [str(path) for path in trainer.get("bad_examples", [])]
+    faults.restore_fault_state(state, trainer)
     restore_rank_rng(trainer, dist.rank, dist.world_size, config.train.seed)
     log.info("resumed from %s at step %d", directory, state.step)
 
@@ -516,30 +435,3 @@ def evaluate_run(config: Config, model: VLPModel, run_dir: Path, dist: DistInfo,
         plot_recall_curve(result, run_dir / "plots" / "recall_at_k.png")
     return {f"eval/{kind}/{name}": float(value) for kind in ("itc", "itm") if kind in result
             for name, value in result[kind].items()}
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT ask the loop to save a checkpoint and exit at the next step boundary; a second signal
-    stops at once (KeyboardInterrupt: a checkpoint write it interrupts leaves the previous ones intact)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum = int(signal.SIGTERM)  # what another rank's stop is reported as
-        self._previous: dict[int, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            self.restore()
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        log.warning("%s: saving a checkpoint after this step, then stopping (send it again to stop at once)",
-                    signal.Signals(signum).name)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
