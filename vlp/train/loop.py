@@ -34,20 +34,16 @@ from vlp.train.distributed import (
     cleanup,
     equal_rows,
     full_state_dicts,
-    gather_objects,
     init_distributed,
-    load_optimizer_state,
     mean_over_ranks,
-    optimizer_state,
-    restore_rank_rng,
-    resume_position,
 )
 from vlp.train.faults import TrainingStopped
 from vlp.train.metrics import MetricsLogger, plot_metrics
 from vlp.train.optim import build_optimizer, scaled_lr
 from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.schedule import build_scheduler
-from vlp.train.seeding import rng_state, seed_everything
+from vlp.train.seeding import seed_everything
+from vlp.train.trainer_state import TrainerSaver, restore_trainer
 
 __all__ = ["pretrain", "run_training", "TrainingJob", "autocast_factory", "run_dir_for", "load_model_weights",
            "TrainingStopped"]
@@ -275,7 +271,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     scheduler = build_scheduler(optimizer, config.schedule, config.train.max_steps)
     state = TrainState()
     if latest is not None:
-        _restore_trainer(latest, optimizer, scheduler, state, objective, dist, config)
+        restore_trainer(latest, optimizer, scheduler, state, objective, dist, config)
 
     metrics = MetricsLogger(run_dir, enabled=main)
     if main and state.step == 0:
@@ -285,7 +281,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     bar = tqdm(total=config.train.max_steps, initial=state.step, disable=not (main and config.train.progress),
                desc=f"{config.name}", dynamic_ncols=True)
     window_start, window_samples = time.perf_counter(), 0
-    saver = _Saver(config, ckpt_root, job, optimizer, scheduler, state, dist)
+    saver = TrainerSaver(config, ckpt_root, job, optimizer, scheduler, state, dist)
     try:
         while state.step < config.train.max_steps:
             module.train()
@@ -365,52 +361,6 @@ def _optimizer_step(config: Config, model: nn.Module, optimizer: torch.optim.Opt
         return False
     optimizer.step()
     return True
-
-
-class _Saver:
-    def __init__(self, config: Config, root: Path, job: TrainingJob, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, state: TrainState, dist: DistInfo) -> None:
-        self.config, self.root, self.job, self.optimizer = config, root, job, optimizer
-        self.scheduler, self.state, self.dist = scheduler, state, dist
-
-    def save(self) -> Path:
-        """An atomic checkpoint with everything needed to resume exactly."""
-        state = self.state
-        target = self.root / f"step_{state.step}"
-        # collectives first (every rank's RNG streams; FSDP's full weights and optimizer state), then rank 0 writes
-        rngs = gather_objects(rng_state())
-        with full_state_dicts(self.job.objective):
-            optimizer = optimizer_state(self.job.objective, self.optimizer)
-            if self.dist.rank == 0:
-                def write(directory: Path) -> None:
-                    self.job.save_weights(directory)
-                    ckpt.save_trainer_state(directory / "trainer_state.pt", {
-                        "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                        "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
-                        "samples_seen": state.samples_seen, "rng": rngs[0], "rng_ranks": rngs,
-                        "world_size": self.dist.world_size, "batch_size": self.config.data.batch_size,
-                        **faults.fault_state(state),
-                    })
-
-                ckpt.write_atomic(target, write)
-                ckpt.prune_checkpoints(self.root, self.config.train.keep_last)
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()
-        return target
-
-
-def _restore_trainer(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
-                     objective: nn.Module, dist: DistInfo, config: Config) -> None:
-    trainer = ckpt.load_trainer_state(directory / "trainer_state.pt")
-    if not load_optimizer_state(objective, optimizer, trainer["optimizer"]):
-        log.warning("%s: optimizer state was saved with the other train.fsdp setting; fresh AdamW moments", directory)
-    scheduler.load_state_dict(trainer["scheduler"])
-    state.step, state.epoch = int(trainer["step"]), int(trainer["epoch"])
-    state.batches_in_epoch = resume_position(trainer, dist.world_size, config.data.batch_size)
-    state.samples_seen = int(trainer.get("samples_seen", 0))
-    faults.restore_fault_state(state, trainer)
-    restore_rank_rng(trainer, dist.rank, dist.world_size, config.train.seed)
-    log.info("resumed from %s at step %d", directory, state.step)
 
 
 def evaluate_run(config: Config, model: VLPModel, run_dir: Path, dist: DistInfo, final: bool) -> dict[str, float]:
