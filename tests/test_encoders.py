@@ -181,6 +181,48 @@ def test_text_transformer_pooling_and_attention_direction(tokenizer: Tokenizer) 
         build_text_encoder(TextEncoderConfig(**{**base.__dict__, "causal": True}), tokenizer)
 
 
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+@pytest.mark.parametrize("kind", ["vit", "text_cls", "text_eos_causal", "open_clip_image", "open_clip_text"])
+def test_pooled_only_equals_full_pooled_output_and_gradients(kind: str, grad_checkpointing: bool,
+                                                             tokenizer: Tokenizer) -> None:
+    """pooled_only computes the last block for the pooled row only (what ITC alone reads): same pooled output
+    and parameter gradients as the full pass, also with padded captions and a causal EOS-pooled tower."""
+    torch.manual_seed(0)
+    if kind in ("vit", "open_clip_image"):
+        encoder: Any = build_image_encoder(IMAGE_CONFIGS[kind.removesuffix("_image")]).train()
+        inputs: dict[str, Any] = {"images": torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+    elif kind == "open_clip_text":
+        encoder = build_text_encoder(TEXT_CONFIGS["open_clip"], tokenizer).train()
+        inputs = dict(tokenizer(CAPTIONS, 16))
+        inputs = {key: torch.nn.functional.pad(value, (0, 16 - value.shape[1])) for key, value in inputs.items()}
+    else:
+        causal = kind == "text_eos_causal"
+        cfg = TextEncoderConfig(**{**TEXT_CONFIGS["transformer"].__dict__, "causal": causal,
+                                   "pooling": "eos" if causal else "cls"})
+        encoder = build_text_encoder(cfg, tokenizer).train()
+        inputs = dict(tokenizer(CAPTIONS, 16))
+        assert not bool(inputs["attention_mask"].all())  # padded rows are part of the check
+        # fixed-length padding (as CLIP's 77 tokens): columns no row uses, dropped by pooled_only
+        inputs = {key: torch.nn.functional.pad(value, (0, 16 - value.shape[1])) for key, value in inputs.items()}
+    encoder.set_grad_checkpointing(grad_checkpointing)
+    head = torch.randn(encoder.embed_dim if kind.startswith("open_clip") else 32,
+                       generator=torch.Generator().manual_seed(2))
+
+    def run(pooled_only: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        encoder.zero_grad()
+        out = encoder(**inputs, pooled_only=pooled_only)
+        (out.pooled @ head).sum().backward()
+        return out.pooled.detach(), out.tokens, _grads(encoder)
+
+    full_pooled, full_tokens, full_grads = run(False)
+    pooled, tokens, grads = run(True)
+    torch.testing.assert_close(pooled, full_pooled, atol=1e-5, rtol=1e-5)
+    assert tokens.shape[1] == 1 < full_tokens.shape[1]
+    assert grads.keys() == full_grads.keys() and len(grads) > 0
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 # ------------------------------------------------------------------------------------------- open_clip
 
 

@@ -237,3 +237,28 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> 
             torch.testing.assert_close(terms0["itc"], full_out.terms["itc"], atol=1e-5, rtol=1e-5)
         else:  # SigLIP: each rank holds its share, the mean is the global loss
             torch.testing.assert_close((terms0["itc"] + terms1["itc"]) / 2, full_out.terms["itc"], atol=1e-5, rtol=1e-5)
+
+
+def test_itc_only_step_reads_pooled_rows_only_and_matches_full_encoders() -> None:
+    """With ITC alone the objective asks the encoders for their pooled rows only; loss and every gradient
+    equal open_clip-style full encoder passes followed by the same contrastive loss."""
+    from vlp.losses import contrastive_loss
+
+    torch.manual_seed(0)
+    model = VLPModel.from_config({
+        "name": "clip_native_tiny", "fusion": {"type": "none"}, "embed_dim": 16, "itm_head": False,
+        "image": {"type": "vit", "image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "num_heads": 2},
+        "text": {"type": "transformer", "tokenizer": "clip", "max_length": 32, "width": 32, "depth": 2,
+                 "num_heads": 2, "causal": True, "pooling": "eos"},
+    })
+    batch = _batch(model, 8)
+    config = ObjectiveConfig(itm_weight=0.0)
+    out, grads = _step(model, config, batch, chunk=0)
+    assert PretrainObjective(model, config).embeddings_only
+    model.zero_grad(set_to_none=True)
+    image_emb = model.encode_image(batch["images"])
+    text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    reference = contrastive_loss(image_emb, text_emb, model.logit_scale(), image_ids=batch["image_ids"])
+    reference.backward()
+    torch.testing.assert_close(out.terms["itc"], reference.detach(), atol=1e-5, rtol=1e-5)
+    _assert_grads_equal(grads, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})

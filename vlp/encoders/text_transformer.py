@@ -36,15 +36,19 @@ __all__ = ["TextTransformer", "build_text_transformer", "POOLINGS"]
 POOLINGS = ("cls", "eos", "mean")
 
 
+def _pooled_position(mask: Tensor, pooling: str) -> Tensor:
+    """[b] index of the pooled token: 0 for ``cls``; for ``eos`` the last real token (also correct if padding
+    is not a contiguous suffix)."""
+    if pooling == "cls":
+        return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)
+
+
 def pool_tokens(tokens: Tensor, mask: Tensor, pooling: str) -> Tensor:
     """[b, t, d] tokens and bool mask [b, t] -> [b, d] by ``cls`` / ``eos`` (last real token) / ``mean``."""
-    if pooling == "cls":
-        return tokens[:, 0]
-    if pooling == "eos":
-        # index of the last True per row, also correct if padding is not a contiguous suffix
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)
-        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+    if pooling in ("cls", "eos"):
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), _pooled_position(mask, pooling)]
     weights = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
@@ -93,17 +97,35 @@ class TextTransformer(TextEncoder):
     def _embed(self, input_ids: Tensor) -> Tensor:
         return self.drop(self.embed_norm(self.embeddings(input_ids) + self.pos_embed[:input_ids.shape[1]]))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pooled_only: bool = False) -> EncoderOutput:
+        """``pooled_only`` (cls/eos pooling, no shared fusion layers): only what the pooled embedding depends on
+        is computed (a dual encoder's ITC reads nothing else): no all-padding columns, and only the pooled row
+        in the last block; ``tokens`` and ``mask`` then hold that row [b, 1, ...]."""
         length = input_ids.shape[1]
         if length > self.max_length:
             raise ValueError(f"{length} tokens exceed the encoder's max_length {self.max_length}")
         mask = attention_mask.bool()
+        only_rows = None
+        if (pooled_only and self.pooling != "mean" and self.fusion_layers is None and self.fusion_first_token is None
+                and len(self.blocks)):
+            # Columns after every row's last real token (fixed-length padding, e.g. CLIP's 77) can reach no
+            # pooled output — keys are masked, and a causal EOS sees only earlier positions — so they are dropped.
+            real_columns = mask.any(dim=0).nonzero()
+            if len(real_columns):
+                keep = int(real_columns.max()) + 1
+                input_ids, mask = input_ids[:, :keep], mask[:, :keep]
+            only_rows = _pooled_position(mask, self.pooling)
         x = self._embed(input_ids)
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            rows = only_rows if index == len(self.blocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, causal=self.causal, use_reentrant=False)
+                x = checkpoint(block, x, mask, causal=self.causal, only_rows=rows, use_reentrant=False)
             else:
-                x = block(x, mask, causal=self.causal)
+                x = block(x, mask, causal=self.causal, only_rows=rows)
+        if only_rows is not None:
+            tokens = self.final_norm(x)
+            return EncoderOutput(tokens=tokens, mask=tokens.new_ones(tokens.shape[:2], dtype=torch.bool),
+                                 pooled=tokens[:, 0])
         tokens = self.final_norm(x)
         states = tokens
         for layer in self.fusion_layers if self.fusion_layers is not None else ():

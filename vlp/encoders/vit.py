@@ -54,17 +54,20 @@ class VisionTransformer(ImageEncoder):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_transformer_weights)
 
-    def forward(self, images: Tensor) -> EncoderOutput:
+    def forward(self, images: Tensor, pooled_only: bool = False) -> EncoderOutput:
+        """``pooled_only``: the last block computes only the CLS row (a dual encoder's ITC reads nothing else);
+        ``tokens`` then hold that row [b, 1, width]."""
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"expected images of {self.image_size}x{self.image_size}, got {list(images.shape)}")
         patches = rearrange(self.patch_embed(images), "b d h w -> b (h w) d")
         cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
         x = self.drop(torch.cat([cls, patches], dim=1) + self.pos_embed)
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            first_only = pooled_only and index == len(self.blocks) - 1
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, first_only=first_only, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, first_only=first_only)
         tokens = self.norm(x)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return EncoderOutput(tokens=tokens, mask=mask, pooled=tokens[:, 0])

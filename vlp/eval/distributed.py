@@ -37,6 +37,7 @@ from vlp.eval.retrieval import (
     cat_outputs,
     chunked_ranks,
     chunked_topk,
+    embeddings_only,
     evaluate_retrieval,
     fast_precision,
     image_loader,
@@ -79,7 +80,8 @@ def _encode_images(model: Any, dataset: Any, batch_size: int, num_workers: int, 
     for images in tqdm(image_loader(dataset, batch_size, num_workers, device), desc="encode images",
                        disable=not progress):
         with autocast():
-            out, emb = model.image_features(images.to(device, non_blocking=True))
+            out, emb = model.image_features(images.to(device, non_blocking=True),
+                                            **embeddings_only(model.image_features, not keep))
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
             outs.append(out)
@@ -92,7 +94,8 @@ def _encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: 
     for start in tqdm(range(0, len(captions), batch_size), desc="encode texts", disable=not progress):
         batch = model.tokenizer(list(captions[start:start + batch_size]), max_length=max_text_length(model))
         with autocast():
-            out, emb = model.text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out, emb = model.text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                           **embeddings_only(model.text_features, not keep))
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
             outs.append(out)

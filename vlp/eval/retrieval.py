@@ -8,6 +8,7 @@ Ranks are 0-based: rank r means r gallery items are ranked above the query's bes
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -25,6 +26,7 @@ from vlp.types import EncoderOutput
 __all__ = [
     "RetrievalSplitLike", "EncodedSplit", "split_images", "retrieval_metrics", "recall_curves",
     "chunked_topk", "chunked_ranks", "encode_split", "evaluate_retrieval", "fast_precision",
+    "embeddings_only",
 ]
 
 SCORES = ("itm", "itm+itc")
@@ -291,6 +293,18 @@ def chunked_ranks(query_emb: Tensor, gallery_emb: Tensor, positives: Tensor,
 
 
 # ------------------------------------------------------------------------------------------ encoding
+def embeddings_only(method: Callable[..., Any], wanted: bool = True) -> dict[str, bool]:
+    """``{"pooled_only": True}`` for a model's ``image_features``/``text_features`` when only the embeddings
+    are needed (no re-ranking) and the method takes the keyword (protocol-compatible models need not)."""
+    if not wanted:
+        return {}
+    try:
+        accepts = "pooled_only" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"pooled_only": True} if accepts else {}
+
+
 def fast_precision(device: torch.device) -> str:
     """The precision ``auto`` resolves to: bf16 where the device multiplies bf16 matrices faster than fp32
     (CUDA GPUs with bf16 support, CPUs with AMX tiles), fp32 elsewhere. On AVX-512 CPUs without AMX, bf16
@@ -370,7 +384,8 @@ def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_si
     image_embs, image_outs = [], []
     for images in tqdm(loader, desc="encode images", disable=not progress):
         with autocast():
-            out, emb = model.image_features(images.to(target, non_blocking=True))
+            out, emb = model.image_features(images.to(target, non_blocking=True),
+                                            **embeddings_only(model.image_features, not keep))
         # Cosine similarity is what ITC ranks by, whatever the model returns.
         image_embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
@@ -380,7 +395,8 @@ def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_si
     for start in tqdm(range(0, len(captions), batch_size), desc="encode texts", disable=not progress):
         batch = model.tokenizer(captions[start:start + batch_size], max_length=max_text_length(model))
         with autocast():
-            out, emb = model.text_features(batch["input_ids"].to(target), batch["attention_mask"].to(target))
+            out, emb = model.text_features(batch["input_ids"].to(target), batch["attention_mask"].to(target),
+                                           **embeddings_only(model.text_features, not keep))
         text_embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
             text_outs.append(out)

@@ -19,6 +19,7 @@ from vlp.eval.rerank import itm_pair_scores, reranked_ranks
 from vlp.eval.retrieval import (
     autocast_context,
     cat_outputs,
+    embeddings_only,
     image_loader,
     max_text_length,
     resolve_device,
@@ -56,8 +57,8 @@ def _encode_prompts(model: Any, prompts: list[str], batch_size: int, device: tor
     for start in range(0, len(prompts), batch_size):
         tokens = model.tokenizer(prompts[start:start + batch_size], max_length=max_text_length(model))
         with autocast():
-            out, emb = model.text_features(tokens["input_ids"].to(device),
-                                           tokens["attention_mask"].to(device))
+            out, emb = model.text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
+                                           **embeddings_only(model.text_features, not keep_tokens))
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep_tokens:
             outs.append(out)

@@ -28,6 +28,18 @@ def init_transformer_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _all_rows(x: Tensor) -> Tensor:
+    return x
+
+
+def _picker(only_rows: Tensor) -> Callable[[Tensor], Tensor]:
+    """x [b, n, d] -> [b, 1, d], row ``only_rows[b]`` of each sequence (a slice when it is the first row)."""
+    if only_rows.device.type == "cpu" and not bool(only_rows.any()):
+        return lambda x: x[:, :1]
+    batch = torch.arange(only_rows.shape[0], device=only_rows.device)
+    return lambda x: x[batch, only_rows].unsqueeze(1)
+
+
 class TransformerBlock(nn.Module):
     """Self-attention (+ optional cross-attention) + MLP with residuals.
 
@@ -50,52 +62,66 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout, activation=activation)
         self.drop = nn.Dropout(dropout)
 
-    def _residual(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor], rows: slice = slice(None)) -> Tensor:
-        """The residual branch; only ``rows`` of ``x`` get an output (``fn`` still sees all of it)."""
+    def _residual(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor],
+                  rows: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The residual branch; only ``rows(x)`` get an output (``fn`` still sees all of ``x``)."""
+        kept = x if rows is None else rows(x)
         if self.pre_norm:
-            return x[:, rows] + fn(norm(x))
-        return norm(x[:, rows] + fn(x))
+            return kept + fn(norm(x))
+        return norm(kept + fn(x))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, causal: bool = False,
-                context_kv: tuple[Tensor, ...] | None = None, first_only: bool = False) -> Tensor:
+                context_kv: tuple[Tensor, ...] | None = None, first_only: bool = False,
+                only_rows: Tensor | None = None) -> Tensor:
         """x [b, n, dim]; mask bool [b, n]; context [b, m, context_dim] with context_mask bool [b, m];
         ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``, or
         (keys, values, index) of shared contexts (see ``Attention.forward``; context_mask is then per context).
 
         ``first_only``: compute only the first token's output [b, 1, dim] (its self-attention still reads every
-        token) — what a last layer needs when only the [CLS] state is used (ITM scoring).
+        token) — what a last layer needs when only the [CLS] state is used (ITM scoring). ``only_rows`` [b]:
+        likewise one row per sequence, row ``only_rows[b]`` (e.g. the EOS token a causal text tower pools).
         """
         return self.forward_with_weights(x, mask, context, context_mask, causal, context_kv=context_kv,
-                                         first_only=first_only)[0]
+                                         first_only=first_only, only_rows=only_rows)[0]
 
     def forward_with_weights(
         self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
         context_mask: Tensor | None = None, causal: bool = False, return_weights: bool = False,
-        context_kv: tuple[Tensor, ...] | None = None, first_only: bool = False,
+        context_kv: tuple[Tensor, ...] | None = None, first_only: bool = False, only_rows: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """As ``forward``; with ``return_weights`` also the attention weights [b, h, n, m] under
         ``"self"`` and ``"cross"`` (explicit attention path instead of SDPA)."""
         if first_only and causal:
             raise ValueError("first_only needs non-causal attention (the first token would see only itself)")
+        if first_only:
+            only_rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             out: tuple[Tensor, dict[str, Tensor]] = checkpoint(
-                self._forward, x, mask, context, context_mask, causal, return_weights, context_kv, first_only,
+                self._forward, x, mask, context, context_mask, causal, return_weights, context_kv, only_rows,
                 use_reentrant=False,
             )
             return out
-        return self._forward(x, mask, context, context_mask, causal, return_weights, context_kv, first_only)
+        return self._forward(x, mask, context, context_mask, causal, return_weights, context_kv, only_rows)
 
     def _forward(
         self, x: Tensor, mask: Tensor | None, context: Tensor | None, context_mask: Tensor | None,
-        causal: bool, return_weights: bool, context_kv: tuple[Tensor, ...] | None, first_only: bool = False,
+        causal: bool, return_weights: bool, context_kv: tuple[Tensor, ...] | None, only_rows: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         weights: dict[str, Tensor] = {}
-        rows = slice(0, 1) if first_only else slice(None)
+        rows: Callable[[Tensor], Tensor] = _all_rows
+        self_mask = mask
+        if only_rows is not None:
+            rows = _picker(only_rows)
+            if causal:  # one query at position p under a causal mask: the keys up to p
+                positions = torch.arange(x.shape[1], device=x.device)
+                self_mask = positions[None, :] <= only_rows[:, None]
+                self_mask = self_mask if mask is None else self_mask & mask.bool()
+                causal = False
 
         def self_attend(h: Tensor) -> Tensor:
-            # first_only: one query row attending to every token (the same keys/values as the full layer)
-            out, w = self.attn(h[:, rows], context=h if first_only else None, key_mask=mask, causal=causal,
+            # only_rows: one query row attending to the same keys/values as in the full layer
+            out, w = self.attn(rows(h), context=None if only_rows is None else h, key_mask=self_mask, causal=causal,
                                return_weights=return_weights)
             if w is not None:
                 weights["self"] = w

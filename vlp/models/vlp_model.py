@@ -15,7 +15,7 @@ from vlp.encoders.base import ImageEncoder, TextEncoder
 from vlp.models.heads import ITMHead, MLMHead
 from vlp.types import EncoderOutput, FusionOutput
 
-__all__ = ["VLPModel", "ImageContext"]
+__all__ = ["VLPModel", "ImageContext", "pooled_only_kwargs"]
 
 
 @dataclass
@@ -33,6 +33,14 @@ class ImageContext:
     def select(self, index: Tensor) -> ImageContext:
         kv = None if self.kv is None else [(k[index], v[index]) for k, v in self.kv]
         return ImageContext(self.tokens[index], self.mask[index], kv)
+
+
+def pooled_only_kwargs(module: nn.Module, wanted: bool) -> dict[str, bool]:
+    """``{"pooled_only": True}`` when wanted and the module's forward takes it (user-registered encoders and
+    fusion blocks need not)."""
+    if not wanted:
+        return {}
+    return {"pooled_only": True} if "pooled_only" in inspect.signature(type(module).forward).parameters else {}
 
 
 class VLPModel(nn.Module):
@@ -79,13 +87,18 @@ class VLPModel(nn.Module):
         return self.fusion is not None
 
     # embeddings -----------------------------------------------------------------------------
-    def image_features(self, images: Tensor) -> tuple[EncoderOutput, Tensor]:
-        """The encoder output (for fusion) and the L2-normalized fp32 contrastive embedding."""
-        out = self.image_encoder(images)
+    def image_features(self, images: Tensor, pooled_only: bool = False) -> tuple[EncoderOutput, Tensor]:
+        """The encoder output (for fusion) and the L2-normalized fp32 contrastive embedding.
+
+        ``pooled_only``: the caller needs only the embedding (no fusion), so an encoder that supports it
+        computes just the pooled row in its last block (its ``tokens`` are then partial)."""
+        out = self.image_encoder(images, **pooled_only_kwargs(self.image_encoder, pooled_only))
         return out, F.normalize(self.image_proj(out.pooled).float(), dim=-1)
 
-    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[EncoderOutput, Tensor]:
-        out = self.text_encoder(input_ids, attention_mask.bool())
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor,
+                      pooled_only: bool = False) -> tuple[EncoderOutput, Tensor]:
+        """As ``image_features`` for text."""
+        out = self.text_encoder(input_ids, attention_mask.bool(), **pooled_only_kwargs(self.text_encoder, pooled_only))
         return out, F.normalize(self.text_proj(out.pooled).float(), dim=-1)
 
     def encode_image(self, images: Tensor) -> Tensor:
@@ -134,9 +147,7 @@ class VLPModel(nn.Module):
         return FusionOutput(fused.text, tokens[inverse], fused.pooled, fused.attentions)
 
     def _pooled_only(self, wanted: bool) -> dict[str, bool]:
-        # user-registered fusion blocks need not accept the keyword
-        accepts = "pooled_only" in inspect.signature(type(self._require_fusion()).forward).parameters
-        return {"pooled_only": True} if wanted and accepts else {}
+        return pooled_only_kwargs(self._require_fusion(), wanted)
 
     def itm_scores(self, fused: FusionOutput) -> Tensor:
         if self.itm_head is None:

@@ -34,7 +34,7 @@ from vlp.losses import (
     soft_cross_entropy,
 )
 from vlp.losses.mlm import IGNORE_INDEX
-from vlp.models.vlp_model import VLPModel
+from vlp.models.vlp_model import VLPModel, pooled_only_kwargs
 from vlp.objectives.base import Objective
 from vlp.objectives.gradcache import (
     RngSnapshot,
@@ -68,6 +68,8 @@ class PretrainObjective(Objective):
         self._pending_enqueue: tuple[Tensor, Tensor, Tensor] | None = None
         self.use_itm = config.itm_weight > 0 and model.itm_head is not None
         self.use_mlm = config.mlm_weight > 0 and model.mlm_head is not None
+        # ITC alone reads only the pooled embeddings: the encoders' last blocks then skip the other rows
+        self.embeddings_only = not (self.use_itm or self.use_mlm)
         self.momentum: nn.ModuleDict | None = None
         self.queue: FeatureQueue | None = None
         if config.momentum > 0:
@@ -121,7 +123,7 @@ class PretrainObjective(Objective):
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
         image_ids = batch.get("image_ids")
         masked, labels = self._mask(ids, mask) if self.use_mlm else (None, None)
-        image_out, image_emb = model.image_features(images)
+        image_out, image_emb = model.image_features(images, pooled_only=self.embeddings_only)
         text_out, text_emb, masked_out = self._text_features(ids, mask, masked)
         momentum = self._momentum_embeddings(images, ids, mask) if self.momentum is not None else None
         terms: dict[str, Tensor] = {"itc": self._contrastive(image_emb, text_emb, image_ids, momentum)}
@@ -169,7 +171,7 @@ class PretrainObjective(Objective):
         with torch.no_grad(), self.autocast():
             for rows in chunks:
                 snapshots.append(RngSnapshot(images.device))
-                image_out, image_emb = model.image_features(images[rows])
+                image_out, image_emb = model.image_features(images[rows], pooled_only=self.embeddings_only)
                 text_out, text_emb, _ = self._text_features(ids[rows], mask[rows], _part(masked, rows))
                 embeddings.append((image_emb, text_emb))
                 if self.use_itm:  # the states an ITM negative from another chunk is read from
@@ -198,7 +200,7 @@ class PretrainObjective(Objective):
         for rows, snapshot in zip(chunks, snapshots):
             with self.autocast():
                 with snapshot.restored():
-                    image_out, image_emb = model.image_features(images[rows])
+                    image_out, image_emb = model.image_features(images[rows], pooled_only=self.embeddings_only)
                     text_out, text_emb, masked_out = self._text_features(ids[rows], mask[rows], _part(masked, rows))
                 surrogate = (image_emb * image_grad[rows]).sum() + (text_emb * text_grad[rows]).sum()
                 negatives = None
@@ -243,8 +245,12 @@ class PretrainObjective(Objective):
     def _momentum_embeddings(self, images: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         assert self.momentum is not None
         mom = self.momentum
-        image_m = F.normalize(mom["image_proj"](mom["image_encoder"](images).pooled).float(), dim=-1)
-        text_m = F.normalize(mom["text_proj"](mom["text_encoder"](ids, mask).pooled).float(), dim=-1)
+        # the momentum towers give ITC targets only: their last blocks compute just the pooled rows
+        image_encoder, text_encoder = mom["image_encoder"], mom["text_encoder"]
+        image_out = image_encoder(images, **pooled_only_kwargs(image_encoder, True))
+        text_out = text_encoder(ids, mask, **pooled_only_kwargs(text_encoder, True))
+        image_m = F.normalize(mom["image_proj"](image_out.pooled).float(), dim=-1)
+        text_m = F.normalize(mom["text_proj"](text_out.pooled).float(), dim=-1)
         return image_m, text_m
 
     def _distilled_contrastive(self, image_emb: Tensor, text_emb: Tensor, image_m: Tensor, text_m: Tensor,
@@ -295,7 +301,7 @@ class PretrainObjective(Objective):
         call: weights used once per step get their gradient accumulated at once, while a second use would
         hold a parameter-sized gradient buffer until the first use's backward reaches them."""
         if masked is None:
-            out, emb = self.model.text_features(ids, mask)
+            out, emb = self.model.text_features(ids, mask, pooled_only=self.embeddings_only)
             return out, emb, None
         both, emb = self.model.text_features(torch.cat([ids, masked]), torch.cat([mask, mask]))
         rows = ids.shape[0]
