@@ -187,7 +187,7 @@ def recall_curves(txt_ranks: Tensor, img_ranks: Tensor, num_images: int,
 
 
 # ------------------------------------------------------------------------------------------ chunked scoring
-TOPK_GROUP = 64  # columns per group whose maximum screens a score block in chunked_topk
+TOPK_GROUP = 32  # columns per group whose maximum screens a score block in chunked_topk
 
 
 def _budget_elements(memory_mb: float) -> int:
@@ -241,6 +241,10 @@ def _merge_topk(block: Tensor, offset: int, k: int, best_values: Tensor | None,
     row holds k scores, the k best groups of the block hold its k best scores.
     """
     num_columns = block.shape[1]
+    if best_values is not None and best_indices is not None and best_values.shape[1] >= k:
+        merged = _merge_above_threshold(block, offset, k, best_values, best_indices)
+        if merged is not None:
+            return merged
     groups = num_columns // TOPK_GROUP
     if groups <= k:
         values, columns = block.topk(min(k, num_columns), dim=1)
@@ -263,6 +267,42 @@ def _merge_topk(block: Tensor, offset: int, k: int, best_values: Tensor | None,
         return _keep_best(best_values, best_indices, values, columns + offset + groups * TOPK_GROUP, k)
     assert best_values is not None and best_indices is not None
     return best_values, best_indices
+
+
+def _merge_above_threshold(block: Tensor, offset: int, k: int, best_values: Tensor,
+                           best_indices: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Once every row holds k scores, only block scores >= the row's k-th best can enter, and after the first
+    blocks there are few per row. The maxima of ``TOPK_GROUP``-column groups (one pass) name the groups that
+    hold any; only those groups are compared, and the survivors are packed into a [q, most per row] candidate
+    tensor for the merge. None when the block has no whole group or the survivors are too many to pack."""
+    num_rows, num_columns = block.shape
+    groups = num_columns // TOPK_GROUP
+    if groups == 0:
+        return None
+    threshold = best_values[:, -1]
+    grouped = block[:, :groups * TOPK_GROUP].unflatten(1, (groups, TOPK_GROUP))  # [q, groups, group]
+    group_rows, group_ids = (grouped.amax(dim=2) >= threshold[:, None]).nonzero(as_tuple=True)
+    candidates = grouped[group_rows, group_ids]  # [live groups, group]
+    live, position = (candidates >= threshold[group_rows, None]).nonzero(as_tuple=True)
+    rows = group_rows[live]
+    columns = group_ids[live] * TOPK_GROUP + position
+    if num_columns > groups * TOPK_GROUP:  # the last, partial group: compared directly
+        tail_rows, tail_columns = (block[:, groups * TOPK_GROUP:] >= threshold[:, None]).nonzero(as_tuple=True)
+        rows, columns = torch.cat([rows, tail_rows]), torch.cat([columns, tail_columns + groups * TOPK_GROUP])
+    if rows.numel() == 0:
+        return best_values, best_indices
+    counts = torch.bincount(rows, minlength=num_rows)
+    width = int(counts.max())
+    if width > max(4 * k, num_columns // 16):
+        return None
+    order = torch.argsort(rows, stable=True)
+    rows, columns = rows[order], columns[order]
+    slot = torch.arange(rows.numel(), device=block.device) - (counts.cumsum(0) - counts)[rows]
+    values = block.new_full((num_rows, width), float("-inf"))
+    values[rows, slot] = block[rows, columns]
+    indices = torch.zeros(values.shape, dtype=torch.long, device=block.device)
+    indices[rows, slot] = columns + offset
+    return _keep_best(best_values, best_indices, values, indices, k)
 
 
 def _keep_best(best_values: Tensor | None, best_indices: Tensor | None, values: Tensor, indices: Tensor,
