@@ -37,7 +37,6 @@ from vlp.eval.retrieval import (
     cat_outputs,
     chunked_ranks,
     chunked_topk,
-    embeddings_only,
     evaluate_retrieval,
     fast_precision,
     image_loader,
@@ -48,6 +47,7 @@ from vlp.eval.retrieval import (
     split_images,
 )
 from vlp.losses import gather_no_grad, rank_and_world
+from vlp.models.vlp_model import pooled_only_kwargs
 from vlp.types import EncoderOutput
 
 __all__ = ["shard_rows", "gather_shards", "evaluate_retrieval_sharded", "evaluate_vqa_sharded", "vqa_metrics"]
@@ -81,7 +81,7 @@ def _encode_images(model: Any, dataset: Any, batch_size: int, num_workers: int, 
                        disable=not progress):
         with autocast():
             out, emb = model.image_features(images.to(device, non_blocking=True),
-                                            **embeddings_only(model.image_features, not keep))
+                                            **pooled_only_kwargs(model.image_features, not keep))
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
             outs.append(out)
@@ -95,7 +95,7 @@ def _encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: 
         batch = model.tokenizer(list(captions[start:start + batch_size]), max_length=max_text_length(model))
         with autocast():
             out, emb = model.text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                           **embeddings_only(model.text_features, not keep))
+                                           **pooled_only_kwargs(model.text_features, not keep))
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
             outs.append(out)

@@ -19,12 +19,12 @@ from vlp.eval.rerank import itm_pair_scores, reranked_ranks
 from vlp.eval.retrieval import (
     autocast_context,
     cat_outputs,
-    embeddings_only,
     image_loader,
     max_text_length,
     resolve_device,
     split_images,
 )
+from vlp.models.vlp_model import pooled_only_kwargs
 from vlp.types import EncoderOutput
 
 __all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "zeroshot_classifier", "evaluate_zeroshot"]
@@ -58,7 +58,7 @@ def _encode_prompts(model: Any, prompts: list[str], batch_size: int, device: tor
         tokens = model.tokenizer(prompts[start:start + batch_size], max_length=max_text_length(model))
         with autocast():
             out, emb = model.text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
-                                           **embeddings_only(model.text_features, not keep_tokens))
+                                           **pooled_only_kwargs(model.text_features, not keep_tokens))
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep_tokens:
             outs.append(out)

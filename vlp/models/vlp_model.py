@@ -35,12 +35,18 @@ class ImageContext:
         return ImageContext(self.tokens[index], self.mask[index], kv)
 
 
-def pooled_only_kwargs(module: nn.Module, wanted: bool) -> dict[str, bool]:
-    """``{"pooled_only": True}`` when wanted and the module's forward takes it (user-registered encoders and
-    fusion blocks need not)."""
+def pooled_only_kwargs(target: nn.Module | Any, wanted: bool) -> dict[str, bool]:
+    """``{"pooled_only": True}`` when wanted and ``target`` (a module's forward, or a method such as a model's
+    ``image_features``) takes it: user-registered encoders, fusion blocks and protocol-compatible models
+    need not."""
     if not wanted:
         return {}
-    return {"pooled_only": True} if "pooled_only" in inspect.signature(type(module).forward).parameters else {}
+    function = type(target).forward if isinstance(target, nn.Module) else target
+    try:
+        accepts = "pooled_only" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return {}
+    return {"pooled_only": True} if accepts else {}
 
 
 class VLPModel(nn.Module):
