@@ -419,3 +419,32 @@ def test_pooled_only_equals_full_pooled_output_and_gradients(name: str, grad_che
     assert part_grads.keys() == full_grads.keys() and len(full_grads) > 0
     for param_name, grad in full_grads.items():
         torch.testing.assert_close(part_grads[param_name], grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_one_way_image_index_equals_per_row_images(cached: bool) -> None:
+    """image_index pairs text rows with g distinct images (keys/values projected once per image, optionally
+    cached): the same text states, pooled output and gradients as copying each row's image."""
+    block = _block("one_way").train()
+    text, image, text_mask, image_mask = _inputs()
+    index = torch.tensor([2, 0, 2])
+    distinct = image.clone().requires_grad_(True)
+    per_row = distinct[index]
+    full = block(text, per_row, text_mask, image_mask[index])
+    kv = block.image_kv(distinct) if cached else None
+    shared = block(text, distinct, text_mask, image_mask, image_kv=kv, image_index=index)
+    torch.testing.assert_close(shared.text, full.text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.pooled, full.pooled, atol=1e-5, rtol=1e-5)
+    assert shared.image is distinct
+    head = torch.randn(DIM, generator=torch.Generator().manual_seed(4))
+    full_grads = torch.autograd.grad((full.pooled @ head).sum(), [distinct, *block.parameters()], allow_unused=True)
+    shared_grads = torch.autograd.grad((shared.pooled @ head).sum(), [distinct, *block.parameters()],
+                                       allow_unused=True)
+    for a, b in zip(shared_grads, full_grads):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="image_index"):
+        block(text, distinct, text_mask, image_mask, image_index=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="update_image=False"):
+        _block("co_attention")(text, distinct, text_mask, image_mask, image_index=index)

@@ -263,4 +263,6 @@ def test_attention_by_context_equals_per_row_copies_with_gradients() -> None:
         torch.testing.assert_close(shared, reference, atol=1e-6, rtol=1e-5)
     block = Attention(16, 2)
     with pytest.raises(ValueError, match="indexed"):
-        block(torch.randn(7, 3, 16), kv=(keys, values, index), return_weights=True)
+        block(torch.randn(7, 3, 16), kv=(keys, values), context_index=index, return_weights=True)
+    with pytest.raises(ValueError, match="needs a context"):
+        block(torch.randn(7, 3, 16), context_index=index)

@@ -63,7 +63,8 @@ class DualStreamFusion(nn.Module):
     def image_kv(self, image: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Each text layer's cross-attention keys and values [b, h, i, d] for image tokens [b, i, dim].
 
-        Computed once per image, they can be indexed per candidate text and passed as ``forward(image_kv=...)``.
+        Computed once per image, they are passed as ``forward(image_kv=...)``, with ``image_index`` naming each
+        text row's image.
         """
         if self.update_image:
             raise ValueError("image_kv needs DualStreamFusion(update_image=False): co-attention changes the "
@@ -71,25 +72,25 @@ class DualStreamFusion(nn.Module):
         return [_cross_attention(layer).key_value(image) for layer in transformer_blocks(self.text_layers)]
 
     def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, image_mask: Tensor | None = None,
-                return_attention: bool = False, image_kv: list[tuple[Tensor, ...]] | None = None,
-                pooled_only: bool = False) -> FusionOutput:
+                return_attention: bool = False, image_kv: list[tuple[Tensor, Tensor]] | None = None,
+                pooled_only: bool = False, image_index: Tensor | None = None) -> FusionOutput:
         """text [b, t, dim], image [b, i, dim], masks bool [b, t], [b, i] (True = real; None = all real).
 
         ``image_kv``: ``self.image_kv(image)`` computed earlier (one-way form only), used instead of
-        recomputing the image keys and values in every layer; or per layer (keys, values, index) of g distinct
-        images [g, h, i, d], row b reading image ``index[b]`` (shared, never copied per row; ``image`` may
-        then be an expanded view, only its shape is read).
+        recomputing the image keys and values in every layer.
+        ``image_index`` [b] (one-way form only): ``image`` (and ``image_mask``, ``image_kv``) hold g distinct
+        images [g, i, dim] and text row b is paired with image ``image_index[b]``; each image's keys/values
+        are projected once and shared by its rows, never copied per row. ``image`` is returned as given.
         ``pooled_only``: the last layer computes only the [CLS] rows that ``pooled`` reads (ITM scoring);
         ``text`` (and, with co-attention, ``image``) then hold that one row [b, 1, dim].
         """
-        check_fusion_inputs(self.dim, text, image, text_mask, image_mask, self.image_dim)
+        check_fusion_inputs(self.dim, text, image, text_mask, image_mask, self.image_dim, image_index)
         text_mask, image_mask = as_bool_mask(text_mask), as_bool_mask(image_mask)
-        cross_mask = image_mask
+        if (image_kv is not None or image_index is not None) and self.update_image:
+            raise ValueError("image_kv and image_index need DualStreamFusion(update_image=False): co-attention "
+                             "changes the image states in every layer")
         if image_kv is not None:
-            self._check_image_kv(image_kv, text.shape[0], image.shape[1])
-            if image_kv and len(image_kv[0]) == 3 and image_mask is not None:  # shared images: mask per image
-                cross_mask = image_mask.new_ones(image_kv[0][0].shape[0], image_mask.shape[1])
-                cross_mask[image_kv[0][2]] = image_mask
+            self._check_image_kv(image_kv, image.shape[0], image.shape[1])
         if self.update_image:
             return self._co_attention(text, image, text_mask, image_mask, return_attention, pooled_only)
 
@@ -97,26 +98,22 @@ class DualStreamFusion(nn.Module):
         layers = transformer_blocks(self.text_layers)
         for index, layer in enumerate(layers):
             kv = image_kv[index] if image_kv is not None else None
-            text, weights = layer.forward_with_weights(text, text_mask, context=image, context_mask=cross_mask,
+            text, weights = layer.forward_with_weights(text, text_mask, context=image, context_mask=image_mask,
                                                        return_weights=return_attention, context_kv=kv,
-                                                       first_only=pooled_only and index == len(layers) - 1)
+                                                       first_only=pooled_only and index == len(layers) - 1,
+                                                       context_index=image_index)
             if return_attention:
                 attentions.append({"text_self": weights["self"], "text_to_image": weights["cross"]})
         return FusionOutput(text=text, image=image, pooled=text[:, 0],
                             attentions=attentions if return_attention else None)
 
-    def _check_image_kv(self, image_kv: list[tuple[Tensor, ...]], batch: int, num_image: int) -> None:
-        if self.update_image:
-            raise ValueError("image_kv needs DualStreamFusion(update_image=False)")
+    def _check_image_kv(self, image_kv: list[tuple[Tensor, Tensor]], num_images: int, num_tokens: int) -> None:
         if len(image_kv) != len(self.text_layers):
             raise ValueError(f"image_kv has {len(image_kv)} entries; the block has {len(self.text_layers)} layers")
-        if not image_kv:
-            return
-        keys = image_kv[0][0]
-        rows = image_kv[0][2].shape[0] if len(image_kv[0]) == 3 else keys.shape[0]
-        if rows != batch or keys.shape[2] != num_image:
-            raise ValueError(f"image_kv keys have shape {tuple(keys.shape)} for {rows} rows; expected batch {batch} "
-                             f"and {num_image} image tokens")
+        keys = image_kv[0][0] if image_kv else None
+        if keys is not None and (keys.shape[0] != num_images or keys.shape[2] != num_tokens):
+            raise ValueError(f"image_kv keys have shape {tuple(keys.shape)}; expected {num_images} images and "
+                             f"{num_tokens} image tokens")
 
     def _co_attention(self, text: Tensor, image: Tensor, text_mask: Tensor | None, image_mask: Tensor | None,
                       return_attention: bool, pooled_only: bool) -> FusionOutput:

@@ -20,15 +20,22 @@ LAYER_NORM_EPS = 1e-12
 
 
 def check_fusion_inputs(dim: int, text: Tensor, image: Tensor, text_mask: Tensor | None,
-                        image_mask: Tensor | None, image_dim: int | None = None) -> None:
-    """Shapes a fusion block accepts: text [b, t, dim], image [b, i, image_dim or dim], masks [b, t] and [b, i]."""
+                        image_mask: Tensor | None, image_dim: int | None = None,
+                        image_index: Tensor | None = None) -> None:
+    """Shapes a fusion block accepts: text [b, t, dim], image [b, i, image_dim or dim], masks [b, t] and [b, i];
+    with ``image_index`` [b], image [g, i, ...] holds g distinct images indexed by it."""
     if text.dim() != 3 or image.dim() != 3:
         raise ValueError(f"fusion expects text [B,T,D] and image [B,I,D]; got {tuple(text.shape)} and {tuple(image.shape)}")
     if text.shape[-1] != dim or image.shape[-1] != (image_dim or dim):
         widths = f"width is {dim}" if (image_dim or dim) == dim else f"widths are text {dim}, image {image_dim}"
         raise ValueError(f"fusion {widths}; got text width {text.shape[-1]} and image width {image.shape[-1]} "
                          "(project image tokens to the fusion width first)")
-    if text.shape[0] != image.shape[0]:
+    if image_index is not None:
+        if image_index.shape != (text.shape[0],):
+            raise ValueError(f"image_index has shape {tuple(image_index.shape)}; expected ({text.shape[0]},)")
+        if len(image_index) and not 0 <= int(image_index.min()) <= int(image_index.max()) < image.shape[0]:
+            raise ValueError(f"image_index values must be in [0, {image.shape[0]})")
+    elif text.shape[0] != image.shape[0]:
         raise ValueError(f"text batch {text.shape[0]} != image batch {image.shape[0]}")
     for name, mask, tokens in (("text_mask", text_mask, text), ("image_mask", image_mask, image)):
         if mask is not None and tuple(mask.shape) != tuple(tokens.shape[:2]):

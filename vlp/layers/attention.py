@@ -138,16 +138,20 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None, causal: bool = False,
-        return_weights: bool = False, kv: tuple[Tensor, ...] | None = None,
+        return_weights: bool = False, kv: tuple[Tensor, Tensor] | None = None, context_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``kv``: cached ``key_value(context)`` (keys, values) per row, or (keys, values, index) of shared
-        contexts read by row b as ``index[b]`` (``attention_by_context``; ``key_mask`` is then per context)."""
+        """``kv``: cached ``key_value(context)``, used instead of ``context``. ``context_index`` [b]: the
+        context holds g shared sequences and row b reads ``context_index[b]`` (``attention_by_context``;
+        ``key_mask`` [g, m] is then per context): their keys/values are projected once, never per row."""
         dropout = self.dropout if self.training else 0.0
-        if kv is not None and len(kv) == 3:
+        if context_index is not None:
             if return_weights or causal:
-                raise ValueError("shared (indexed) keys/values support neither attention weights nor causal masks")
+                raise ValueError("indexed (shared) contexts support neither attention weights nor causal masks")
+            if context is None and kv is None:
+                raise ValueError("context_index needs a context or its cached keys/values")
             q = self.split_heads(self.q(x))
-            out = attention_by_context(q, kv[0], kv[1], kv[2], key_mask, dropout=dropout)
+            keys, values = kv if kv is not None else self.key_value(context)  # type: ignore[arg-type]
+            out = attention_by_context(q, keys, values, context_index, key_mask, dropout=dropout)
             return self.proj(rearrange(out, "b h n d -> b n (h d)")), None
         if context is None and kv is None and self.k.in_features == self.q.in_features:
             q, k, v = rearrange(_joint_linear(x, (self.q, self.k, self.v)), "b n (three h d) -> three b h n d",

@@ -72,23 +72,25 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, causal: bool = False,
-                context_kv: tuple[Tensor, ...] | None = None, first_only: bool = False,
-                only_rows: Tensor | None = None) -> Tensor:
+                context_kv: tuple[Tensor, Tensor] | None = None, first_only: bool = False,
+                only_rows: Tensor | None = None, context_index: Tensor | None = None) -> Tensor:
         """x [b, n, dim]; mask bool [b, n]; context [b, m, context_dim] with context_mask bool [b, m];
-        ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``, or
-        (keys, values, index) of shared contexts (see ``Attention.forward``; context_mask is then per context).
+        ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``.
+        ``context_index`` [b]: the context (or its cached keys/values) holds g shared sequences [g, m, ...] and
+        row b reads ``context_index[b]``; ``context_mask`` is then [g, m] (see ``Attention.forward``).
 
         ``first_only``: compute only the first token's output [b, 1, dim] (its self-attention still reads every
         token) — what a last layer needs when only the [CLS] state is used (ITM scoring). ``only_rows`` [b]:
         likewise one row per sequence, row ``only_rows[b]`` (e.g. the EOS token a causal text tower pools).
         """
         return self.forward_with_weights(x, mask, context, context_mask, causal, context_kv=context_kv,
-                                         first_only=first_only, only_rows=only_rows)[0]
+                                         first_only=first_only, only_rows=only_rows, context_index=context_index)[0]
 
     def forward_with_weights(
         self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
         context_mask: Tensor | None = None, causal: bool = False, return_weights: bool = False,
-        context_kv: tuple[Tensor, ...] | None = None, first_only: bool = False, only_rows: Tensor | None = None,
+        context_kv: tuple[Tensor, Tensor] | None = None, first_only: bool = False, only_rows: Tensor | None = None,
+        context_index: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """As ``forward``; with ``return_weights`` also the attention weights [b, h, n, m] under
         ``"self"`` and ``"cross"`` (explicit attention path instead of SDPA)."""
@@ -99,14 +101,16 @@ class TransformerBlock(nn.Module):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             out: tuple[Tensor, dict[str, Tensor]] = checkpoint(
                 self._forward, x, mask, context, context_mask, causal, return_weights, context_kv, only_rows,
-                use_reentrant=False,
+                context_index, use_reentrant=False,
             )
             return out
-        return self._forward(x, mask, context, context_mask, causal, return_weights, context_kv, only_rows)
+        return self._forward(x, mask, context, context_mask, causal, return_weights, context_kv, only_rows,
+                             context_index)
 
     def _forward(
         self, x: Tensor, mask: Tensor | None, context: Tensor | None, context_mask: Tensor | None,
-        causal: bool, return_weights: bool, context_kv: tuple[Tensor, ...] | None, only_rows: Tensor | None = None,
+        causal: bool, return_weights: bool, context_kv: tuple[Tensor, Tensor] | None, only_rows: Tensor | None = None,
+        context_index: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         weights: dict[str, Tensor] = {}
         rows: Callable[[Tensor], Tensor] = _all_rows
@@ -133,7 +137,7 @@ class TransformerBlock(nn.Module):
 
             def cross_attend(h: Tensor) -> Tensor:
                 out, w = cross(h, context=context, key_mask=context_mask, return_weights=return_weights,
-                               kv=context_kv)
+                               kv=context_kv, context_index=context_index)
                 if w is not None:
                     weights["cross"] = w
                 return self.drop(out)

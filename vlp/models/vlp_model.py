@@ -146,10 +146,9 @@ class VLPModel(nn.Module):
             return self.fuse(text_out, picked, pooled_only=pooled_only)
         used, inverse = torch.unique(index, return_inverse=True)
         tokens = self.image_to_fusion(image_out.tokens[used])
-        kv = [(keys, values, inverse) for keys, values in image_kv(tokens)]
-        fused: FusionOutput = fusion(text_out.tokens, tokens[:1].expand(len(index), -1, -1), text_out.mask,
-                                     image_out.mask[index], image_kv=kv, **self._pooled_only(pooled_only))
-        # one-way fusion returns the image tokens unchanged: each row's own, not the expanded placeholder
+        fused: FusionOutput = fusion(text_out.tokens, tokens, text_out.mask, image_out.mask[used],
+                                     image_index=inverse, **self._pooled_only(pooled_only))
+        # one-way fusion returns the image tokens unchanged: each row's own
         return FusionOutput(fused.text, tokens[inverse], fused.pooled, fused.attentions)
 
     def _pooled_only(self, wanted: bool) -> dict[str, bool]:
@@ -184,11 +183,9 @@ class VLPModel(nn.Module):
             fused = fusion(text_out.tokens, picked.tokens, text_out.mask, picked.mask, **kwargs)
         else:
             # The cached keys/values stay shared: each row reads its image's by index (no per-pair copy of
-            # [pairs, heads, image tokens, head dim]); the image tokens are an expanded view for shape checks.
-            rows = index.shape[0]
-            kwargs["image_kv"] = [(keys, values, index) for keys, values in context.kv]
-            fused = fusion(text_out.tokens, context.tokens[:1].expand(rows, -1, -1), text_out.mask,
-                           context.mask[index], **kwargs)
+            # [pairs, heads, image tokens, head dim]).
+            fused = fusion(text_out.tokens, context.tokens, text_out.mask, context.mask, image_kv=context.kv,
+                           image_index=index, **kwargs)
         return self.itm_scores(fused)
 
     # construction / persistence ---------------------------------------------------------------
