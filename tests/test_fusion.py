@@ -7,6 +7,18 @@ from typing import Any
 
 import pytest
 import torch
+from fusion_cases import (
+    BLOCK_NAMES,
+    DIM,
+    HEADS,
+    IMAGE_LEN,
+    TEXT_LEN,
+    B,
+    _block,
+    _blocks,
+    _inputs,
+    _randomize,
+)
 from torch import Tensor, nn
 from transformers import BertConfig, ViltConfig
 from transformers.models.bert.modeling_bert import BertLayer
@@ -18,50 +30,6 @@ from vlp.fusion import DualStreamFusion, SingleStreamFusion, build_fusion
 from vlp.layers import TransformerBlock
 from vlp.registry import fusions
 from vlp.types import FusionOutput
-
-DIM, HEADS, B, TEXT_LEN, IMAGE_LEN = 32, 4, 3, 7, 5
-TEXT_LENGTHS, IMAGE_LENGTHS = [7, 4, 2], [5, 5, 3]
-
-Fusion = SingleStreamFusion | DualStreamFusion
-
-
-def _blocks() -> dict[str, Fusion]:
-    torch.manual_seed(0)
-    return {
-        "single_stream": SingleStreamFusion(DIM, 2, HEADS),
-        "co_attention": DualStreamFusion(DIM, 2, HEADS, update_image=True),
-        "one_way": DualStreamFusion(DIM, 2, HEADS, update_image=False),
-    }
-
-
-BLOCK_NAMES = list(_blocks())
-
-
-def _block(name: str) -> Fusion:
-    block = _blocks()[name].eval()
-    _randomize(block)
-    return block
-
-
-def _randomize(module: nn.Module, seed: int = 0) -> None:
-    """Random weights (LayerNorms included) so that comparisons do not pass on trivial parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-        for sub in module.modules():
-            if isinstance(sub, nn.LayerNorm):
-                sub.weight.add_(1.0)
-
-
-def _mask(lengths: list[int], n: int) -> Tensor:
-    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
-
-
-def _inputs(seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, TEXT_LEN, DIM, generator=gen), torch.randn(B, IMAGE_LEN, DIM, generator=gen),
-            _mask(TEXT_LENGTHS, TEXT_LEN), _mask(IMAGE_LENGTHS, IMAGE_LEN))
 
 
 def _pad(tokens: Tensor, mask: Tensor, extra: int) -> tuple[Tensor, Tensor]:
@@ -393,58 +361,3 @@ def test_default_init_is_bert_style() -> None:
     assert torch.equal(layer.norm1.weight, torch.ones(256)) and layer.norm1.eps == 1e-12
     single = SingleStreamFusion(256, 1, 4)
     assert abs(single.modality_type.weight.std().item() - 0.02) < 0.002
-
-
-@pytest.mark.parametrize("grad_checkpointing", [False, True])
-@pytest.mark.parametrize("name", BLOCK_NAMES)
-def test_pooled_only_equals_full_pooled_output_and_gradients(name: str, grad_checkpointing: bool) -> None:
-    """pooled_only computes only the last layer's [CLS] rows: same pooled output and same gradients as the
-    full pass (the only thing ITM reads), with a [b, 1, d] text state."""
-    block = _block(name).train()
-    block.set_grad_checkpointing(grad_checkpointing)
-    text, image, text_mask, image_mask = _inputs()
-    head = torch.randn(block.out_dim, generator=torch.Generator().manual_seed(3))
-
-    def run(pooled_only: bool) -> tuple[Tensor, FusionOutput, dict[str, Tensor]]:
-        block.zero_grad()
-        out = block(text, image, text_mask, image_mask, pooled_only=pooled_only)
-        (out.pooled @ head).sum().backward()
-        return out.pooled.detach(), out, {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
-
-    full_pooled, full, full_grads = run(False)
-    part_pooled, part, part_grads = run(True)
-    torch.testing.assert_close(part_pooled, full_pooled, atol=1e-5, rtol=1e-5)
-    assert part.text.shape == (B, 1, DIM)
-    torch.testing.assert_close(part.text[:, 0], full.text[:, 0], atol=1e-5, rtol=1e-5)
-    assert part_grads.keys() == full_grads.keys() and len(full_grads) > 0
-    for param_name, grad in full_grads.items():
-        torch.testing.assert_close(part_grads[param_name], grad, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("cached", [False, True])
-def test_one_way_image_index_equals_per_row_images(cached: bool) -> None:
-    """image_index pairs text rows with g distinct images (keys/values projected once per image, optionally
-    cached): the same text states, pooled output and gradients as copying each row's image."""
-    block = _block("one_way").train()
-    text, image, text_mask, image_mask = _inputs()
-    index = torch.tensor([2, 0, 2])
-    distinct = image.clone().requires_grad_(True)
-    per_row = distinct[index]
-    full = block(text, per_row, text_mask, image_mask[index])
-    kv = block.image_kv(distinct) if cached else None
-    shared = block(text, distinct, text_mask, image_mask, image_kv=kv, image_index=index)
-    torch.testing.assert_close(shared.text, full.text, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(shared.pooled, full.pooled, atol=1e-5, rtol=1e-5)
-    assert shared.image is distinct
-    head = torch.randn(DIM, generator=torch.Generator().manual_seed(4))
-    full_grads = torch.autograd.grad((full.pooled @ head).sum(), [distinct, *block.parameters()], allow_unused=True)
-    shared_grads = torch.autograd.grad((shared.pooled @ head).sum(), [distinct, *block.parameters()],
-                                       allow_unused=True)
-    for a, b in zip(shared_grads, full_grads):
-        assert (a is None) == (b is None)
-        if a is not None and b is not None:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="image_index"):
-        block(text, distinct, text_mask, image_mask, image_index=torch.tensor([0, 3, 1]))
-    with pytest.raises(ValueError, match="update_image=False"):
-        _block("co_attention")(text, distinct, text_mask, image_mask, image_index=index)
