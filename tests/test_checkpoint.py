@@ -70,6 +70,30 @@ def test_crash_inside_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
     assert (root / "step_1" / "weights.txt").read_text() == "first"
 
 
+def test_disk_full_is_one_line_naming_the_checkpoint_and_keeps_the_previous_one(tmp_path: Path) -> None:
+    import errno
+
+    from vlp.errors import UserError
+
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 1, _writer("first"))
+
+    def full_disk(directory: Path) -> None:
+        (directory / "weights.txt").write_text("part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match=r"step_2: not saved, no space left on the device") as info:
+        save_checkpoint(root, 2, full_disk)
+    assert "\n" not in str(info.value) and "intact" in str(info.value)
+    assert sorted(p.name for p in root.iterdir()) == ["step_1"]
+    assert (root / "step_1" / "weights.txt").read_text() == "first"
+    def denied(directory: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):  # other OS errors keep their own type
+        save_checkpoint(root, 3, denied)
+
+
 def test_killed_save_leftovers_are_ignored_then_removed(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     save_checkpoint(root, 1, _writer("first"))

@@ -13,6 +13,7 @@ every leftover temp directory it finds.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -88,6 +89,13 @@ def write_atomic(target_dir: Path | str, write: Callable[[Path], None]) -> Path:
         write(tmp)
         (tmp / COMPLETE_MARKER).write_text("ok\n")
         _fsync_tree(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # One line for the user; the checkpoints written before are complete and untouched.
+            raise UserError(f"{target}: not saved, no space left on the device ({exc.strerror}); earlier "
+                            f"checkpoints in {parent} are intact") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
