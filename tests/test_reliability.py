@@ -277,6 +277,29 @@ def test_dead_worker_is_one_clear_error_not_a_hang(tmp_path: Path, monkeypatch: 
                         err), err
 
 
+def test_hung_worker_stops_after_worker_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from torch.utils.data import get_worker_info
+
+    from vlp.data.datasets import SyntheticPairs
+
+    real = SyntheticPairs.__getitem__
+
+    def getitem(self: SyntheticPairs, index: int) -> Any:
+        if get_worker_info() is not None and self.samples_read >= 12:  # a worker stuck on a read
+            time.sleep(60)
+        return real(self, index)
+
+    monkeypatch.setattr(SyntheticPairs, "__getitem__", getitem)
+    start = time.monotonic()
+    code = main(["pretrain", str(DEMO), "--output-dir", str(tmp_path), "--set", "data.num_workers=1",
+                 "--set", "data.worker_timeout=2", "--set", "train.max_steps=6"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and time.monotonic() - start < 50
+    assert re.fullmatch(r"vlp: stopped: no batch from the data loader workers at step \d+ within "
+                        r"data.worker_timeout \(DataLoader timed out after 2(\.0)? seconds\); .*--resume", err), err
+
+
 # ---------------------------------------------------------------- subprocess kills (real CLI)
 
 HANG_IN_WRITE = """

@@ -128,6 +128,7 @@ class DataConfig:
     batch_size: int = doc(64, "Batch size per process per micro-step.")
     samples_per_epoch: int = doc(0, "Streaming sources (webdataset, hf_stream): samples in one epoch, which every process then splits into the same number of batches (samples_per_epoch // (batch_size x processes)); 0 = count them (local tar shards, dataset rows x captions).")
     num_workers: int = doc(2, "DataLoader worker processes.")
+    worker_timeout: float = doc(0.0, "Seconds to wait for one batch from the data workers before the run stops with an error naming the step (a hung worker, e.g. on a stalled network file system); 0 = no limit. Needs num_workers > 0.")
     crop_scale: tuple[float, ...] = doc((0.5, 1.0), "Random resized crop scale range for training.")
     hflip: bool = doc(False, "Random horizontal flip (off by default: captions say left/right).")
     max_bad_fraction: float = doc(0.01, "Stop when more than this fraction of samples are unreadable (after 200 samples).")

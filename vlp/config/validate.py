@@ -69,6 +69,7 @@ def validate_config(config: Config) -> None:
     _require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
     _require(d.batch_size > 0, "data.batch_size", d.batch_size, "must be positive")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _require(d.worker_timeout >= 0, "data.worker_timeout", d.worker_timeout, "must be >= 0 (0 = no limit)")
     _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
              list(d.crop_scale), "expected [min, max] within (0, 1]")

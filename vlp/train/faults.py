@@ -153,7 +153,12 @@ def check_epoch(produced: bool, readable: bool, state: TrainState) -> None:
 
 def worker_death(error: RuntimeError, step: int) -> TrainingStopped | None:
     """The stop for a data loader worker that died (torch's SIGCHLD handler raises a RuntimeError wherever the
-    main process happens to be); None for any other RuntimeError."""
+    main process happens to be) or gave no batch within ``data.worker_timeout``; None for any other
+    RuntimeError."""
+    if "DataLoader timed out" in str(error):
+        return TrainingStopped(f"no batch from the data loader workers at step {step + 1} within data.worker_timeout "
+                               f"({' '.join(str(error).split())}); a worker is stuck reading data (a stalled "
+                               "file system or remote store?): fix it, then continue with --resume", exit_code=1)
     if "DataLoader worker" not in str(error):
         return None
     return TrainingStopped(f"a data loader worker died at step {step + 1} ({' '.join(str(error).split())}); "

@@ -110,6 +110,7 @@ def build_loader(config: Config, model: VLPModel, dist: DistInfo) -> tuple[DataL
     collate = Collator(model.tokenizer, model.config.text.max_length, bad_source=reporter)
     kwargs: dict[str, Any] = dict(batch_size=d.batch_size, collate_fn=collate, num_workers=d.num_workers,
                                   pin_memory=dist.device.type == "cuda", drop_last=True,
+                                  timeout=d.worker_timeout if d.num_workers > 0 else 0,
                                   # its own generator: creating an iterator must not draw from the global RNG
                                   generator=torch.Generator().manual_seed(config.train.seed))
     if isinstance(dataset, IterableDataset):
