@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
-from tqdm.auto import tqdm
 
 from vlp.errors import UserError
 from vlp.eval.rerank import AutocastFactory, itm_pair_scores, reranked_ranks
@@ -34,20 +33,18 @@ from vlp.eval.retrieval import (
     _FirstImages,
     _validate_img2txt,
     autocast_context,
-    cat_outputs,
     chunked_ranks,
     chunked_topk,
+    encode_images,
+    encode_texts,
     evaluate_retrieval,
     fast_precision,
-    image_loader,
-    max_text_length,
     recall_curves,
     recall_metrics,
     resolve_device,
     split_images,
 )
 from vlp.losses import gather_no_grad, rank_and_world
-from vlp.models.vlp_model import pooled_only_kwargs
 from vlp.types import EncoderOutput
 
 __all__ = ["shard_rows", "gather_shards", "evaluate_retrieval_sharded", "evaluate_vqa_sharded", "vqa_metrics"]
@@ -72,34 +69,6 @@ def gather_shards(local: Tensor, total: int) -> Tensor:
     padded = F.pad(local, (*([0, 0] * (local.dim() - 1)), 0, max(sizes) - sizes[rank]))
     gathered = gather_no_grad(padded)
     return torch.cat([gathered[r * max(sizes):r * max(sizes) + size] for r, size in enumerate(sizes)])
-
-
-def _encode_images(model: Any, dataset: Any, batch_size: int, num_workers: int, device: torch.device,
-                   autocast: AutocastFactory, keep: bool, progress: bool) -> tuple[Tensor, EncoderOutput | None]:
-    embs, outs = [], []
-    for images in tqdm(image_loader(dataset, batch_size, num_workers, device), desc="encode images",
-                       disable=not progress):
-        with autocast():
-            out, emb = model.image_features(images.to(device, non_blocking=True),
-                                            **pooled_only_kwargs(model.image_features, not keep))
-        embs.append(F.normalize(emb.float(), dim=-1))
-        if keep:
-            outs.append(out)
-    return torch.cat(embs), cat_outputs(outs) if keep else None
-
-
-def _encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: torch.device,
-                  autocast: AutocastFactory, keep: bool, progress: bool) -> tuple[Tensor, EncoderOutput | None]:
-    embs, outs = [], []
-    for start in tqdm(range(0, len(captions), batch_size), desc="encode texts", disable=not progress):
-        batch = model.tokenizer(list(captions[start:start + batch_size]), max_length=max_text_length(model))
-        with autocast():
-            out, emb = model.text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                           **pooled_only_kwargs(model.text_features, not keep))
-        embs.append(F.normalize(emb.float(), dim=-1))
-        if keep:
-            outs.append(out)
-    return torch.cat(embs), cat_outputs(outs) if keep else None
 
 
 @torch.no_grad()
@@ -137,10 +106,10 @@ def evaluate_retrieval_sharded(model: Any, split: RetrievalSplitLike, transform:
     model.eval()
     try:
         images = Subset(split_images(split, transform), image_rows)  # type: ignore[arg-type]
-        image_local, image_out = _encode_images(model, images, batch_size, num_workers, target, autocast, fused,
+        image_local, image_out = encode_images(model, images, batch_size, num_workers, target, autocast, fused,
                                                 show)
         captions = list(split.captions)
-        text_local, _ = _encode_texts(model, captions[text_rows.start:text_rows.stop], batch_size, target,
+        text_local, _ = encode_texts(model, captions[text_rows.start:text_rows.stop], batch_size, target,
                                       autocast, False, show)
         image_emb, text_emb = gather_shards(image_local, num_images), gather_shards(text_local, num_texts)
         txt_local = chunked_ranks(image_local, text_emb, image_positives[image_rows.start:image_rows.stop], memory_mb)
@@ -181,7 +150,7 @@ def _rerank_sharded(model: Any, image_out: EncoderOutput, image_local: Tensor, t
                             t2i_top[mine] - image_rows.start])
     pair_text = torch.cat([i2t_top.reshape(-1), t2i_text])
     needed = torch.unique(pair_text)  # sorted
-    _, needed_out = _encode_texts(model, [captions[t] for t in needed.tolist()], batch_size, device, autocast,
+    _, needed_out = encode_texts(model, [captions[t] for t in needed.tolist()], batch_size, device, autocast,
                                   True, progress)
     assert needed_out is not None
     scores = itm_pair_scores(model, image_out, needed_out, pair_image, torch.searchsorted(needed, pair_text),

@@ -27,6 +27,7 @@ from vlp.types import EncoderOutput
 __all__ = [
     "RetrievalSplitLike", "EncodedSplit", "split_images", "retrieval_metrics", "recall_curves",
     "chunked_topk", "chunked_ranks", "encode_split", "evaluate_retrieval", "fast_precision",
+    "encode_images", "encode_texts",
 ]
 
 SCORES = ("itm", "itm+itc")
@@ -269,6 +270,38 @@ class EncodedSplit(NamedTuple):
 
 
 @torch.no_grad()
+def encode_images(model: Any, dataset: Any, batch_size: int, num_workers: int, device: torch.device,
+                   autocast: AutocastFactory, keep: bool, progress: bool) -> tuple[Tensor, EncoderOutput | None]:
+    """L2-normalized fp32 embeddings of a dataset's images, in batches, and (``keep``) the encoder outputs;
+    without ``keep`` the encoder computes only what the embedding reads."""
+    embs, outs = [], []
+    for images in tqdm(image_loader(dataset, batch_size, num_workers, device), desc="encode images",
+                       disable=not progress):
+        with autocast():
+            out, emb = model.image_features(images.to(device, non_blocking=True),
+                                            **pooled_only_kwargs(model.image_features, not keep))
+        # Cosine similarity is what ITC ranks by, whatever the model returns.
+        embs.append(F.normalize(emb.float(), dim=-1))
+        if keep:
+            outs.append(out)
+    return torch.cat(embs), cat_outputs(outs) if keep else None
+
+
+def encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: torch.device,
+                  autocast: AutocastFactory, keep: bool, progress: bool) -> tuple[Tensor, EncoderOutput | None]:
+    """As ``encode_images`` for captions (tokenized by the model's tokenizer)."""
+    embs, outs = [], []
+    for start in tqdm(range(0, len(captions), batch_size), desc="encode texts", disable=not progress):
+        batch = model.tokenizer(list(captions[start:start + batch_size]), max_length=max_text_length(model))
+        with autocast():
+            out, emb = model.text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                           **pooled_only_kwargs(model.text_features, not keep))
+        embs.append(F.normalize(emb.float(), dim=-1))
+        if keep:
+            outs.append(out)
+    return torch.cat(embs), cat_outputs(outs) if keep else None
+
+
 def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_size: int = 128,
                  precision: str = "auto", device: str | torch.device | None = None, progress: bool = True,
                  keep_tokens: bool | None = None, num_workers: int = 0) -> EncodedSplit:
@@ -279,28 +312,10 @@ def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_si
     target = resolve_device(model, device)
     autocast = autocast_context(precision, target)
     keep = bool(model.has_fusion) if keep_tokens is None else keep_tokens
-    loader = image_loader(split_images(split, transform), batch_size, num_workers, target)
-    image_embs, image_outs = [], []
-    for images in tqdm(loader, desc="encode images", disable=not progress):
-        with autocast():
-            out, emb = model.image_features(images.to(target, non_blocking=True),
-                                            **pooled_only_kwargs(model.image_features, not keep))
-        # Cosine similarity is what ITC ranks by, whatever the model returns.
-        image_embs.append(F.normalize(emb.float(), dim=-1))
-        if keep:
-            image_outs.append(out)
-    captions = list(split.captions)
-    text_embs, text_outs = [], []
-    for start in tqdm(range(0, len(captions), batch_size), desc="encode texts", disable=not progress):
-        batch = model.tokenizer(captions[start:start + batch_size], max_length=max_text_length(model))
-        with autocast():
-            out, emb = model.text_features(batch["input_ids"].to(target), batch["attention_mask"].to(target),
-                                           **pooled_only_kwargs(model.text_features, not keep))
-        text_embs.append(F.normalize(emb.float(), dim=-1))
-        if keep:
-            text_outs.append(out)
-    return EncodedSplit(torch.cat(image_embs), cat_outputs(image_outs) if keep else None,
-                        torch.cat(text_embs), cat_outputs(text_outs) if keep else None)
+    image_emb, image_out = encode_images(model, split_images(split, transform), batch_size, num_workers, target,
+                                         autocast, keep, progress)
+    text_emb, text_out = encode_texts(model, list(split.captions), batch_size, target, autocast, keep, progress)
+    return EncodedSplit(image_emb, image_out, text_emb, text_out)
 
 
 class _FirstImages:

@@ -18,13 +18,11 @@ from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, reranked_ranks
 from vlp.eval.retrieval import (
     autocast_context,
-    cat_outputs,
+    encode_texts,
     image_loader,
-    max_text_length,
     resolve_device,
     split_images,
 )
-from vlp.models.vlp_model import pooled_only_kwargs
 from vlp.types import EncoderOutput
 
 __all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "zeroshot_classifier", "evaluate_zeroshot"]
@@ -52,17 +50,8 @@ def _check_prompts(classnames: Sequence[str], templates: Sequence[str]) -> None:
 
 def _encode_prompts(model: Any, prompts: list[str], batch_size: int, device: torch.device, precision: str,
                     keep_tokens: bool) -> tuple[Tensor, EncoderOutput | None]:
-    autocast = autocast_context(precision, device)
-    embs, outs = [], []
-    for start in range(0, len(prompts), batch_size):
-        tokens = model.tokenizer(prompts[start:start + batch_size], max_length=max_text_length(model))
-        with autocast():
-            out, emb = model.text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
-                                           **pooled_only_kwargs(model.text_features, not keep_tokens))
-        embs.append(F.normalize(emb.float(), dim=-1))
-        if keep_tokens:
-            outs.append(out)
-    return torch.cat(embs), cat_outputs(outs) if keep_tokens else None
+    return encode_texts(model, prompts, batch_size, device, autocast_context(precision, device), keep_tokens,
+                        progress=False)
 
 
 @torch.no_grad()
