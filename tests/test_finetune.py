@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlp.cli.main import main
+from vlp.data.synthetic import SyntheticScenes
+from vlp.data.vqa_data import synthetic_vqa
+from vlp.eval.vqa_baselines import AnswerPriors, vqa_baselines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,16 +68,57 @@ def test_finetune_vqa_then_eval_vqa(pretrained: Path, synth: Path, tmp_path: Pat
     assert main(["finetune", "vqa", str(ROOT / "configs/finetune/vqa_tiny.yaml"), "--init", str(pretrained),
                  "--output-dir", str(run)]) == 0
     assert (run / "final" / "vqa_head.safetensors").is_file() and (run / "final" / "answers.json").is_file()
-    assert json.loads((run / "eval_vqa.json").read_text())["num_questions"] > 0
+    final = json.loads((run / "eval_vqa.json").read_text())
+    assert final["num_questions"] > 0
+    # the image-blind baselines sit beside the score, fitted on the run's training questions
+    train_questions, test_questions = (synthetic_vqa(SyntheticScenes(n, split=s)) for n, s in ((24, "train"), (8, "test")))
+    fitted = vqa_baselines(AnswerPriors.fit(train_questions), test_questions)["baselines"]
+    assert final["baselines"].keys() == fitted.keys() == {"question_only", "majority_answer"}
+    for name, values in fitted.items():
+        assert final["baselines"][name] == pytest.approx(values)
+    assert final["baselines"]["question_only"].keys() == {"overall", *final["per_type"]}
     out = tmp_path / "vqa.json"
     assert main(["eval", "vqa", "--checkpoint", str(run / "final"), "--data", str(synth / "vqa_test.json"),
                  "--image-root", str(synth), "--output", str(out), "--no-progress"]) == 0
     metrics = json.loads(out.read_text())
     assert 0.0 <= metrics["overall"] <= 100.0
     assert set(metrics["per_type"]) <= {"yes/no", "number", "other"} and metrics["per_type"]
+    # --train-data auto: the synthetic questions the checkpoint was fine-tuned on (24 training scenes)
+    expected = vqa_baselines(AnswerPriors.fit(train_questions), json.loads((synth / "vqa_test.json").read_text()))
+    for name in ("question_only", "majority_answer"):
+        assert metrics["baselines"][name] == pytest.approx(expected["baselines"][name])
+        assert metrics["baselines"][name].keys() == {"overall", *metrics["per_type"]}
+    assert metrics["baselines_info"]["train_questions"] == len(train_questions)
+    # a training file instead (its images are not read), or no baselines
+    assert main(["eval", "vqa", "--checkpoint", str(run / "final"), "--data", str(synth / "vqa_test.json"),
+                 "--image-root", str(synth), "--output", str(out), "--no-progress",
+                 "--train-data", str(synth / "vqa_train.json")]) == 0
+    from_file = json.loads(out.read_text())
+    assert from_file["baselines_info"]["train_questions"] == len(json.loads((synth / "vqa_train.json").read_text()))
+    assert from_file["overall"] == metrics["overall"]
+    assert main(["eval", "vqa", "--checkpoint", str(run / "final"), "--data", str(synth / "vqa_test.json"),
+                 "--image-root", str(synth), "--output", str(out), "--no-progress", "--train-data", "none"]) == 0
+    assert "baselines" not in json.loads(out.read_text())
     predictions = json.loads(Path(metrics["predictions"]).read_text())
     questions = json.loads((synth / "vqa_test.json").read_text())
     assert sorted(p["question_id"] for p in predictions) == sorted(q["question_id"] for q in questions)
+
+
+def test_eval_vqa_train_data_errors(pretrained: Path, synth: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(pretrained, checkpoint)
+    (checkpoint / "vqa_head.safetensors").write_bytes(b"")  # never read: the error comes first
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    config["run"] = {"vqa": {"train": str(tmp_path / "gone.json")}}
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(config))
+    args = ["eval", "vqa", "--checkpoint", str(checkpoint), "--data", str(synth / "vqa_test.json"),
+            "--image-root", str(synth), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--train-data" in err and "gone.json" in err and len(err.splitlines()) == 1
+    assert main([*args, "--train-data", str(tmp_path / "missing.json")]) == 2
+    assert "--train-data: file not found" in capsys.readouterr().err
 
 
 def test_vqa_on_a_dual_encoder_fails_clearly(dual_encoder: Path, capsys: pytest.CaptureFixture[str]) -> None:

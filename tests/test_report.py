@@ -25,7 +25,12 @@ from vlp.train.loop import pretrain
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 PER_TYPE = {"number": 40.5, "other": 55.0, "yes/no": 88.75}
-VQA_RESULT = {"overall": 61.25, "per_type": PER_TYPE, "num_questions": 64}
+QUESTION_ONLY = {"overall": 44.5, "number": 33.25, "other": 21.5, "yes/no": 72.125}
+COUNTS = {"number": 20, "other": 24, "yes/no": 20}
+VQA_RESULT = {"overall": 61.25, "per_type": PER_TYPE, "num_questions": 64, "per_type_count": COUNTS,
+              "baselines": {"question_only": QUESTION_ONLY,
+                            "majority_answer": {"overall": 20.5, "number": 0.0, "other": 0.0, "yes/no": 71.0}},
+              "baselines_info": {"majority_answer": "yes", "train_questions": 512, "unseen_questions": 0}}
 
 
 class _Page(HTMLParser):
@@ -107,7 +112,10 @@ def test_report_has_every_section_and_every_image_loads(run_dir: Path) -> None:
     assert f"{final['itc']['r_mean']:.2f}" in page.cells
     for kind, value in PER_TYPE.items():
         index = page.cells.index(kind)
-        assert page.cells[index + 1] == f"{value:.2f}"
+        assert page.cells[index + 1] == str(COUNTS[kind])  # questions of the type, then their accuracy
+        assert page.cells[index + 2] == f"{value:.2f}"
+        assert f"{QUESTION_ONLY[kind]:.2f}" in page.cells[index + 3:index + 6]  # the question-only baseline
+    assert "question only" in page.cells and "majority answer" in page.cells
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
     assert f"{rates[-1]:.2f}" in page.cells
 

@@ -83,17 +83,52 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline_training_questions(value: str, checkpoint: Path) -> list[dict[str, Any]] | None:
+    """The training questions of ``--train-data``: a file, 'synthetic', 'none', or 'auto' (what the
+    checkpoint's fine-tuning run recorded: its vqa.train, else the synthetic questions it trained on)."""
+    from vlp.eval.vqa_baselines import read_vqa_answers
+    from vlp.models.persist import read_checkpoint_config
+
+    if value == "none":
+        return None
+    run = read_checkpoint_config(checkpoint).get("run")
+    run = run if isinstance(run, dict) else {}
+    vqa, data = run.get("vqa") or {}, run.get("data") or {}
+    if value == "auto":
+        recorded = str(vqa.get("train") or "")
+        if recorded:
+            if not Path(recorded).is_file():
+                raise UserError(f"--train-data: the checkpoint's training questions (vqa.train: {recorded}) are not "
+                                "found; pass --train-data FILE (or 'none' to leave out the baselines)")
+            return read_vqa_answers(recorded)
+        if data.get("source") != "synthetic":
+            raise UserError(f"--train-data: {checkpoint} records no VQA training questions; pass --train-data FILE "
+                            "(or 'none' to leave out the baselines)")
+        value = "synthetic"
+    if value == "synthetic":
+        from vlp.data.synthetic import SyntheticScenes
+        from vlp.data.vqa_data import synthetic_vqa
+
+        size, seed = int(data.get("synthetic_train_size", 20000)), int(data.get("synthetic_seed", 0))
+        return synthetic_vqa(SyntheticScenes(size, seed=seed, split="train"))
+    return read_vqa_answers(existing_path(value, "file", "--train-data"))
+
+
 def cmd_eval_vqa(args: argparse.Namespace) -> int:
     from vlp.data.retrieval_split import load_image_file
     from vlp.data.vqa_data import load_vqa
+    from vlp.eval.vqa_baselines import AnswerPriors
     from vlp.train.finetune import evaluate_vqa_split, load_vqa_checkpoint
 
     checkpoint = checkpoint_dir(args.checkpoint)
     questions = load_vqa(existing_path(args.data, "path", "--data"), _image_root(args.image_root))
+    train_questions = _baseline_training_questions(args.train_data, checkpoint)
+    priors = None if train_questions is None else AnswerPriors.fit(train_questions)
     vqa_model, vocab = load_vqa_checkpoint(checkpoint)
     device = _device(args.device)
     predictions, metrics = evaluate_vqa_split(vqa_model.to(device), vocab, questions, load_image_file,
-                                              args.batch_size, device, not args.no_progress, args.precision)
+                                              args.batch_size, device, not args.no_progress, args.precision,
+                                              priors=priors)
     if args.output:
         out = Path(args.output)
         predictions_path = out.with_name(out.stem + "_predictions.json")
@@ -165,6 +200,12 @@ def add_eval_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], 
     r.set_defaults(handler=cmd_eval_retrieval)
     v = ev_sub.add_parser("vqa", help="VQA predictions and the official VQA accuracy")
     _eval_options(v)
+    v.add_argument("--train-data", default="auto", metavar="FILE|auto|synthetic|none",
+                   help="training questions (vlp VQA JSON/JSONL; its images are not read) for the image-blind "
+                        "baselines reported beside the accuracy: question-only (each question's most frequent "
+                        "training answer) and majority answer. auto: those the checkpoint was fine-tuned on (its "
+                        "vqa.train, or the synthetic questions); synthetic: the built-in synthetic training "
+                        "questions; none: no baselines (default: %(default)s)")
     add_common(v)
     v.set_defaults(handler=cmd_eval_vqa)
     z = ev_sub.add_parser("zeroshot", help="zero-shot classification (ITC; ITM re-scoring for fused models)")

@@ -176,8 +176,9 @@ class _Report:
         per_type = result.get("per_type") or {}
         rows = [["overall", result.get("overall")]] + [[kind, value] for kind, value in sorted(per_type.items())]
         count = result.get("num_questions")
+        header, rows, note = _with_baselines(["answer type", "accuracy"], rows, result)
         return (f"<p>VQA accuracy (official metric, %) on {html.escape(str(count))} questions "
-                "(eval_vqa.json).</p>" + _table(["answer type", "accuracy"], rows))
+                f"(eval_vqa.json).{note}</p>" + _table(header, rows))
 
     def throughput(self) -> str | None:
         rates = [(r["step"], float(r["samples_per_s"])) for r in self.records
@@ -191,6 +192,23 @@ class _Report:
         note = ("<p>Training samples per second over each logging window (all processes); "
                 "the window that holds an evaluation or checkpoint is slower.</p>")
         return note + _table(["", "value"], rows) + _figure(_throughput_plot(rates), "samples/s per logging window")
+
+
+def _with_baselines(header: list[str], rows: list[list[Any]],
+                    result: dict[str, Any]) -> tuple[list[str], list[list[Any]], str]:
+    """One more column per image-blind baseline of the result's ``baselines`` ({name: {row label: %}}),
+    and a sentence saying what they are; the table unchanged when the result has none."""
+    baselines = {name: values for name, values in (result.get("baselines") or {}).items() if isinstance(values, dict)}
+    if not baselines:
+        return header, rows, ""
+    header = header + [name.replace("_", " ") for name in baselines]
+    rows = [row + [values.get(row[0]) for values in baselines.values()] for row in rows]
+    info = result.get("baselines_info") or {}
+    majority = f' ("{html.escape(str(info["majority_answer"]))}")' if "majority_answer" in info else ""
+    note = (" Baselines that never see the image, from the training answers: question only answers each "
+            f"question with its most frequent training answer; majority answer{majority} answers every "
+            "question alike. Accuracy well above question only is what the image contributes.")
+    return header, rows, note
 
 
 def _throughput_plot(rates: list[tuple[int, float]]) -> str:

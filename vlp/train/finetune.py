@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
@@ -29,6 +29,9 @@ from vlp.train.loop import (
 from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.seeding import seed_everything
 from vlp.types import LossOutput
+
+if TYPE_CHECKING:
+    from vlp.eval.vqa_baselines import AnswerPriors
 
 __all__ = ["finetune_vqa", "finetune_retrieval", "load_vqa_checkpoint", "vqa_questions"]
 
@@ -122,19 +125,27 @@ def load_vqa_checkpoint(directory: str | Path) -> tuple[Any, Any]:
 
 
 def evaluate_vqa_split(vqa_model: Any, vocab: Any, questions: list[dict[str, Any]], loader: Any,
-                       batch_size: int, device: str, progress: bool, precision: str = "auto") -> tuple[list[Any], dict[str, Any]]:
+                       batch_size: int, device: str, progress: bool, precision: str = "auto",
+                       priors: AnswerPriors | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """Predictions and metrics; with ``priors`` (``AnswerPriors`` of the training questions) the metrics also
+    hold the image-blind ``baselines`` and ``baselines_info`` (vlp.eval.vqa_baselines)."""
     # in a process group every rank answers its share of the questions (one process: evaluate_vqa)
     from vlp.eval.distributed import evaluate_vqa_sharded as evaluate_vqa
+    from vlp.eval.vqa_baselines import vqa_baselines
 
     transform = vqa_model.model.image_transform(train=False)
-    return evaluate_vqa(vqa_model, questions, lambda image: transform(loader(image)), vocab, batch_size=batch_size,
-                        device=device, progress=progress, precision=precision)
+    predictions, metrics = evaluate_vqa(vqa_model, questions, lambda image: transform(loader(image)), vocab,
+                                        batch_size=batch_size, device=device, progress=progress, precision=precision)
+    if priors is not None:
+        metrics.update(vqa_baselines(priors, questions))
+    return predictions, metrics
 
 
 def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None = None,
                  resume: bool = False) -> Path:
     """VQA fine-tuning of a fused checkpoint; evaluates the val split and writes predictions + accuracy."""
     from vlp.eval.vqa import AnswerVocab, VQAModel
+    from vlp.eval.vqa_baselines import AnswerPriors
 
     dist = init_distributed(config.train.device)
     run_dir = run_dir_for(config, output_dir)
@@ -146,6 +157,7 @@ def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None
     image_size = model.image_encoder.image_size
     questions, loader = vqa_questions(config, "train", image_size)
     vocab = AnswerVocab.build(questions, top_n=config.vqa.num_answers)
+    priors = AnswerPriors.fit(questions)
     vqa_model = VQAModel(model, len(vocab), hidden_mult=config.vqa.hidden_mult).to(dist.device)
     objective = VQAObjective(vqa_model, autocast_factory(config.train.precision, dist.device)).to(dist.device)
     data_loader, dataset, sampler = _vqa_loader(config, model, vocab, questions, loader, dist)
@@ -160,7 +172,8 @@ def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None
 
     def evaluate(step: int, final: bool) -> dict[str, float]:
         predictions, metrics = evaluate_vqa_split(vqa_model, vocab, val_questions, val_loader,
-                                                  config.eval.batch_size, str(dist.device), config.train.progress)
+                                                  config.eval.batch_size, str(dist.device), config.train.progress,
+                                                  priors=priors if final else None)
         vqa_model.train()
         if final and dist.rank == 0:
             (run_dir / "vqa_predictions.json").write_text(json.dumps(predictions))
