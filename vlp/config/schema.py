@@ -143,6 +143,8 @@ class OptimConfig:
     betas: tuple[float, ...] = doc((0.9, 0.98), "AdamW betas.")
     eps: float = doc(1e-6, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this value; 0 disables.")
+    image_layer_decay: float = doc(1.0, "Layer-wise lr decay of the image tower (BEiT; timm's param_groups_layer_decay): a parameter of layer l gets lr x decay^(max_layer - l), the stem being layer 0, block i layer i + 1 and the final norm part of the last block (max_layer = depth; timm's grouping for timm towers); vlp's projections, the fusion and the heads keep the full lr. 1 = off.")
+    text_layer_decay: float = doc(1.0, "Layer-wise lr decay of the text tower, as image_layer_decay. 1 = off.")
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ class TrainConfig:
     log_every: int = doc(10, "Write metrics every N steps.")
     freeze_image: bool = doc(False, "Freeze the image encoder.")
     freeze_text: bool = doc(False, "Freeze the text encoder.")
+    freeze_image_unlocked_groups: int = doc(0, "With freeze_image: the last N layer groups of the image tower stay trainable (open_clip's --lock-image-unlocked-groups). vlp's image projection, which freeze_image never freezes, counts as the last group: 2 = the projection and the encoder's last group (native ViT: last block + final norm; timm: timm's groups; open_clip: its own lock). 0 and 1 = only the projection trains.")
+    freeze_text_unlocked_layers: int = doc(0, "With freeze_text: the last N layer groups of the text tower stay trainable (open_clip's --lock-text-unlocked-layers), vlp's text projection counting as the last one, as freeze_image_unlocked_groups. open_clip text towers freeze their LayerNorms with their layers (open_clip's lock supports nothing else).")
     lora_rank: int = doc(0, "LoRA rank on fusion linear layers (base weights frozen); 0 = full tuning.")
     grad_checkpointing: bool = doc(False, "Activation checkpointing in every encoder and fusion block.")
     contrastive_chunk_size: int = doc(0, "Gradient-cache chunk size for the contrastive loss; 0 = whole batch at once.")
@@ -171,6 +175,13 @@ class TrainConfig:
     compile: bool = doc(False, "torch.compile every transformer block in place (encoders, fusion, momentum copy); checkpoints are unchanged.")
     fsdp: bool = doc(False, "Multi-process: shard parameters, gradients and optimizer state with FSDP2 (fully_shard per transformer block) instead of DistributedDataParallel; for models whose training state does not fit one device.")
     progress: bool = doc(True, "Show a progress bar.")
+    ema_decay: float = doc(0.0, "Keep an exponential moving average of the model weights with this decay per update (timm ModelEmaV3; e.g. 0.999); it is evaluated and saved beside the online weights (final_ema/, ema.safetensors in every checkpoint) and never changes training; 0 = off. Not the momentum encoder (objective.momentum).")
+    ema_every: int = doc(1, "Update the weight EMA after every N-th optimizer step (the decay applies per update).")
+    ema_start_step: int = doc(0, "The weight EMA copies the weights until this optimizer step, then averages (timm's update_after_step).")
+    ema_warmup: bool = doc(False, "Warm the EMA decay up: min(ema_decay, 1 - (1 + t / ema_warmup_gamma) ** -ema_warmup_power) at update step t (timm's use_warmup).")
+    ema_warmup_gamma: float = doc(1.0, "Warm-up gamma of the weight EMA (timm's warmup_gamma).")
+    ema_warmup_power: float = doc(2 / 3, "Warm-up power of the weight EMA (timm's warmup_power; 2/3 for long runs, 3/4 for shorter ones).")
+    ema_min_decay: float = doc(0.0, "Lower bound of the warmed-up EMA decay (timm's min_decay).")
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,7 @@ class EvalConfig:
     batch_size: int = doc(128, "Encoding batch size.")
     max_images: int = doc(0, "Evaluate on the first N test images only; 0 = all.")
     precision: str = doc("auto", "auto, fp32 or bf16 for encoding and re-ranking; auto = bf16 on CUDA with bf16 and on CPUs with AMX, fp32 elsewhere (bf16 is slower than fp32 on CPUs without AMX).")
+    weights: str = doc("both", "With train.ema_decay > 0: which weights the evaluations during and after training use: online, ema or both (EMA results are logged as eval_ema/... and written to eval_ema.json).")
 
 
 @dataclass(frozen=True)

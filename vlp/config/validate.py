@@ -62,6 +62,8 @@ def validate_config(config: Config) -> None:
     _choice("optim.lr_scaling", op.lr_scaling, ("linear", "sqrt", "none"))
     _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
     _require(op.grad_clip >= 0, "optim.grad_clip", op.grad_clip, "must be >= 0")
+    for key, value in (("optim.image_layer_decay", op.image_layer_decay), ("optim.text_layer_decay", op.text_layer_decay)):
+        _require(0 < value <= 1, key, value, "must be in (0, 1] (1 = no layer-wise decay)")
     _require(len(op.betas) == 2 and all(0 <= b < 1 for b in op.betas), "optim.betas", list(op.betas),
              "expected two values in [0, 1)")
     _choice("schedule.type", s.type, ("cosine", "constant"))
@@ -81,6 +83,19 @@ def validate_config(config: Config) -> None:
     _require(t.keep_last > 0, "train.keep_last", t.keep_last, "must be positive")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
     _require(t.contrastive_chunk_size >= 0, "train.contrastive_chunk_size", t.contrastive_chunk_size, "must be >= 0")
+    for key, value, frozen in (("freeze_image_unlocked_groups", t.freeze_image_unlocked_groups, t.freeze_image),
+                               ("freeze_text_unlocked_layers", t.freeze_text_unlocked_layers, t.freeze_text)):
+        _require(value >= 0, f"train.{key}", value, "must be >= 0")
+        _require(value == 0 or frozen, f"train.{key}", value,
+                 f"needs train.freeze_{key.split('_')[1]}: true (it unlocks part of a frozen tower)")
+    _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in [0, 1) (0 = no weight EMA)")
+    _require(t.ema_every > 0, "train.ema_every", t.ema_every, "must be positive")
+    _require(t.ema_start_step >= 0, "train.ema_start_step", t.ema_start_step, "must be >= 0")
+    _require(t.ema_warmup_gamma > 0, "train.ema_warmup_gamma", t.ema_warmup_gamma, "must be positive")
+    _require(t.ema_warmup_power > 0, "train.ema_warmup_power", t.ema_warmup_power, "must be positive")
+    _require(0 <= t.ema_min_decay < 1, "train.ema_min_decay", t.ema_min_decay, "must be in [0, 1)")
+    _require(t.ema_decay == 0 or t.lora_rank == 0, "train.ema_decay", t.ema_decay,
+             "a weight EMA with train.lora_rank > 0 is not supported (final/ merges the adapters)")
     _require(o.itc_weight >= 0 and o.itm_weight >= 0 and o.mlm_weight >= 0, "objective", "weights",
              "loss weights must be >= 0")
     _require(0 < o.mlm_probability < 1, "objective.mlm_probability", o.mlm_probability, "must be in (0, 1)")
@@ -97,4 +112,5 @@ def validate_config(config: Config) -> None:
     _require(e.k_test > 0, "eval.k_test", e.k_test, "must be positive")
     _choice("eval.score", e.score, ("itm", "itm+itc"))
     _choice("eval.precision", e.precision, ("auto", "fp32", "bf16"))
+    _choice("eval.weights", e.weights, ("online", "ema", "both"))
     _require(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")

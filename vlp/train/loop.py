@@ -28,7 +28,8 @@ from vlp.models import VLPModel, build_model
 from vlp.objectives import PretrainObjective
 from vlp.runtime import tune_allocator
 from vlp.train import checkpoint as ckpt
-from vlp.train import faults
+from vlp.train import ema as weight_ema
+from vlp.train import faults, layer_decay
 from vlp.train.distributed import (
     DistInfo,
     cleanup,
@@ -64,10 +65,13 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Abstr
 def prepare_model(config: Config, model: VLPModel) -> VLPModel:
     """Freezing, LoRA and activation checkpointing as the train section asks."""
     t = config.train
+    from vlp.train.tower_layers import lock_tower
+
+    # vlp's projection is the tower's last group, never frozen here: the encoder keeps N - 1 groups
     if t.freeze_image:
-        model.image_encoder.requires_grad_(False)
+        lock_tower(model.image_encoder, max(0, t.freeze_image_unlocked_groups - 1), "train.freeze_image_unlocked_groups")
     if t.freeze_text:
-        model.text_encoder.requires_grad_(False)
+        lock_tower(model.text_encoder, max(0, t.freeze_text_unlocked_layers - 1), "train.freeze_text_unlocked_layers")
     if t.lora_rank > 0 and model.fusion is not None:
         from vlp.train.lora import apply_lora
 
@@ -265,6 +269,9 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
         # evaluation calls sub-modules directly, outside FSDP's root forward: not supported in the loop
         log.warning("train.fsdp: no evaluation during training; run 'vlp eval' on the final/ checkpoint")
         job.evaluate = None
+    ema = weight_ema.build_ema(config.train, module)  # after wrapping: under FSDP it averages the shards
+    if ema is not None and latest is not None:
+        weight_ema.restore_ema(ema, latest)
 
     effective = config.data.batch_size * config.train.grad_accum * dist.world_size
     lr = scaled_lr(config.optim.lr, config.optim.base_batch_size, effective, config.optim.lr_scaling)
@@ -276,13 +283,14 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
 
     metrics = MetricsLogger(run_dir, enabled=main)
     if main and state.step == 0:
-        metrics.log({"step": 0, "lr_scaled": lr, "effective_batch_size": effective})
+        metrics.log({"step": 0, "lr_scaled": lr, "effective_batch_size": effective,
+                     **layer_decay.decay_record(config.optim, optimizer)})
     stop = faults.StopFlag()
     data_iter = batches(job.loader, job.dataset, job.sampler, state)
     bar = tqdm(total=config.train.max_steps, initial=state.step, disable=not (main and config.train.progress),
                desc=f"{config.name}", dynamic_ncols=True)
     window_start, window_samples = time.perf_counter(), 0
-    saver = TrainerSaver(config, ckpt_root, job, optimizer, scheduler, state, dist)
+    saver = TrainerSaver(config, ckpt_root, job, optimizer, scheduler, state, dist, ema)
     try:
         while state.step < config.train.max_steps:
             module.train()
@@ -306,6 +314,8 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
             if _optimizer_step(config, module, optimizer, state):
                 scheduler.step()
                 objective.after_optimizer_step()
+                if ema is not None:
+                    ema.update(state.step + 1)
             else:
                 faults.check_nonfinite(config, state, ckpt_root)
             optimizer.zero_grad(set_to_none=True)
@@ -315,9 +325,12 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
             if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
                 elapsed = time.perf_counter() - window_start
                 terms_sum = mean_over_ranks(terms_sum, dist.device)  # ITM/MLM terms are per-rank means
-                record = {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0],
+                record = {"step": state.step, "epoch": state.epoch,
+                          "lr": scheduler.get_last_lr()[layer_decay.full_lr_index(optimizer)],
                           "samples_per_s": window_samples / max(elapsed, 1e-9),
                           **faults.data_counts(state, dist), "nonfinite_steps": state.nonfinite_total, **terms_sum}
+                if ema is not None:
+                    record["ema_decay"] = ema.last_decay
                 metrics.log(record)
                 bar.set_postfix(loss=f"{terms_sum['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 sps=f"{record['samples_per_s']:.0f}")
@@ -331,14 +344,19 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                     raise stop.stopped(state.step, saved)
             e = config.eval.every
             if job.evaluate is not None and e > 0 and state.step % e == 0 and state.step < config.train.max_steps:
-                metrics.log({"step": state.step, **job.evaluate(state.step, False)})  # every rank: its shard
+                # every rank: its shard
+                metrics.log({"step": state.step, **weight_ema.evaluate(job.evaluate, ema, config, run_dir, state.step, False)})
                 window_start = time.perf_counter()
         saver.save()
         with full_state_dicts(objective):
             if main:
                 ckpt.write_atomic(run_dir / "final", _final_writer(config, job))
+        if ema is not None:  # final_ema/: the same checkpoint with the averaged weights
+            with ema.swapped_into(), full_state_dicts(objective):
+                if main:
+                    ckpt.write_atomic(run_dir / "final_ema", _final_writer(config, job))
         if job.evaluate is not None and config.eval.every >= 0:
-            metrics.log({"step": state.step, **job.evaluate(state.step, True)})
+            metrics.log({"step": state.step, **weight_ema.evaluate(job.evaluate, ema, config, run_dir, state.step, True)})
     except RuntimeError as err:  # a dead data loader worker is a clean stop, anything else a bug
         stopped = faults.worker_death(err, state.step)
         if stopped is None:

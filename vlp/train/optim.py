@@ -103,5 +103,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device_type: 
         raise ConfigError(f"optim.betas: expected two values, got {list(cfg.betas)}")
     beta1, beta2 = (float(b) for b in cfg.betas)
     groups = param_groups(model, cfg.weight_decay)
+    if cfg.image_layer_decay != 1.0 or cfg.text_layer_decay != 1.0:  # vlp/train/layer_decay.py
+        from vlp.train.layer_decay import split_by_layer
+
+        groups = split_by_layer(model, groups, cfg.image_layer_decay, cfg.text_layer_decay)
+        for group in groups:
+            group["lr"] = lr * group["lr_scale"]
     fused = device_type in ("cuda", "cpu")  # other backends (mps, xpu) keep torch's default implementation
     return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=cfg.eps, fused=fused or None)

@@ -25,6 +25,7 @@ from vlp.train.distributed import (
 from vlp.train.seeding import rng_state
 
 if TYPE_CHECKING:
+    from vlp.train.ema import WeightEMA
     from vlp.train.loop import TrainingJob, TrainState
 
 __all__ = ["TrainerSaver", "restore_trainer"]
@@ -37,9 +38,9 @@ class TrainerSaver:
 
 
     def __init__(self, config: Config, root: Path, job: TrainingJob, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, state: TrainState, dist: DistInfo) -> None:
+                 scheduler: Any, state: TrainState, dist: DistInfo, ema: WeightEMA | None = None) -> None:
         self.config, self.root, self.job, self.optimizer = config, root, job, optimizer
-        self.scheduler, self.state, self.dist = scheduler, state, dist
+        self.scheduler, self.state, self.dist, self.ema = scheduler, state, dist, ema
 
     def save(self) -> Path:
         """An atomic checkpoint with everything needed to resume exactly."""
@@ -47,11 +48,14 @@ class TrainerSaver:
         target = self.root / f"step_{state.step}"
         # collectives first (every rank's RNG streams; FSDP's full weights and optimizer state), then rank 0 writes
         rngs = gather_objects(rng_state())
+        ema = self.ema.state_dict() if self.ema is not None else None  # full tensors: a collective under FSDP
         with full_state_dicts(self.job.objective):
             optimizer = optimizer_state(self.job.objective, self.optimizer)
             if self.dist.rank == 0:
                 def write(directory: Path) -> None:
                     self.job.save_weights(directory)
+                    if self.ema is not None:
+                        self.ema.save(directory, ema)
                     ckpt.save_trainer_state(directory / "trainer_state.pt", {
                         "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                         "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
