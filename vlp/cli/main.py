@@ -38,6 +38,11 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         raise UserError(f"--out: not a directory: {args.out}")
     paths = write_synthetic(Path(args.out), train_size=args.train_size, test_size=args.test_size,
                             seed=args.seed, image_size=args.image_size)
+    if args.benchmarks:
+        from vlp.data.synthetic_benchmarks import write_synthetic_benchmarks
+
+        paths.update(write_synthetic_benchmarks(Path(args.out), test_size=args.test_size, seed=args.seed,
+                                                image_size=args.image_size))
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -73,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_commands(sub, add_common)
     add_eval_commands(sub, add_common)
     add_extra_commands(sub, add_common)
+    from vlp.cli.benchmark import add_benchmark_command
+
+    add_benchmark_command(sub, add_common)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -82,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-size", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--benchmarks", action="store_true",
+                   help="also write benchmark files from the test scenes: SugarCrepe-format swapped colors and "
+                        "positions, zero-shot image folders by color and shape (default: off)")
     add_common(s)
     s.set_defaults(handler=cmd_data_synth)
     return parser
