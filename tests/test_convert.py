@@ -227,6 +227,22 @@ def test_clip_matches_transformers(clip_source: tuple[Any, Path, Path]) -> None:
     assert list(model.image_encoder.std) == pytest.approx([0.2] * 3)
 
 
+def test_forward_logits_equal_transformers_clip(clip_source: tuple[Any, Path, Path]) -> None:
+    reference, src, out = clip_source
+    from transformers import AutoTokenizer
+
+    ids = hf_ids(AutoTokenizer.from_pretrained(src))
+    model, _, _ = vlp.load(out)
+    pixels = images()
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=ids["input_ids"], attention_mask=ids["attention_mask"].long())
+        ours = model(pixel_values=pixels, input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+    for name in ("logits_per_image", "logits_per_text"):  # CLIPOutput's names and values
+        assert torch.allclose(getattr(ours, name), getattr(expected, name), atol=1e-4), name
+    assert torch.allclose(ours.image_embeds, unit(expected.image_embeds), atol=ATOL)
+    assert model.logit_bias() is None and ours.itm_logits is None
+
+
 def test_blip_matches_transformers_itc_and_itm(blip_source: tuple[Any, Path, Path]) -> None:
     reference, src, out = blip_source
     report = check_report(out)
@@ -323,6 +339,9 @@ def test_siglip_matches_transformers(tmp_path: Path) -> None:
         assert torch.allclose(text_emb, unit(expected.text_embeds), atol=ATOL)
         logits = text_emb @ image_emb.T * model.logit_scale() + model.temperature.logit_bias()
         assert torch.allclose(logits, expected.logits_per_text, atol=1e-4)
+        ours = model(pixel_values=pixels, **batch)  # forward: SiglipOutput's logits, bias included
+    assert torch.allclose(ours.logits_per_text, expected.logits_per_text, atol=1e-4)
+    assert torch.allclose(ours.logits_per_image, expected.logits_per_image, atol=1e-4)
 
 
 # the documented mapping -------------------------------------------------------------------------------

@@ -175,3 +175,23 @@ def test_bad_zero_shot_inputs_are_user_errors() -> None:
         evaluate_zeroshot(model, split, None, classes, itm_rerank_k=4, progress=False)
     with pytest.raises(UserError, match="1 images and 2 labels"):
         evaluate_zeroshot(model, LabelledImages(split.images, ["cat", "dog"]), None, classes, progress=False)
+
+
+def test_details_give_per_class_accuracy_predictions_and_prompts() -> None:
+    classes = ["cat", "dog", "bird"]
+    images = [known_image(vector, label) for vector, label, _ in KNOWN]
+    result = evaluate_zeroshot(KnownEmbeddings(classes, fused=True), LabelledImages(images, [k[1] for k in KNOWN]),
+                               None, classes, ["a photo of {}", "{}"], batch_size=4, progress=False, itm_rerank_k=2,
+                               details=True)
+    assert result["templates"] == ["a photo of {}", "{}"]
+    assert result["itm_prompts"] == ["a photo of cat", "a photo of dog", "a photo of bird"]
+    per_class = result["per_class"]
+    assert [per_class[c]["num_images"] for c in classes] == [1, 2, 3]
+    assert [per_class[c]["itc_top1"] for c in classes] == pytest.approx([100.0, 50.0, 100 / 3])
+    assert [per_class[c]["itm_top1"] for c in classes] == pytest.approx([100.0, 100.0, 200 / 3])
+    assert [(p["label"], p["itc"], p["itm"]) for p in result["predictions"]] == [
+        ("cat", "cat", "cat"), ("dog", "dog", "dog"), ("bird", "bird", "bird"),
+        ("dog", "cat", "dog"), ("bird", "cat", "bird"), ("bird", "cat", "cat")]
+    plain = evaluate_zeroshot(KnownEmbeddings(classes, fused=False), LabelledImages(images, [k[1] for k in KNOWN]),
+                              None, classes, ["{}"], batch_size=4, progress=False)
+    assert "per_class" not in plain and "predictions" not in plain  # details are asked for

@@ -32,10 +32,12 @@ def add_command(sub: Any, add_common: Callable[[argparse.ArgumentParser], None])
                         "clip: CLIPModel; siglip: SiglipModel (all Hugging Face directories); open_clip: an "
                         "open_clip local-dir or checkpoint file")
     p.add_argument("src", metavar="SRC", help="the source model directory (or an open_clip checkpoint file)")
-    p.add_argument("--out", required=True, help="new (or empty) directory for the vlp checkpoint")
+    p.add_argument("--out", required=True, help="new (or empty) directory for the vlp checkpoint (required)")
     p.add_argument("--model", default=None,
-                   help="open_clip checkpoint files only: a built-in model name or a model config JSON")
+                   help="open_clip checkpoint files only: a built-in model name or a model config JSON "
+                        "(default: read from the source)")
     p.add_argument("--tokenizer", default=None,
-                   help="a local tokenizer.json or tokenizer directory instead of the source's own")
+                   help="a local tokenizer.json or tokenizer directory instead of the source's own "
+                        "(default: the source's own)")
     add_common(p)
     p.set_defaults(handler=cmd_convert)

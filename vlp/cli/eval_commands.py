@@ -29,10 +29,14 @@ def existing_path(value: str, kind: Literal["file", "directory", "path"], flag: 
 
 
 def checkpoint_dir(value: str, flag: str = "--checkpoint") -> Path:
+    """A checkpoint directory, or a run directory's ``final/``; else one UserError line."""
+    from vlp.models.persist import resolve_checkpoint_dir
+
     path = existing_path(value, "directory", flag)
-    if not (path / "config.yaml").is_file():
-        raise UserError(f"{flag}: not a vlp checkpoint (no config.yaml): {value}")
-    return path
+    try:
+        return resolve_checkpoint_dir(path)
+    except UserError as err:
+        raise UserError(f"{flag}: {err}") from None
 
 
 def _image_root(value: str) -> Path:
@@ -62,8 +66,11 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from vlp.models import VLPModel
     from vlp.models.persist import read_checkpoint_config
 
+    from vlp.data.csv_records import CsvFormat
+
     checkpoint = checkpoint_dir(args.checkpoint)
-    split = load_retrieval_split(existing_path(args.data, "path", "--data"), _image_root(args.image_root))
+    split = load_retrieval_split(existing_path(args.data, "path", "--data"), _image_root(args.image_root),
+                                 CsvFormat(args.csv_separator, args.csv_img_key, args.csv_caption_key))
     if args.k_test <= 0:
         raise UserError(f"--k-test must be positive, got {args.k_test}")
     section = read_checkpoint_config(checkpoint).get("model")
@@ -157,7 +164,18 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         templates = json.loads(existing_path(args.templates, "path", "--templates").read_text())
     result = evaluate_zeroshot(model, split, model.image_transform(train=False), split.classes, templates,
                                batch_size=args.batch_size, precision=args.precision, device=_device(args.device),
-                               progress=not args.no_progress, itm_rerank_k=args.itm_k if model.has_fusion else 0)
+                               progress=not args.no_progress, itm_rerank_k=args.itm_k if model.has_fusion else 0,
+                               details=True)
+    predictions = result.pop("predictions")
+    if split.image_paths is not None:
+        for row in predictions:
+            row["image"] = str(split.image_paths[row["index"]])
+    if args.output:
+        out = Path(args.output)
+        predictions_path = out.with_name(out.stem + "_predictions.json")
+        predictions_path.parent.mkdir(parents=True, exist_ok=True)
+        predictions_path.write_text(json.dumps(predictions, indent=1))
+        result["predictions"] = str(predictions_path)
     _write(result, args.output)
     return 0
 
@@ -177,29 +195,50 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--image-root", required=True)
-    parser.add_argument("--output", default=None, help="write the result JSON here")
-    parser.add_argument("--batch-size", type=int, default=128)
+def _eval_options(parser: argparse.ArgumentParser, data_help: str) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoint directory, or a run directory (its final/ is used) (required)")
+    parser.add_argument("--data", required=True, metavar="FILE", help=data_help + " (required)")
+    parser.add_argument("--image-root", required=True, metavar="DIR",
+                        help="directory the image paths in --data are relative to (required)")
+    parser.add_argument("--output", default=None, metavar="FILE.json",
+                        help="also write the result JSON here (default: print it only)")
+    parser.add_argument("--batch-size", type=int, default=128, metavar="N",
+                        help="images or captions encoded per batch (default: %(default)s)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 on CUDA with bf16 and on CPUs with AMX, else fp32")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--no-progress", action="store_true")
+                        help="auto: bf16 on CUDA with bf16 and on CPUs with AMX, else fp32 (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when available, else cpu (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: shown)")
+
+
+def add_csv_options(parser: argparse.ArgumentParser) -> None:
+    """open_clip's names for reading a CSV/TSV pairs file (a --data ending in .csv or .tsv)."""
+    parser.add_argument("--csv-separator", default="\t", metavar="SEP",
+                        help="column separator of a .csv/.tsv --data file; \\t = tab (default: tab)")
+    parser.add_argument("--csv-img-key", default="filepath", metavar="COLUMN",
+                        help="column of a .csv/.tsv --data file with the image paths (default: %(default)s)")
+    parser.add_argument("--csv-caption-key", default="title", metavar="COLUMN",
+                        help="column of a .csv/.tsv --data file with the captions (default: %(default)s)")
 
 
 def add_eval_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     r = ev_sub.add_parser("retrieval", help="image-text retrieval: ITC ranking + ITM re-ranking of the top k")
-    _eval_options(r)
-    r.add_argument("--k-test", type=int, default=16)
-    r.add_argument("--score", choices=("itm", "itm+itc"), default="itm")
+    _eval_options(r, "retrieval test split: JSON/JSONL of {image, caption (a string or a list)}, or a CSV/TSV "
+                     "(.csv/.tsv, see --csv-separator)")
+    r.add_argument("--k-test", type=int, default=16, metavar="K",
+                   help="candidates per query re-ranked by the ITM head of a fused model (default: %(default)s)")
+    r.add_argument("--score", choices=("itm", "itm+itc"), default="itm",
+                   help="re-ranking score: the match logit, or BLIP's match logit + ITC cosine "
+                        "(default: %(default)s)")
+    add_csv_options(r)
     add_common(r)
     r.set_defaults(handler=cmd_eval_retrieval)
     v = ev_sub.add_parser("vqa", help="VQA predictions and the official VQA accuracy")
-    _eval_options(v)
+    _eval_options(v, "VQA questions: JSON/JSONL of {question_id, image, question, answer (human answers), "
+                     "answer_type}")
     v.add_argument("--train-data", default="auto", metavar="FILE|auto|synthetic|none",
                    help="training questions (vlp VQA JSON/JSONL; its images are not read) for the image-blind "
                         "baselines reported beside the accuracy: question-only (each question's most frequent "
@@ -209,21 +248,28 @@ def add_eval_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], 
     add_common(v)
     v.set_defaults(handler=cmd_eval_vqa)
     z = ev_sub.add_parser("zeroshot", help="zero-shot classification (ITC; ITM re-scoring for fused models)")
-    _eval_options(z)
-    z.add_argument("--classes", required=True)
-    z.add_argument("--templates", default=None, help="JSON list of prompt templates with {}")
-    z.add_argument("--itm-k", type=int, default=5, help="classes re-scored by ITM (fused models)")
+    _eval_options(z, "labelled images: JSON/JSONL of {image, label}, or a folder with one subfolder per class")
+    z.add_argument("--classes", required=True, metavar="FILE",
+                   help="JSON list of the class names (required)")
+    z.add_argument("--templates", default=None, metavar="FILE",
+                   help="JSON list of prompt templates with {} for the class name (default: \"a photo of a {}.\"; "
+                        "synthetic-vocabulary prompts for a checkpoint with the synthetic tokenizer)")
+    z.add_argument("--itm-k", type=int, default=5, metavar="K",
+                   help="top classes per image re-scored by the ITM head of a fused model (default: %(default)s)")
     add_common(z)
     z.set_defaults(handler=cmd_eval_zeroshot)
 
 
 def add_finetune_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint for VQA or retrieval")
-    p.add_argument("task", choices=("vqa", "retrieval"))
-    p.add_argument("config")
-    p.add_argument("--init", required=True, help="pretrained checkpoint directory")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--output-dir", default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("task", choices=("vqa", "retrieval"), help="vqa: a new answer head; retrieval: ITC + ITM")
+    p.add_argument("config", metavar="CONFIG", help="the fine-tuning YAML config (its model comes from --init)")
+    p.add_argument("--init", required=True, metavar="DIR",
+                   help="pretrained checkpoint directory, or a run directory (its final/) (required)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable; default: none)")
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in the run directory (default: off)")
     add_common(p)
     p.set_defaults(handler=cmd_finetune)

@@ -56,7 +56,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error instead of one line (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain from a YAML config")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--output-dir", default=None, help="run directory (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("config", metavar="CONFIG", help="the run's YAML config (every key: docs/configs.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; default: none)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in the run directory (default: off)")
     add_common(p)
     p.set_defaults(handler=cmd_pretrain)
 
@@ -85,11 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     s = data_sub.add_parser("synth", help="write the built-in synthetic dataset to a directory")
-    s.add_argument("--out", required=True)
-    s.add_argument("--train-size", type=int, default=20000)
-    s.add_argument("--test-size", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for the images and the JSON/JSONL files (required)")
+    s.add_argument("--train-size", type=int, default=20000, metavar="N",
+                   help="training images, five captions each (default: %(default)s)")
+    s.add_argument("--test-size", type=int, default=1000, metavar="N",
+                   help="test images for retrieval, VQA and zero-shot (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the scene generator (default: %(default)s)")
+    s.add_argument("--image-size", type=int, default=64, metavar="PX",
+                   help="side of the square PNG images in pixels (default: %(default)s)")
     s.add_argument("--benchmarks", action="store_true",
                    help="also write benchmark files from the test scenes: SugarCrepe-format swapped colors and "
                         "positions, zero-shot image folders by color and shape (default: off)")

@@ -18,6 +18,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_command(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report.html (static, images embedded)")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by vlp pretrain or vlp finetune")
     add_common(p)
     p.set_defaults(handler=cmd_report)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlp.precision import DEFAULT_PRECISION
+
 __all__ = [
     "ImageEncoderConfig",
     "TextEncoderConfig",
@@ -109,19 +111,28 @@ class ObjectiveConfig:
     mlm_weight: float = doc(0.0, "Weight of the MLM term (0 disables MLM).")
     mlm_probability: float = doc(0.15, "Fraction of real, non-special tokens selected for MLM (80/10/10).")
     hard_negatives: bool = doc(True, "Sample ITM negatives from the softmaxed contrastive similarities (else uniformly).")
+    negative_exclusion: str = doc("text", "Which batch columns may never be an ITM negative: text (default: the pair, the same image id, and any caption equal to the positive's after open_clip's canonicalization or with the same truncated token ids; for image negatives, any image with such a caption), image_id (the pair and the same image id: ALBEF's retrieval fine-tuning) or pair (only the pair itself: ALBEF's pretraining).")
+    negative_margin: float = doc(-1.0, "Also never draw an ITM negative whose contrastive similarity exceeds the positive's by more than this (cosine units; likely unlabelled positives); < 0 disables.")
+    itc_text_positives: bool = doc(False, "Contrastive targets: pairs whose captions are the same text (canonicalized, or the same token ids) are positives too, not only the pair and its image id. Not with momentum > 0 (the feature queue keeps image ids only).")
     momentum: float = doc(0.0, "EMA coefficient of the momentum encoder (ALBEF: 0.995); 0 disables it.")
     queue_size: int = doc(0, "Momentum feature queue length (ALBEF: 65536); needs momentum > 0.")
     distill_alpha: float = doc(0.4, "Weight of the momentum pseudo-targets in ITC (ALBEF's alpha).")
     local_loss: bool = doc(False, "Multi-process: each rank computes the loss of its own rows against all (labels offset by rank).")
+    patch_dropout: float = doc(0.0, "FLIP patch dropout: in training steps the image tower keeps a random max(1, int(L x (1 - p))) of its L patch tokens per image (class/prefix tokens always kept); evaluation and the momentum encoder see every patch. Native vit, timm ViT-style models (timm's PatchDropout) and open_clip ViT or timm-trunk towers. 0 = the tower as built (no patch dropout unless its options set one).")
+    distill_from: str = doc("", "A vlp checkpoint directory (e.g. from vlp convert) used as a frozen teacher: its softmax ITC logits are soft targets for the student's (open_clip's DistillClipLoss: contrastive + distill terms, the teacher's own logit scale). The teacher re-tokenizes the captions and re-transforms the images to its own size and normalization. Softmax ITC only (not SigLIP); empty = no teacher.")
+    teacher_weight: float = doc(1.0, "Weight of the teacher-distillation term (logged as distill); 1 = open_clip's sum of the two terms.")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = doc("synthetic", "Dataset registry name: synthetic, json, hf, webdataset, hf_stream (a datasets directory read in iterable mode).")
-    train: str = doc("", "Training data: JSON/JSONL file, Hugging Face datasets directory, or tar shard pattern.")
+    source: str = doc("synthetic", "Dataset registry name: synthetic, json (JSON/JSONL, or a CSV/TSV table by its .csv/.tsv suffix), csv (the same reader), hf, webdataset, hf_stream (a datasets directory read in iterable mode).")
+    train: str = doc("", "Training data: JSON/JSONL or CSV/TSV file, Hugging Face datasets directory, or tar shard pattern.")
     image_root: str = doc("", "Directory that image paths in the data are relative to.")
-    test: str = doc("", "Held-out retrieval split (JSON/JSONL; caption may be a list); empty = the synthetic test split when source is synthetic.")
+    test: str = doc("", "Held-out retrieval split (JSON/JSONL, caption may be a list; or CSV/TSV); empty = the synthetic test split when source is synthetic.")
     test_image_root: str = doc("", "Image root of the test split; empty = image_root.")
+    csv_separator: str = doc("\t", "Column separator of CSV/TSV pair files (open_clip's --csv-separator; a tab by default, also for .csv names).")
+    csv_image_key: str = doc("filepath", "Column of CSV/TSV pair files holding the image path, relative to image_root (open_clip's --csv-img-key).")
+    csv_caption_key: str = doc("title", "Column of CSV/TSV pair files holding the caption (open_clip's --csv-caption-key).")
     synthetic_train_size: int = doc(20000, "Synthetic training images.")
     synthetic_test_size: int = doc(1000, "Synthetic test images.")
     synthetic_seed: int = doc(0, "Seed of the synthetic generator.")
@@ -132,13 +143,14 @@ class DataConfig:
     crop_scale: tuple[float, ...] = doc((0.5, 1.0), "Random resized crop scale range for training.")
     hflip: bool = doc(False, "Random horizontal flip (off by default: captions say left/right).")
     max_bad_fraction: float = doc(0.01, "Stop when more than this fraction of samples are unreadable (after 200 samples).")
+    max_unk_fraction: float = doc(0.05, "Stop when more than this fraction of the caption tokens (special tokens left out) are unknown to the tokenizer; above 1% the run warns. The fraction is logged as unk_fraction.")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = doc(1e-4, "Peak learning rate for base_batch_size.")
-    base_batch_size: int = doc(256, "Effective batch size that lr is given for.")
-    lr_scaling: str = doc("linear", "How lr scales with the effective batch: linear, sqrt or none.")
+    lr: float = doc(1e-4, "Peak learning rate: used as given when base_batch_size is 0, else the lr for an effective batch of base_batch_size.")
+    base_batch_size: int = doc(0, "0 = lr is used as given (as open_clip's --lr); > 0 = the effective batch (batch_size x grad_accum x processes) that lr is given for, and lr is scaled to the actual one by lr_scaling. The shipped configs set it.")
+    lr_scaling: str = doc("linear", "How lr scales with effective batch / base_batch_size when base_batch_size > 0: linear, sqrt or none.")
     weight_decay: float = doc(0.02, "AdamW weight decay (not applied to norms, biases, embeddings, temperature).")
     betas: tuple[float, ...] = doc((0.9, 0.98), "AdamW betas.")
     eps: float = doc(1e-6, "AdamW epsilon.")
@@ -157,7 +169,8 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = doc(0, "Seed of python, numpy, torch and the data workers.")
-    max_steps: int = doc(1000, "Optimizer steps to run.")
+    max_steps: int = doc(1000, "Optimizer steps to run (ignored when epochs > 0).")
+    epochs: int = doc(0, "Passes over the training data instead of max_steps (as open_clip's --epochs): the run takes epochs x batches per epoch / grad_accum optimizer steps (streaming sources: data.samples_per_epoch or their counted size); 0 = max_steps.")
     grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
     precision: str = doc("fp32", "fp32 or bf16 (autocast on CPU and CUDA).")
     device: str = doc("auto", "auto, cpu or cuda.")
@@ -175,6 +188,8 @@ class TrainConfig:
     compile: bool = doc(False, "torch.compile every transformer block in place (encoders, fusion, momentum copy); checkpoints are unchanged.")
     fsdp: bool = doc(False, "Multi-process: shard parameters, gradients and optimizer state with FSDP2 (fully_shard per transformer block) instead of DistributedDataParallel; for models whose training state does not fit one device.")
     progress: bool = doc(True, "Show a progress bar.")
+    init_image_size: int = doc(0, "Fine-tuning (vlp finetune --init): train at this image resolution; a checkpoint saved at another size has its image tower rebuilt with the position embeddings interpolated (timm's resample_abs_pos_embed, open_clip's resize_pos_embed; a one-line note in the log), and the run's checkpoints are at the new size. 0 = the checkpoint's size.")
+    tensorboard: bool = doc(False, "Also write every metrics.jsonl record as TensorBoard scalars to <run_dir>/tensorboard/ (needs the optional tensorboard package: pip install 'vlp[tensorboard]'); metrics.jsonl stays the record.")
     ema_decay: float = doc(0.0, "Keep an exponential moving average of the model weights with this decay per update (timm ModelEmaV3; e.g. 0.999); it is evaluated and saved beside the online weights (final_ema/, ema.safetensors in every checkpoint) and never changes training; 0 = off. Not the momentum encoder (objective.momentum).")
     ema_every: int = doc(1, "Update the weight EMA after every N-th optimizer step (the decay applies per update).")
     ema_start_step: int = doc(0, "The weight EMA copies the weights until this optimizer step, then averages (timm's update_after_step).")
@@ -191,7 +206,11 @@ class EvalConfig:
     score: str = doc("itm", "Re-rank score: itm (match logit) or itm+itc (BLIP).")
     batch_size: int = doc(128, "Encoding batch size.")
     max_images: int = doc(0, "Evaluate on the first N test images only; 0 = all.")
-    precision: str = doc("auto", "auto, fp32 or bf16 for encoding and re-ranking; auto = bf16 on CUDA with bf16 and on CPUs with AMX, fp32 elsewhere (bf16 is slower than fp32 on CPUs without AMX).")
+    precision: str = doc(DEFAULT_PRECISION, "auto, fp32 or bf16 for encoding and re-ranking; auto = bf16 on CUDA with bf16 support, fp32 on every CPU (the same results on every CPU; bf16 on a CPU only when set to bf16).")
+    zeroshot: str = doc("", "Zero-shot classification data evaluated during training ('vlp eval zeroshot' format: JSON/JSONL of {image, label}, or a folder per class); empty = none. ITC top-1/top-5 go to metrics.jsonl as eval/zeroshot/..., the last result to eval_zeroshot.json.")
+    zeroshot_classes: str = doc("", "JSON list of the class names of eval.zeroshot (needed with it).")
+    zeroshot_image_root: str = doc("", "Image root of eval.zeroshot; empty = data.test_image_root, else data.image_root.")
+    zeroshot_every: int = doc(0, "Zero-shot evaluation every N optimizer steps (and at the end); 0 = only at the end; -1 = never (open_clip's --zeroshot-frequency counts epochs).")
     weights: str = doc("both", "With train.ema_decay > 0: which weights the evaluations during and after training use: online, ema or both (EMA results are logged as eval_ema/... and written to eval_ema.json).")
 
 

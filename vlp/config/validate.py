@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from vlp.config.schema import Config, ModelConfig
 from vlp.errors import ConfigError
+from vlp.precision import PRECISIONS
 
-__all__ = ["validate_config", "validate_model_config"]
+__all__ = ["validate_config", "validate_model_config", "k_test_for_gallery"]
+
+log = logging.getLogger("vlp")
+
+# vlp.losses.negatives.NEGATIVE_EXCLUSIONS, spelled out so that checking a config imports no torch
+NEGATIVE_EXCLUSIONS = ("text", "image_id", "pair")
 
 
 def _require(ok: bool, key: str, value: object, why: str) -> None:
@@ -15,6 +23,28 @@ def _require(ok: bool, key: str, value: object, why: str) -> None:
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, key, value, f"expected one of {', '.join(allowed)}")
+
+
+def k_test_for_gallery(k_test: int, num_images: int | None = None, num_texts: int | None = None,
+                       name: str = "eval.k_test") -> int:
+    """The one check of k_test (the ITC candidates the ITM head re-ranks per query), wherever it is given:
+    config validation, the start of a training run, ``vlp eval retrieval`` and the evaluation itself.
+
+    It must be positive (``name`` is the key or flag the error names). With a gallery (``num_images``
+    images and ``num_texts`` captions) a larger value is clamped to the gallery with a one-line note: a
+    small test set then re-ranks all its candidates instead of failing.
+    """
+    if k_test <= 0:
+        where = name if name.startswith("-") else f"config key '{name}'"
+        raise ConfigError(f"{where} = {k_test}: must be positive (the candidates re-ranked per query)")
+    if num_images is None or num_texts is None:
+        return k_test
+    gallery = min(num_images, num_texts)
+    if k_test > gallery:
+        log.warning("%s %d is larger than the test gallery (%d images, %d captions): re-ranking the top %d "
+                    "candidates instead", name, k_test, num_images, num_texts, gallery)
+        return gallery
+    return k_test
 
 
 def validate_model_config(model: ModelConfig, prefix: str = "model") -> None:
@@ -58,7 +88,7 @@ def validate_config(config: Config) -> None:
     validate_model_config(config.model)
     o, d, op, s, t, e = config.objective, config.data, config.optim, config.schedule, config.train, config.eval
     _require(op.lr > 0, "optim.lr", op.lr, "must be positive")
-    _require(op.base_batch_size > 0, "optim.base_batch_size", op.base_batch_size, "must be positive")
+    _require(op.base_batch_size >= 0, "optim.base_batch_size", op.base_batch_size, "must be >= 0 (0 = lr as given)")
     _choice("optim.lr_scaling", op.lr_scaling, ("linear", "sqrt", "none"))
     _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
     _require(op.grad_clip >= 0, "optim.grad_clip", op.grad_clip, "must be >= 0")
@@ -73,9 +103,15 @@ def validate_config(config: Config) -> None:
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _require(d.worker_timeout >= 0, "data.worker_timeout", d.worker_timeout, "must be >= 0 (0 = no limit)")
     _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
+    _require(len(d.csv_separator) == 1 or d.csv_separator == "\\t", "data.csv_separator", d.csv_separator,
+             "must be one character (a tab: \"\\t\" in YAML)")
+    _require(bool(d.csv_image_key), "data.csv_image_key", d.csv_image_key, "must name a column")
+    _require(bool(d.csv_caption_key), "data.csv_caption_key", d.csv_caption_key, "must name a column")
     _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
              list(d.crop_scale), "expected [min, max] within (0, 1]")
     _require(t.max_steps > 0, "train.max_steps", t.max_steps, "must be positive")
+    _require(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = train.max_steps)")
+    _require(0 <= d.max_unk_fraction <= 1, "data.max_unk_fraction", d.max_unk_fraction, "must be in [0, 1]")
     _require(t.grad_accum > 0, "train.grad_accum", t.grad_accum, "must be positive")
     _choice("train.precision", t.precision, ("fp32", "bf16"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
@@ -83,6 +119,7 @@ def validate_config(config: Config) -> None:
     _require(t.keep_last > 0, "train.keep_last", t.keep_last, "must be positive")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
     _require(t.contrastive_chunk_size >= 0, "train.contrastive_chunk_size", t.contrastive_chunk_size, "must be >= 0")
+    _require(t.init_image_size >= 0, "train.init_image_size", t.init_image_size, "must be >= 0 (0 = the checkpoint's)")
     for key, value, frozen in (("freeze_image_unlocked_groups", t.freeze_image_unlocked_groups, t.freeze_image),
                                ("freeze_text_unlocked_layers", t.freeze_text_unlocked_layers, t.freeze_text)):
         _require(value >= 0, f"train.{key}", value, "must be >= 0")
@@ -101,16 +138,26 @@ def validate_config(config: Config) -> None:
     _require(0 < o.mlm_probability < 1, "objective.mlm_probability", o.mlm_probability, "must be in (0, 1)")
     _require(0 <= o.momentum < 1, "objective.momentum", o.momentum, "must be in [0, 1)")
     _require(o.queue_size >= 0, "objective.queue_size", o.queue_size, "must be >= 0")
+    _choice("objective.negative_exclusion", o.negative_exclusion, NEGATIVE_EXCLUSIONS)
+    _require(not (o.itc_text_positives and o.momentum > 0), "objective.itc_text_positives", o.itc_text_positives,
+             "is not supported with objective.momentum > 0 (the feature queue keeps image ids only)")
     _require(o.queue_size == 0 or o.momentum > 0, "objective.queue_size", o.queue_size,
              "a feature queue needs objective.momentum > 0")
+    _require(0 <= o.patch_dropout < 1, "objective.patch_dropout", o.patch_dropout, "must be in [0, 1)")
+    _require(o.teacher_weight >= 0, "objective.teacher_weight", o.teacher_weight, "must be >= 0")
+    _require(not o.distill_from or config.model.contrastive == "itc", "objective.distill_from", o.distill_from,
+             "teacher distillation needs the softmax ITC (model.contrastive: itc), not SigLIP")
     if config.model.fusion.type == "none":
         _require(o.itm_weight == 0 or not config.model.itm_head, "objective.itm_weight", o.itm_weight,
-                 "ITM needs a fusion block (set it to 0 or model.itm_head: false)")
+                 "ITM needs a fusion block (leave it out: it then follows the model; or set it to 0)")
         _require(o.mlm_weight == 0, "objective.mlm_weight", o.mlm_weight, "MLM needs a fusion block")
     if o.mlm_weight > 0:
         _require(config.model.mlm_head, "objective.mlm_weight", o.mlm_weight, "needs model.mlm_head: true")
-    _require(e.k_test > 0, "eval.k_test", e.k_test, "must be positive")
+    k_test_for_gallery(e.k_test)
     _choice("eval.score", e.score, ("itm", "itm+itc"))
-    _choice("eval.precision", e.precision, ("auto", "fp32", "bf16"))
+    _choice("eval.precision", e.precision, PRECISIONS)
     _choice("eval.weights", e.weights, ("online", "ema", "both"))
     _require(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
+    _require(e.zeroshot_every >= -1, "eval.zeroshot_every", e.zeroshot_every, "must be >= -1 (-1 = never, 0 = at the end)")
+    _require(not e.zeroshot or bool(e.zeroshot_classes), "eval.zeroshot_classes", e.zeroshot_classes,
+             "eval.zeroshot needs the JSON list of its class names")

@@ -18,6 +18,7 @@ from typing import Any
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from vlp.config.schema import DataConfig
+from vlp.data.csv_records import CsvFormat, is_table_file, read_csv_records
 from vlp.data.synthetic import SyntheticScenes
 from vlp.data.transforms import ImageTransform, open_image
 from vlp.errors import ConfigError, UserError
@@ -30,6 +31,8 @@ __all__ = [
     "WebDatasetPairs",
     "build_pretrain_dataset",
     "read_json_records",
+    "read_pair_records",
+    "csv_format_from",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,13 +81,28 @@ def read_json_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return [(f"entry {index}", entry) for index, entry in enumerate(entries)]
 
 
+def read_pair_records(path: str | Path, csv_format: CsvFormat | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Image-text records of a JSON/JSONL file, or of a CSV/TSV table (a name ending in .csv/.tsv) read with
+    ``csv_format``; table rows come back as ``{"image", "caption"}`` records."""
+    if is_table_file(path):
+        return read_csv_records(path, csv_format)
+    return read_json_records(path)
+
+
+def csv_format_from(cfg: DataConfig) -> CsvFormat:
+    return CsvFormat(cfg.csv_separator, cfg.csv_image_key, cfg.csv_caption_key)
+
+
 def captions_of_record(record: dict[str, Any], path: Path, location: str) -> list[str]:
-    if "caption" not in record:
-        raise UserError(f"{path}: {location}: missing key 'caption'")
-    caption = record["caption"]
+    """The record's ``caption`` (or ``text``, as the Hugging Face and webdataset readers accept): a string or
+    a list of strings."""
+    key = "caption" if "caption" in record or "text" not in record else "text"
+    if key not in record:
+        raise UserError(f"{path}: {location}: missing key 'caption' (or 'text')")
+    caption = record[key]
     captions = caption if isinstance(caption, list) else [caption]
     if not all(isinstance(c, str) or c is None for c in captions):
-        raise UserError(f"{path}: {location}: 'caption' must be a string or a list of strings")
+        raise UserError(f"{path}: {location}: '{key}' must be a string or a list of strings")
     return [c or "" for c in captions]
 
 
@@ -168,13 +186,15 @@ class SyntheticPairs(_PairReader, Dataset[Sample]):
 
 
 class JsonPairs(_PairReader, Dataset[Sample | None]):
-    """JSON list or JSONL of ``{"image", "caption"}``; a caption list gives one sample per caption.
+    """JSON list or JSONL of ``{"image", "caption"}`` (or a CSV/TSV table, read with ``csv_format``); a
+    caption list gives one sample per caption.
 
     ``image_id`` is the record's integer ``image_id`` when given, else the index of the image (records
     naming the same image, or the same non-integer image_id, share one id).
     """
 
-    def __init__(self, path: str | Path, image_root: str | Path, transform: ImageTransform) -> None:
+    def __init__(self, path: str | Path, image_root: str | Path, transform: ImageTransform,
+                 csv_format: CsvFormat | None = None) -> None:
         super().__init__(transform)
         path = Path(path)
         self.image_root = Path(image_root)
@@ -182,7 +202,7 @@ class JsonPairs(_PairReader, Dataset[Sample | None]):
             raise UserError(f"image root directory not found: {image_root}")
         ids: dict[str, int] = {}
         self.samples: list[tuple[str, str, int]] = []
-        for location, record in read_json_records(path):
+        for location, record in read_pair_records(path, csv_format):
             image = record.get("image")
             if not isinstance(image, str) or not image:
                 raise UserError(f"{path}: {location}: 'image' must be a non-empty string (a path)")
@@ -345,12 +365,14 @@ def build_synthetic_pairs(cfg: DataConfig, transform: ImageTransform, image_size
 
 
 @dataset_registry.register("json")
+@dataset_registry.register("csv")
 def build_json_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> JsonPairs:
+    """``json`` and ``csv`` read the same files: JSON/JSONL, or a CSV/TSV table (by its .csv/.tsv suffix)."""
     if not Path(_needs_train(cfg)).is_file():
         raise UserError(f"data.train: file not found: {cfg.train}")
     if not Path(cfg.image_root).is_dir():
         raise UserError(f"data.image_root: directory not found: {cfg.image_root}")
-    return JsonPairs(cfg.train, cfg.image_root, transform)
+    return JsonPairs(cfg.train, cfg.image_root, transform, csv_format_from(cfg))
 
 
 @dataset_registry.register("hf")

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlp.data.datasets import captions_of_record, read_json_records
+from vlp.data.csv_records import CsvFormat
+from vlp.data.datasets import captions_of_record, read_pair_records
 from vlp.data.synthetic import SyntheticScenes
 from vlp.data.transforms import ImageTransform, open_image
 from vlp.errors import UserError
@@ -85,12 +86,14 @@ def _from_groups(load_image: Callable[[int], Image.Image], groups: list[list[str
     return RetrievalSplit(load_image, len(groups), captions, txt2img, img2txt, paths)
 
 
-def load_retrieval_split(path: str | Path, image_root: str | Path) -> RetrievalSplit:
-    """JSON list or JSONL of ``{"image", "caption"}`` (caption a string or a list); records naming the same
-    image are merged, images keep their order of first appearance. Every image file must exist."""
+def load_retrieval_split(path: str | Path, image_root: str | Path,
+                         csv_format: CsvFormat | None = None) -> RetrievalSplit:
+    """JSON list or JSONL of ``{"image", "caption"}`` (caption a string or a list), or a CSV/TSV table (one
+    caption per row, read with ``csv_format``); records naming the same image are merged, images keep their
+    order of first appearance. Every image file must exist."""
     path, root = Path(path), Path(image_root)
     groups: dict[str, list[str]] = {}
-    for location, record in read_json_records(path):
+    for location, record in read_pair_records(path, csv_format):
         image = record.get("image")
         if not isinstance(image, str) or not image:
             raise UserError(f"{path}: {location}: 'image' must be a non-empty string (a path)")

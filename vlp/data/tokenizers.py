@@ -121,16 +121,24 @@ class Tokenizer:
         if resize_cache is not None:
             resize_cache(BPE_CACHE_WORDS)
         self._max_length: int | None = None
+        # The longest input of the model this tokenizer serves (Hugging Face's name): the default max_length.
+        # build_model sets it from model.text.max_length, so a loaded checkpoint's tokenizer knows it.
+        self.model_max_length: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
-    def __call__(self, texts: Sequence[str] | str, max_length: int) -> dict[str, Tensor]:
+    def __call__(self, texts: Sequence[str] | str, max_length: int | None = None) -> dict[str, Tensor]:
         """Token ids [B, T] (long) and attention mask [B, T] (bool, True = real), T = min(longest, max_length).
 
+        ``max_length`` defaults to ``model_max_length`` (the checkpoint's ``model.text.max_length``).
         Truncation keeps the final SEP/EOT token, as Hugging Face and open_clip do.
         """
+        if max_length is None:
+            if self.model_max_length is None:
+                raise UserError("this tokenizer belongs to no model: pass max_length")
+            max_length = self.model_max_length
         batch = [texts] if isinstance(texts, str) else list(texts)
         if max_length != self._max_length:
             added = self.backend.num_special_tokens_to_add(is_pair=False)

@@ -188,6 +188,7 @@ def vqa_metrics(questions: Sequence[Mapping[str, Any]], predictions: Sequence[Ma
 
     return {"overall": percent(scores) if scores else None,
             "per_type": {kind: percent(values) for kind, values in sorted(per_type.items())},
+            "per_type_count": {kind: len(values) for kind, values in sorted(per_type.items())},
             "num_questions": len(scores)}
 
 

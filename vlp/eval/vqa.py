@@ -269,5 +269,6 @@ def evaluate_vqa(vqa_model: VQAModel, questions: Sequence[Mapping[str, Any]],
         vqa_model.train(was_training)
     metrics = {"overall": _percent(scores) if scores else None,
                "per_type": {kind: _percent(values) for kind, values in sorted(per_type.items())},
+               "per_type_count": {kind: len(values) for kind, values in sorted(per_type.items())},
                "num_questions": len(scores)}
     return predictions, metrics

@@ -90,13 +90,15 @@ def _accuracy(ranks: Tensor, k: int) -> float:
 def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, classnames: Sequence[str],
                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128,
                       precision: str = "auto", device: str | torch.device | None = None, progress: bool = True,
-                      itm_rerank_k: int = 0, num_workers: int = 0) -> dict[str, Any]:
+                      itm_rerank_k: int = 0, num_workers: int = 0, details: bool = False) -> dict[str, Any]:
     """Top-1/top-5 zero-shot accuracy (percent) of the ITC classifier; for a fused model with
     ``itm_rerank_k`` > 0 also after re-scoring each image's top-k classes with the ITM match logit of the
     class's first prompt (re-scored classes rank first; the rest keep their ITC order).
 
     Ties rank pessimistically. Result: {"itc_top1", "itc_top5", ["itm_top1", "itm_top5"], "num_images",
     "num_classes", "itm_rerank_k"} (``itm_rerank_k`` is 0 when no re-ranking ran: the model has no fusion).
+    ``details`` adds "templates" and "itm_prompts" (the prompts used), "per_class" ({class: {"num_images",
+    "itc_top1"[, "itm_top1"]}}) and "predictions" ([{"index", "label", "itc"[, "itm"]}], class names; top-1).
     """
     _check_prompts(classnames, templates)
     labels = _label_indices(split.labels, classnames)
@@ -121,7 +123,7 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
             raise UserError(f"the zero-shot split has {num_images} images and {len(labels)} labels; "
                             "it needs one label per image and at least one image")
         loader = image_loader(dataset, batch_size, num_workers, target)
-        itc_ranks, itm_ranks = [], []
+        itc_ranks, itm_ranks, itc_best, itm_best = [], [], [], []
         start = 0
         for images in tqdm(loader, desc="zero-shot", disable=not progress):
             with autocast():
@@ -133,13 +135,14 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
             # Pessimistic: every other class scoring >= the true class is ranked above it.
             ranks = ((scores >= label_scores).sum(dim=1) - 1).cpu()
             itc_ranks.append(ranks)
+            itc_best.append(scores.argmax(dim=1).cpu())
             if class_text_out is not None:
                 _, candidates = scores.topk(rerank_k, dim=1)  # [b, k]
                 pair_image = torch.arange(len(images), device=target).repeat_interleave(rerank_k)
                 match = itm_pair_scores(model, image_out, class_text_out, pair_image, candidates.reshape(-1),
-                                        batch_size, autocast)
-                itm_ranks.append(reranked_ranks(candidates, match.view(-1, rerank_k), batch_labels[:, None],
-                                                ranks))
+                                        batch_size, autocast).view(-1, rerank_k)
+                itm_ranks.append(reranked_ranks(candidates, match, batch_labels[:, None], ranks))
+                itm_best.append(candidates.gather(1, match.argmax(dim=1, keepdim=True).to(candidates.device))[:, 0].cpu())
     finally:
         model.train(was_training)
     result: dict[str, Any] = {"itc_top1": _accuracy(torch.cat(itc_ranks), 1),
@@ -148,4 +151,29 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
         reranked = torch.cat(itm_ranks)
         result.update(itm_top1=_accuracy(reranked, 1), itm_top5=_accuracy(reranked, 5))
     result.update(num_images=start, num_classes=num_classes, itm_rerank_k=rerank_k)
+    if details:
+        result.update(_details(classnames, templates, labels[:start], torch.cat(itc_ranks), torch.cat(itc_best),
+                               torch.cat(itm_ranks) if rerank_k else None, torch.cat(itm_best) if rerank_k else None))
     return result
+
+
+def _details(classnames: Sequence[str], templates: Sequence[str], labels: Tensor, itc_ranks: Tensor,
+             itc_best: Tensor, itm_ranks: Tensor | None, itm_best: Tensor | None) -> dict[str, Any]:
+    """Per-class top-1 accuracy, each image's top-1 class and the prompts, for ``details=True``."""
+    per_class: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(classnames):
+        rows = labels == index
+        entry: dict[str, Any] = {"num_images": int(rows.sum())}
+        if entry["num_images"]:
+            entry["itc_top1"] = _accuracy(itc_ranks[rows], 1)
+            if itm_ranks is not None:
+                entry["itm_top1"] = _accuracy(itm_ranks[rows], 1)
+        per_class[name] = entry
+    predictions = []
+    for image, label in enumerate(labels.tolist()):
+        row = {"index": image, "label": classnames[label], "itc": classnames[int(itc_best[image])]}
+        if itm_best is not None:
+            row["itm"] = classnames[int(itm_best[image])]
+        predictions.append(row)
+    return {"templates": list(templates), "itm_prompts": [templates[0].format(n) for n in classnames]
+            if itm_ranks is not None else [], "per_class": per_class, "predictions": predictions}

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from vlp.errors import UserError
 from vlp.losses.gather import gather_no_grad, gather_with_grad, rank_and_world
+from vlp.losses.negatives import positive_mask
 from vlp.registry import losses
 from vlp.types import LossOutput
 
@@ -30,6 +31,13 @@ def _as_fp32(value: Tensor | float, like: Tensor) -> Tensor:
     return torch.tensor(float(value), device=like.device)
 
 
+def _gathered_ids(image_ids: Tensor | None, batch: int, device: torch.device) -> Tensor:
+    """Every rank's image ids in gathered order; without ids each pair is its own image."""
+    if image_ids is not None:
+        return gather_no_grad(image_ids)
+    return torch.arange(batch * rank_and_world()[1], device=device)
+
+
 def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
 
@@ -40,6 +48,7 @@ def contrastive_loss(
     logit_scale: Tensor | float,
     local_loss: bool = False,
     image_ids: Tensor | None = None,
+    text_keys: Tensor | None = None,
 ) -> Tensor:
     """Symmetric InfoNCE over L2-normalized embeddings; the value of open_clip's ``ClipLoss``.
 
@@ -57,6 +66,8 @@ def contrastive_loss(
     image_ids [B] (optional, ALBEF retrieval fine-tuning): every pair whose images share an id is
     positive; each row's target spreads evenly over its positive columns and the loss is the soft
     cross entropy. With all ids distinct this equals the default diagonal labels.
+    text_keys [B, K] (optional, ``vlp.losses.negatives.text_keys``): pairs whose captions are the same text
+    are positives too (a caption repeated across images describes each of them).
     """
     with torch.autocast(device_type=image_emb.device.type, enabled=False):
         image = _fp32_unit(image_emb)
@@ -71,12 +82,14 @@ def contrastive_loss(
             row_image, row_text, offset = all_image, all_text, 0
         logits_i2t = scale * row_image @ all_text.T
         logits_t2i = scale * row_text @ all_image.T
-        if image_ids is None:
+        if image_ids is None and text_keys is None:
             labels = torch.arange(row_image.shape[0], device=image.device) + offset
             return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
-        all_ids = gather_no_grad(image_ids)
-        row_ids = image_ids if local_loss else all_ids
-        positives = (row_ids[:, None] == all_ids[None, :]).float()
+        all_ids = _gathered_ids(image_ids, image.shape[0], image.device)
+        all_keys = None if text_keys is None else gather_no_grad(text_keys)
+        rows = slice(offset, offset + row_image.shape[0])
+        positives = positive_mask(all_ids[rows], all_ids, None if all_keys is None else all_keys[rows],
+                                  all_keys).float()
         targets = positives / positives.sum(dim=1, keepdim=True)
         return (_soft_cross_entropy(logits_i2t, targets) + _soft_cross_entropy(logits_t2i, targets)) / 2
 
@@ -87,11 +100,13 @@ def siglip_loss(
     logit_scale: Tensor | float,
     logit_bias: Tensor | float,
     image_ids: Tensor | None = None,
+    text_keys: Tensor | None = None,
 ) -> Tensor:
     """Sigmoid image-text loss, the value of open_clip's ``SigLipLoss``.
 
     ``-sum(logsigmoid(label * (scale * cos + bias))) / B`` over all B x B pairs, label +1 on pairs
-    and -1 elsewhere; with ``image_ids`` [B] every pair sharing an image id is labelled +1.
+    and -1 elsewhere; with ``image_ids`` [B] every pair sharing an image id is labelled +1, with
+    ``text_keys`` [B, K] every pair whose captions are the same text.
 
     In a process group the texts are gathered with gradient and a rank scores its own B images
     against all W*B texts, divided by its own B. That is this rank's share of the global loss:
@@ -107,13 +122,17 @@ def siglip_loss(
         rank, _ = rank_and_world()
         all_text = gather_with_grad(text)
         logits = scale * image @ all_text.T + bias
-        if image_ids is None:
+        if image_ids is None and text_keys is None:
             batch = image.shape[0]
             positive = torch.zeros_like(logits, dtype=torch.bool)
             rows = torch.arange(batch, device=image.device)
             positive[rows, rows + rank * batch] = True
         else:
-            positive = image_ids[:, None] == gather_no_grad(image_ids)[None, :]
+            all_ids = _gathered_ids(image_ids, image.shape[0], image.device)
+            local = slice(rank * image.shape[0], (rank + 1) * image.shape[0])
+            all_keys = None if text_keys is None else gather_no_grad(text_keys)
+            positive = positive_mask(all_ids[local], all_ids, None if all_keys is None else all_keys[local],
+                                     all_keys)
         labels = positive.float() * 2 - 1
         return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 

@@ -1,6 +1,6 @@
 """VLPModel and its factory."""
 
 from vlp.models.factory import build_model, model_config_from
-from vlp.models.vlp_model import ImageContext, VLPModel
+from vlp.models.vlp_model import ImageContext, VLPModel, VLPOutput
 
-__all__ = ["VLPModel", "ImageContext", "build_model", "model_config_from"]
+__all__ = ["VLPModel", "VLPOutput", "ImageContext", "build_model", "model_config_from"]

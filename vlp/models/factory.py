@@ -80,6 +80,8 @@ def build_model(config: ModelConfig, tokenizer: Any = None) -> VLPModel:
             _share_text_layers(text_encoder, fusion)
     except KeyError as exc:
         raise ConfigError(str(exc.args[0]) if exc.args else str(exc)) from None
+    if hasattr(tokenizer, "model_max_length"):  # tokenizer(texts) then needs no max_length
+        tokenizer.model_max_length = config.text.max_length
     return VLPModel(
         image_encoder,
         text_encoder,

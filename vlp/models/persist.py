@@ -20,7 +20,8 @@ from vlp.config.validate import validate_model_config
 from vlp.errors import UserError
 from vlp.models.vlp_model import VLPModel
 
-__all__ = ["save_pretrained", "load_pretrained", "FORMAT_VERSION", "portable_config", "load_weights_file"]
+__all__ = ["save_pretrained", "load_pretrained", "FORMAT_VERSION", "portable_config", "load_weights_file",
+           "resolve_checkpoint_dir"]
 
 FORMAT_VERSION = 1
 
@@ -70,11 +71,46 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
     return data
 
 
-def load_pretrained(directory: str | Path) -> VLPModel:
+def _is_checkpoint(directory: Path) -> bool:
+    return (directory / "config.yaml").is_file() and (directory / "model.safetensors").is_file()
+
+
+def _step_of(path: Path) -> int:
+    suffix = path.name.removeprefix("step_")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def resolve_checkpoint_dir(directory: str | Path) -> Path:
+    """The checkpoint a directory names: itself, or for a run directory (``runs/<name>``) its ``final/``.
+
+    A run directory without ``final/`` (a stopped run) is one UserError line listing the checkpoints it
+    has, so the user can pick one; anything else that is not a checkpoint says so.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"checkpoint directory not found: {root}")
+    if _is_checkpoint(root):
+        return root
+    if _is_checkpoint(root / "final"):
+        return root / "final"
+    steps = sorted((p for p in (root / "checkpoints").glob("step_*") if _is_checkpoint(p)), key=_step_of)
+    if steps or (root / "metrics.jsonl").is_file() or (root / "checkpoints").is_dir():
+        listing = ", ".join(str(p) for p in steps) if steps else "none"
+        raise UserError(f"{root} is a run directory without a final/ checkpoint; its checkpoints: {listing}")
+    if (root / "config.yaml").is_file():
+        return root  # read_checkpoint_config names what is wrong with it
+    raise UserError(f"not a vlp checkpoint (no config.yaml): {root}")
+
+
+def load_pretrained(directory: str | Path, image_size: int = 0) -> VLPModel:
+    """A model from a checkpoint directory, or from a run directory's ``final/`` checkpoint.
+
+    ``image_size`` > 0 and not the checkpoint's: the image tower is rebuilt for that resolution with its
+    position embeddings interpolated (vlp.models.resolution; logged as a one-line note)."""
     from vlp.data.tokenizers import Tokenizer
     from vlp.models.factory import build_model
 
-    root = Path(directory)
+    root = resolve_checkpoint_dir(directory)
     data = read_checkpoint_config(root)
     if not isinstance(data.get("model"), dict):
         raise UserError(f"{root / 'config.yaml'}: no 'model' mapping")
@@ -86,6 +122,10 @@ def load_pretrained(directory: str | Path) -> VLPModel:
     if not weights.is_file():
         raise UserError(f"checkpoint has no model.safetensors: {root}")
     load_weights_file(model, weights)
+    if image_size > 0:
+        from vlp.models.resolution import change_image_size
+
+        change_image_size(model, image_size)
     model.eval()
     return model
 

@@ -15,7 +15,25 @@ from vlp.encoders.base import ImageEncoder, TextEncoder
 from vlp.models.heads import ITMHead, MLMHead
 from vlp.types import EncoderOutput, FusionOutput
 
-__all__ = ["VLPModel", "ImageContext", "pooled_only_kwargs"]
+__all__ = ["VLPModel", "VLPOutput", "ImageContext", "pooled_only_kwargs"]
+
+
+@dataclass
+class VLPOutput:
+    """``VLPModel.forward``'s result; the field names are those of Hugging Face's ``CLIPOutput``.
+
+    image_embeds [B_i, E], text_embeds [B_t, E]: L2-normalized fp32 contrastive embeddings (None when that
+    input was not given). logits_per_image [B_i, B_t] = logit_scale * image_embeds @ text_embeds.T
+    (+ logit_bias for SigLIP) and logits_per_text = its transpose, as open_clip and transformers compute
+    them; None unless both inputs were given. itm_logits [B, 2] (column 1 = match): the ITM head on the
+    aligned rows (image b with text b) of a fused model when both batches have B rows, else None.
+    """
+
+    image_embeds: Tensor | None = None
+    text_embeds: Tensor | None = None
+    logits_per_image: Tensor | None = None
+    logits_per_text: Tensor | None = None
+    itm_logits: Tensor | None = None
 
 
 @dataclass
@@ -116,6 +134,37 @@ class VLPModel(nn.Module):
     def logit_scale(self) -> Tensor:
         return self.temperature.logit_scale()  # type: ignore[operator,no-any-return]
 
+    def logit_bias(self) -> Tensor | None:
+        """SigLIP's learned bias added to every scaled similarity (fp32); None for the softmax ITC, which has none."""
+        bias = getattr(self.temperature, "logit_bias", None)
+        return bias() if callable(bias) else None  # type: ignore[no-any-return]
+
+    def forward(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> VLPOutput:
+        """Embeddings and similarity logits with Hugging Face's argument and field names (no loss is computed).
+
+        ``attention_mask`` defaults to every token being real (as in transformers); pass the tokenizer's mask
+        for padded batches. See ``VLPOutput`` for what is filled.
+        """
+        if pixel_values is None and input_ids is None:
+            raise ValueError("VLPModel.forward needs pixel_values, input_ids or both")
+        out = VLPOutput()
+        image_out = text_out = None
+        if pixel_values is not None:
+            image_out, out.image_embeds = self.image_features(pixel_values)
+        if input_ids is not None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+            text_out, out.text_embeds = self.text_features(input_ids, mask)
+        if out.image_embeds is None or out.text_embeds is None or image_out is None or text_out is None:
+            return out
+        logits = self.logit_scale() * out.image_embeds @ out.text_embeds.T
+        bias = self.logit_bias()
+        out.logits_per_image = logits if bias is None else logits + bias
+        out.logits_per_text = out.logits_per_image.T
+        if self.fusion is not None and self.itm_head is not None and len(out.image_embeds) == len(out.text_embeds):
+            out.itm_logits = self.itm_scores(self.fuse(text_out, image_out, pooled_only=True))
+        return out
+
     # fusion -----------------------------------------------------------------------------------
     def _require_fusion(self) -> nn.Module:
         if self.fusion is None:
@@ -211,10 +260,11 @@ class VLPModel(nn.Module):
         return build_model(model_config_from(source))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> VLPModel:
+    def from_pretrained(cls, directory: str | Path, image_size: int = 0) -> VLPModel:
+        """``image_size`` > 0: load at that resolution, interpolating the position embeddings."""
         from vlp.models.persist import load_pretrained
 
-        return load_pretrained(directory)
+        return load_pretrained(directory, image_size=image_size)
 
     def save_pretrained(self, directory: str | Path, extra_config: dict[str, Any] | None = None) -> None:
         from vlp.models.persist import save_pretrained

@@ -20,22 +20,27 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vlp.config.schema import ObjectiveConfig
+from vlp.encoders.patch_dropout import set_patch_dropout
 from vlp.losses import (
     FeatureQueue,
+    NegativeDraw,
     contrastive_loss,
+    draw_negatives,
     gather_no_grad,
     itm_labels,
     itm_loss,
+    itm_pair_weights,
     mask_tokens,
     mlm_loss,
     rank_and_world,
-    sample_hard_negatives,
     siglip_loss,
     soft_cross_entropy,
+    text_keys,
 )
 from vlp.losses.mlm import IGNORE_INDEX
 from vlp.models.vlp_model import VLPModel, pooled_only_kwargs
 from vlp.objectives.base import Objective
+from vlp.objectives.teacher import Teacher, load_teacher
 from vlp.objectives.gradcache import (
     RngSnapshot,
     cat_outputs,
@@ -70,11 +75,15 @@ class PretrainObjective(Objective):
         self.use_mlm = config.mlm_weight > 0 and model.mlm_head is not None
         # ITC alone reads only the pooled embeddings: the encoders' last blocks then skip the other rows
         self.embeddings_only = not (self.use_itm or self.use_mlm)
+        if config.patch_dropout > 0:
+            set_patch_dropout(model.image_encoder, config.patch_dropout)
+        self.teacher: Teacher | None = load_teacher(config.distill_from, model) if config.distill_from else None
         self.momentum: nn.ModuleDict | None = None
         self.queue: FeatureQueue | None = None
         if config.momentum > 0:
             parts = {name: copy.deepcopy(getattr(model, name)) for name in MOMENTUM_PARTS}
             self.momentum = nn.ModuleDict(parts)
+            set_patch_dropout(self.momentum["image_encoder"], 0.0)  # its targets see every patch
             for param in self.momentum.parameters():
                 param.requires_grad_(False)
             if config.queue_size > 0:
@@ -122,21 +131,24 @@ class PretrainObjective(Objective):
         model = self.model
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
         image_ids = batch.get("image_ids")
+        keys = self._text_keys(batch)
         masked, labels = self._mask(ids, mask) if self.use_mlm else (None, None)
         image_out, image_emb = model.image_features(images, pooled_only=self.embeddings_only)
         text_out, text_emb, masked_out = self._text_features(ids, mask, masked)
         momentum = self._momentum_embeddings(images, ids, mask) if self.momentum is not None else None
-        terms: dict[str, Tensor] = {"itc": self._contrastive(image_emb, text_emb, image_ids, momentum)}
-        negatives = None
+        terms: dict[str, Tensor] = {"itc": self._contrastive(image_emb, text_emb, image_ids, momentum, keys)}
+        terms.update(self._distill(image_emb, text_emb, batch))
+        negatives, draw, stats = None, None, ItmStats()
         if self.use_itm:
-            neg_text, neg_image = self._negatives(image_emb, text_emb, image_ids)
+            draw = self._negatives(image_emb, text_emb, image_ids, keys)
             text_all, image_all = gather_tokens(text_out), gather_tokens(image_out)
-            negatives = (_rows(text_all, neg_text), _rows(image_all, neg_image))
-            shared = (image_all, neg_image, rank_and_world()[0] * image_out.tokens.shape[0])
+            negatives = (_rows(text_all, draw.text), _rows(image_all, draw.image))
+            shared = (image_all, draw.image, rank_and_world()[0] * image_out.tokens.shape[0])
         terms.update(self._fused_terms(text_out, image_out, negatives, masked_out, labels,
-                                       shared if self.use_itm else None))
+                                       shared if self.use_itm else None, draw, stats=stats))
         total = self._weighted(terms)
         terms["temperature"] = (1.0 / model.logit_scale()).detach().float()
+        terms.update(stats.terms(draw, total.device))
         return LossOutput(total, terms)
 
     def training_step_chunked(self, batch: dict[str, Tensor], scale: float = 1.0,
@@ -160,6 +172,7 @@ class PretrainObjective(Objective):
         model = self.model
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
         image_ids = batch.get("image_ids")
+        keys = self._text_keys(batch)
         batch_size = images.shape[0]
         chunks = chunk_slices(batch_size, chunk_size or self.chunk_size or batch_size)
         masked, labels = self._mask(ids, mask) if self.use_mlm else (None, None)
@@ -185,14 +198,17 @@ class PretrainObjective(Objective):
         if momentum_parts:
             momentum = (torch.cat([m[0] for m in momentum_parts]), torch.cat([m[1] for m in momentum_parts]))
         with self.autocast():
-            itc = self._contrastive(image_leaf, text_leaf, image_ids, momentum)
-        (self.config.itc_weight * itc * scale).backward()
+            itc = self._contrastive(image_leaf, text_leaf, image_ids, momentum, keys)
+            distill = self._distill(image_leaf, text_leaf, batch)
+        (self._weighted({"itc": itc, **distill}) * scale).backward()
         assert image_leaf.grad is not None and text_leaf.grad is not None
         image_grad, text_grad = image_leaf.grad, text_leaf.grad
-        terms: dict[str, Tensor] = {"itc": itc.detach()}
+        terms: dict[str, Tensor] = {"itc": itc.detach(), **{k: v.detach() for k, v in distill.items()}}
 
+        draw, stats, itm_count = None, ItmStats(), None
         if self.use_itm:
-            neg_text, neg_image = self._negatives(image_leaf.detach(), text_leaf.detach(), image_ids)
+            draw = self._negatives(image_leaf.detach(), text_leaf.detach(), image_ids, keys)
+            itm_count = float(itm_pair_weights(draw.has_image, draw.has_text).sum())
             cached_text = gather_tokens(cat_outputs(text_outs), with_grad=False)
             cached_image = gather_tokens(cat_outputs(image_outs), with_grad=False)
             offset = rank_and_world()[0] * batch_size
@@ -206,15 +222,18 @@ class PretrainObjective(Objective):
                 negatives = None
                 if self.use_itm:
                     start = offset + rows.start
-                    negatives = (take_rows(text_out, cached_text, neg_text[rows], start),
-                                 take_rows(image_out, cached_image, neg_image[rows], start))
+                    negatives = (take_rows(text_out, cached_text, draw.text[rows], start),
+                                 take_rows(image_out, cached_image, draw.image[rows], start))
                 chunk_labels = _part(labels, rows)
-                # each chunk's share of the batch means: its rows for ITM, its masked tokens for MLM
-                share = {"itm": len(image_emb) / batch_size,
+                # each chunk's share of the batch means: ITM divides by the whole batch's pair count already,
+                # MLM's share is its masked tokens
+                share = {"itm": 1.0,
                          "mlm": 0.0 if chunk_labels is None else int((chunk_labels != IGNORE_INDEX).sum()) / selected}
+                chunk_draw = None if draw is None else _draw_rows(draw, rows)
                 parts = {key: value * share[key]
                          for key, value in self._fused_terms(text_out, image_out, negatives, masked_out,
-                                                             chunk_labels).items()}
+                                                             chunk_labels, draw=chunk_draw, itm_count=itm_count,
+                                                             stats=stats).items()}
                 if parts:
                     surrogate = surrogate + scale * self._weighted(parts)
                 for key, value in parts.items():
@@ -226,20 +245,37 @@ class PretrainObjective(Objective):
         self.after_backward()
         total = self._weighted(terms)
         terms["temperature"] = (1.0 / model.logit_scale()).detach().float()
+        terms.update(stats.terms(draw, total.device))
         return LossOutput(total, terms)
 
     # the loss terms ----------------------------------------------------------------------------
+    def _text_keys(self, batch: dict[str, Any]) -> Tensor | None:
+        """The batch's text keys [B, 2] when a rule compares texts (ITM exclusion or ITC text positives)."""
+        cfg = self.config
+        if not ((self.use_itm and cfg.negative_exclusion == "text") or cfg.itc_text_positives):
+            return None
+        return text_keys(batch["input_ids"], batch["attention_mask"], batch.get("captions"))
+
     def _contrastive(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None,
-                     momentum: tuple[Tensor, Tensor] | None) -> Tensor:
+                     momentum: tuple[Tensor, Tensor] | None, keys: Tensor | None = None) -> Tensor:
         model, cfg = self.model, self.config
+        keys = keys if cfg.itc_text_positives else None
         if model.config is not None and model.config.contrastive == "siglip":
             return siglip_loss(image_emb, text_emb, model.logit_scale(), model.temperature.logit_bias(),  # type: ignore[operator]
-                               image_ids=image_ids)
+                               image_ids=image_ids, text_keys=keys)
         if momentum is None:
             # captions of one image are all positives (ALBEF's retrieval fine-tuning uses the same targets)
             return contrastive_loss(image_emb, text_emb, model.logit_scale(), local_loss=cfg.local_loss,
-                                    image_ids=image_ids)
+                                    image_ids=image_ids, text_keys=keys)
         return self._distilled_contrastive(image_emb, text_emb, *momentum, image_ids)
+
+    def _distill(self, image_emb: Tensor, text_emb: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The teacher-distillation term (``objective.distill_from``), or none."""
+        if self.teacher is None:
+            return {}
+        loss = self.teacher.distill_loss(image_emb, text_emb, self.model.logit_scale(), batch["images"],
+                                         batch.get("captions"), self.config.local_loss, self.chunk_size)
+        return {"distill": loss}
 
     @torch.no_grad()
     def _momentum_embeddings(self, images: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -284,16 +320,20 @@ class PretrainObjective(Objective):
         return (loss_i2t + loss_t2i) / 2
 
     @torch.no_grad()
-    def _negatives(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(negative text, negative image) per row, indices into the gathered batch, drawn from the global
-        contrastive similarities."""
+    def _negatives(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None,
+                   keys: Tensor | None) -> NegativeDraw:
+        """A negative text per image row and a negative image per text row (indices into the gathered
+        batch), drawn from the global contrastive similarities under ``objective.negative_exclusion``."""
+        cfg = self.config
         scale = self.model.logit_scale()
         image_all, text_all = gather_no_grad(image_emb), gather_no_grad(text_emb)
         all_ids = gather_no_grad(image_ids) if image_ids is not None else None
-        sim_i2t = image_emb @ text_all.T * scale
-        sim_t2i = text_emb @ image_all.T * scale
-        return sample_hard_negatives(sim_i2t.float(), sim_t2i.float(), image_ids=all_ids, generator=self.generator,
-                                     hard=self.config.hard_negatives)
+        all_keys = gather_no_grad(keys) if keys is not None else None
+        cos_i2t, cos_t2i = (image_emb @ text_all.T).float(), (text_emb @ image_all.T).float()
+        margin = cfg.negative_margin * float(scale) if cfg.negative_margin >= 0 else None
+        return draw_negatives(cos_i2t * scale, cos_t2i * scale, image_ids=all_ids, text_keys=all_keys,
+                              exclusion=cfg.negative_exclusion, margin=margin, generator=self.generator,
+                              hard=cfg.hard_negatives)
 
     def _text_features(self, ids: Tensor, mask: Tensor, masked: Tensor | None
                        ) -> tuple[EncoderOutput, Tensor, EncoderOutput | None]:
@@ -309,8 +349,9 @@ class PretrainObjective(Objective):
 
     def _fused_terms(self, text_out: EncoderOutput, image_out: EncoderOutput,
                      negatives: tuple[EncoderOutput, EncoderOutput] | None, masked_out: EncoderOutput | None,
-                     labels: Tensor | None, shared: tuple[EncoderOutput, Tensor, int] | None = None
-                     ) -> dict[str, Tensor]:
+                     labels: Tensor | None, shared: tuple[EncoderOutput, Tensor, int] | None = None,
+                     draw: NegativeDraw | None = None, itm_count: float | None = None,
+                     stats: ItmStats | None = None) -> dict[str, Tensor]:
         """ITM over B positives and 2B negatives (ALBEF's row order, see vlp.losses.matching; ``negatives``
         = (negative texts, negative images)) and MLM of the masked text, all pairs in one fusion call (one
         use of the fusion weights, as for the text encoder).
@@ -318,6 +359,9 @@ class PretrainObjective(Objective):
         ``shared`` = (gathered image outputs, negative image indices into them, this rank's first row): every
         pair's image is a row of the gathered batch, so the fusion reads the distinct images by index and a
         one-way fusion projects their keys/values once instead of once per pair (3B or 4B pairs, B images).
+        ``draw`` (these rows' part of the negative draw): a row without a valid negative has its negative pair
+        dropped from the ITM mean; ``itm_count`` replaces this call's pair count as the mean's denominator
+        (a chunk of a larger batch); ``stats`` collects the ITM accuracies.
         """
         model = self.model
         texts: list[EncoderOutput] = []
@@ -344,7 +388,11 @@ class PretrainObjective(Objective):
         if negatives is not None:
             pairs = FusionOutput(fused.text[:3 * rows], fused.image[:3 * rows], fused.pooled[:3 * rows])
             logits = model.itm_scores(pairs)
-            terms["itm"] = itm_loss(logits, itm_labels(rows, device=logits.device))
+            labels_itm = itm_labels(rows, device=logits.device)
+            weights = None if draw is None else itm_pair_weights(draw.has_image, draw.has_text)
+            terms["itm"] = itm_loss(logits, labels_itm, weights, itm_count)
+            if stats is not None:
+                stats.add(logits.detach(), labels_itm, weights)
         if masked_out is not None and labels is not None:
             assert model.mlm_head is not None
             masked_states = fused.text[-rows:, :labels.shape[1]]  # the pairs may be padded to a longer text
@@ -355,7 +403,7 @@ class PretrainObjective(Objective):
 
     def _weighted(self, terms: dict[str, Tensor]) -> Tensor:
         cfg = self.config
-        weights = {"itc": cfg.itc_weight, "itm": cfg.itm_weight, "mlm": cfg.mlm_weight}
+        weights = {"itc": cfg.itc_weight, "itm": cfg.itm_weight, "mlm": cfg.mlm_weight, "distill": cfg.teacher_weight}
         total = torch.zeros((), device=next(iter(terms.values())).device)
         for key, value in terms.items():
             total = total + weights[key] * value
@@ -365,6 +413,36 @@ class PretrainObjective(Objective):
         tok = self.model.tokenizer
         return mask_tokens(ids, mask, tok.mask_id, tok.special_ids, self.model.text_encoder.vocab_size,
                            probability=self.config.mlm_probability, generator=self.generator)
+
+
+class ItmStats:
+    """Running ITM accuracies of one step, on positives and on the kept negatives (a head that predicts
+    only the label prior shows 0 on positives)."""
+
+    def __init__(self) -> None:
+        self.counts = [0.0, 0.0, 0.0, 0.0]  # correct positives, positives, correct negatives, negatives
+
+    @torch.no_grad()
+    def add(self, logits: Tensor, labels: Tensor, weights: Tensor | None) -> None:
+        kept = torch.ones_like(labels, dtype=torch.bool) if weights is None else weights > 0
+        correct = (logits.argmax(dim=1) == labels) & kept
+        positive = labels == 1
+        for slot, value in enumerate((correct & positive, kept & positive, correct & ~positive, kept & ~positive)):
+            self.counts[slot] += float(value.sum())
+
+    def terms(self, draw: NegativeDraw | None, device: torch.device) -> dict[str, Tensor]:
+        if draw is None:
+            return {}
+        right_pos, pos, right_neg, neg = self.counts
+        values = {"itm_acc_pos": right_pos / max(pos, 1.0), "itm_acc_neg": right_neg / max(neg, 1.0),
+                  "itm_excluded_fraction": draw.excluded_fraction,
+                  "itm_rows_without_negative": float(draw.rows_without_negative)}
+        return {key: torch.tensor(value, device=device) for key, value in values.items()}
+
+
+def _draw_rows(draw: NegativeDraw, rows: slice) -> NegativeDraw:
+    return NegativeDraw(draw.text[rows], draw.image[rows], draw.has_text[rows], draw.has_image[rows],
+                        draw.excluded_fraction)
 
 
 def _part(tensor: Tensor | None, rows: slice) -> Tensor | None:

@@ -160,23 +160,29 @@ class _Report:
         from vlp.train.eval_data import retrieval_split_for
 
         try:  # a report should still come out when only the examples cannot be made
+            config = load_config(self.root / "config.yaml")
+            if not config.data.test and (self.root / "final" / "vqa_head.safetensors").is_file():
+                return None  # a VQA fine-tune: the built-in synthetic split is not its data
             model = VLPModel.from_pretrained(self.root / "final")
-            split = retrieval_split_for(load_config(self.root / "config.yaml"), model.image_encoder.image_size)
+            split = retrieval_split_for(config, model.image_encoder.image_size)
         except UserError as err:
             self.notes.append(f"retrieval examples: {err}")
             return None
         if split is None:
             return None
-        return _examples_html(retrieval_examples(model, split))
+        source = f"data.test ({config.data.test})" if config.data.test else "the synthetic test split"
+        return _examples_html(retrieval_examples(model, split), source)
 
     def vqa(self) -> str | None:
         result = self._json("eval_vqa.json")
         if result is None:
             return None
         per_type = result.get("per_type") or {}
-        rows = [["overall", result.get("overall")]] + [[kind, value] for kind, value in sorted(per_type.items())]
+        counts = result.get("per_type_count") or {}
+        rows: list[list[Any]] = [["overall", result.get("num_questions"), result.get("overall")]]
+        rows += [[kind, counts.get(kind), value] for kind, value in sorted(per_type.items())]
+        header, rows, note = _with_baselines(["answer type", "questions", "accuracy"], rows, result)
         count = result.get("num_questions")
-        header, rows, note = _with_baselines(["answer type", "accuracy"], rows, result)
         return (f"<p>VQA accuracy (official metric, %) on {html.escape(str(count))} questions "
                 f"(eval_vqa.json).{note}</p>" + _table(header, rows))
 
@@ -221,6 +227,7 @@ def _throughput_plot(rates: list[tuple[int, float]]) -> str:
     axes.plot([s for s, _ in rates], [v for _, v in rates], marker="o" if len(rates) <= 50 else None, markersize=3)
     axes.set_xlabel("step")
     axes.set_ylabel("samples/s")
+    axes.set_ylim(bottom=0)  # from zero: a few percent of jitter must not look like a collapse
     axes.grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -228,9 +235,10 @@ def _throughput_plot(rates: list[tuple[int, float]]) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _examples_html(examples: RetrievalExamples) -> str:
-    parts = [f"<p>Ranked by ITC cosine similarity among the first {examples.num_images} test images and their "
-             f"{examples.num_texts} captions; correct results are green.</p><h3>Text -> image (top 5)</h3>"]
+def _examples_html(examples: RetrievalExamples, source: str) -> str:
+    parts = [f"<p>Ranked by ITC cosine similarity among the first {examples.num_images} images of "
+             f"{html.escape(source)} and their {examples.num_texts} captions; correct results are green.</p>"
+             "<h3>Text -> image (top 5)</h3>"]
     for query in examples.text_queries:
         thumbs = "".join(f'<div class="thumb {"ok" if hit.correct else "bad"}"><img src="{hit.shown}" alt="result">'
                          f'<br>{"&#10003; " if hit.correct else ""}{hit.score:.2f}</div>' for hit in query.hits)

@@ -134,26 +134,42 @@ def _is_lr(key: str) -> bool:
     return key == "lr" or key.endswith("/lr") or key.startswith("lr/")
 
 
+# Recall curves: one colour per K, one line style per scorer, so ITC and ITM read as two groups.
+_RECALL_COLORS = {"1": "tab:blue", "5": "tab:orange", "10": "tab:green"}
+_SCORER_STYLES = {"itc": ("-", "o"), "itm": ("--", "s")}
+
+
+def _style(key: str) -> dict[str, Any]:
+    match = _RECALL.match(key)
+    if match is None:
+        return {}
+    scorer = key.rsplit("/", 2)[-2] if key.count("/") >= 1 else ""
+    linestyle, marker = _SCORER_STYLES.get(scorer, (":", "^"))
+    return {"color": _RECALL_COLORS[match.group(2)], "linestyle": linestyle, "marker": marker}
+
+
 def _draw(records: list[dict[str, Any]], panels: list[tuple[str, list[str]]], ylabel: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 3.2 * len(panels)), squeeze=False)
     try:
         for ax, (title, keys) in zip(axes[:, 0], panels):
             for key in keys:
                 steps, values = _series(records, key)
                 finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-                sparse = len(finite) <= 50
-                ax.plot([s for s, _ in finite], [v for _, v in finite], label=key,
-                        marker="o" if sparse else None, markersize=3)
+                style = {"marker": "o" if len(finite) <= 50 else None, **_style(key)}
+                if len(finite) > 50:
+                    style["marker"] = None
+                ax.plot([s for s, _ in finite], [v for _, v in finite], label=key, markersize=3, **style)
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            # beside the axes, never over the curves
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:
