@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from vlp.config import load_config
+from vlp.config.schema import DataConfig
 from vlp.data.csv_records import CsvFormat, read_csv_records
 from vlp.data.datasets import JsonPairs, WebDatasetPairs, build_pretrain_dataset
 from vlp.data.retrieval_split import load_retrieval_split
@@ -52,12 +53,12 @@ def test_csv_with_other_separator_and_keys_from_the_config(images: Path, tmp_pat
     table = tmp_path / "pairs.csv"
     table.write_text('caption,path,image_id\n"a dog, running",sub/a.png,7\nbikes on a road,sub/b.png,8\n'
                      '"a ""quoted"" cat",sub/c.png,7\n')
-    config = load_config({"data": {"source": "json", "train": str(table), "image_root": str(images),
-                                   "csv_separator": ",", "csv_image_key": "path", "csv_caption_key": "caption"}})
-    dataset = build_pretrain_dataset(config.data, TRANSFORM, 16)
+    data = DataConfig(source="json", train=str(table), image_root=str(images), csv_separator=",",
+                      csv_image_key="path", csv_caption_key="caption")
+    dataset = build_pretrain_dataset(data, TRANSFORM, 16)
     assert _pairs(dataset) == [("a dog, running", 7), ("bikes on a road", 8), ('a "quoted" cat', 7)]
     # `csv` is open_clip's name for the same reader; the test split reads the same table
-    as_csv = dataclasses.replace(config.data, source="csv")
+    as_csv = dataclasses.replace(data, source="csv")
     assert _pairs(build_pretrain_dataset(as_csv, TRANSFORM, 16)) == _pairs(dataset)
     split = load_retrieval_split(table, images, CsvFormat(",", "path", "caption"))
     assert split.num_images == 3 and split.captions == ["a dog, running", "bikes on a road", 'a "quoted" cat']

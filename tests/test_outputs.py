@@ -15,6 +15,7 @@ from PIL import Image
 
 from vlp.cli.main import main
 from vlp.config import load_config, save_config
+from vlp.config.io import to_dict
 from vlp.data.synthetic import SyntheticScenes
 from vlp.explain import Explanation, explain, explanation_summary, overlay_figure
 from vlp.models import VLPModel
@@ -102,7 +103,9 @@ def test_a_vqa_run_without_data_test_shows_no_synthetic_retrieval_examples(tmp_p
                                                                            tiny_model: VLPModel) -> None:
     run = tmp_path / "vqa"
     run.mkdir()
-    save_config(load_config(ROOT / "configs/finetune/vqa_tiny.yaml", model={"name": "x"}), run / "config.yaml")
+    # a fine-tuning run's config holds the checkpoint's model section
+    save_config(load_config(ROOT / "configs/finetune/vqa_tiny.yaml", model=to_dict(tiny_model.config)),
+                run / "config.yaml")
     tiny_model.save_pretrained(run / "final")
     (run / "final" / "vqa_head.safetensors").write_bytes(b"")  # what makes final/ a VQA checkpoint
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
