@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # Pretrain the demo config on the embedded synthetic data, evaluate retrieval, write runs/demo/.
 demo: $(STAMP)
-	$(VENV)/bin/vlp pretrain configs/pretrain/demo.yaml --output-dir runs/demo
+	$(VENV)/bin/vlp pretrain configs/pretrain/demo.yaml --output-dir runs/demo --overwrite
 	$(VENV)/bin/python -m vlp.explain runs/demo/final > runs/demo/explain.json
 	$(VENV)/bin/vlp report runs/demo
 	@cat runs/demo/explain.json

@@ -91,3 +91,35 @@ def test_no_code_is_evaluated(tmp_path: Path) -> None:
 def test_override_creates_a_section_missing_from_the_yaml() -> None:
     config = load_config(ROOT / "configs/pretrain/demo_tiny.yaml", ["objective.mlm_weight=1.0"])
     assert config.objective.mlm_weight == 1.0
+
+
+def test_duplicate_yaml_key_names_the_key_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\noptim:\n  lr: 0.1\ntrain: {max_steps: 3}\noptim:\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: duplicate key 'optim' at line 5 \(first at line 2\)"):
+        load_config(path)
+    path.write_text("optim: {lr: 0.1, weight_decay: 0.0, lr: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' at line 1"):
+        load_config(path)
+    # a merge key is not a duplicate: the explicit key overrides the merged one, as YAML means it
+    from vlp.config.io import _read_yaml
+
+    path.write_text("x: &b {lr: 0.1, eps: 1.0e-8}\noptim:\n  <<: *b\n  lr: 0.2\n")
+    assert _read_yaml(path)["optim"] == {"lr": 0.2, "eps": 1.0e-8}
+
+
+def test_objective_itm_weight_follows_the_model() -> None:
+    """A dual encoder needs no objective section: an ITM weight the config leaves out is 0 without fusion."""
+    tiny = {"image": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 2},
+            "text": {"width": 32, "depth": 1, "num_heads": 2, "max_length": 16}}
+    config = load_config({"model": {**tiny, "fusion": {"type": "none"}}})
+    assert config.objective.itm_weight == 0.0
+    assert load_config({"model": tiny}).objective.itm_weight == 0.0  # fusion none is the default
+    assert load_config({"model": {**tiny, "itm_head": False, "fusion": {"type": "dual_stream", "depth": 1,
+                                                                         "num_heads": 2}}}).objective.itm_weight == 0.0
+    fused = load_config({"model": {**tiny, "fusion": {"type": "dual_stream", "depth": 1, "num_heads": 2}}})
+    assert fused.objective.itm_weight == 1.0
+    # a weight the config does set is kept, and checked
+    assert load_config({"model": tiny, "objective": {"itm_weight": 0.0}}).objective.itm_weight == 0.0
+    with pytest.raises(ConfigError, match=r"'objective\.itm_weight' = 1\.0: ITM needs a fusion block"):
+        load_config({"model": tiny}, ["objective.itm_weight=1"])

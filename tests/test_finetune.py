@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -55,12 +56,19 @@ def test_eval_retrieval_cli_reports_itc_and_itm(pretrained: Path, synth: Path, t
     assert out.with_suffix(".png").is_file()
 
 
-def test_eval_retrieval_k_test_larger_than_gallery_is_a_user_error(pretrained: Path, synth: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["eval", "retrieval", "--checkpoint", str(pretrained), "--data", str(synth / "test.json"),
-                 "--image-root", str(synth), "--k-test", "500", "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "k_test" in err and len(err.splitlines()) == 1
+def test_eval_retrieval_k_test_larger_than_gallery_is_clamped(pretrained: Path, synth: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "r.json"
+    with caplog.at_level(logging.WARNING, logger="vlp"):
+        code = main(["eval", "retrieval", "--checkpoint", str(pretrained), "--data", str(synth / "test.json"),
+                     "--image-root", str(synth), "--k-test", "500", "--output", str(out), "--no-progress"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert (result["k_test"], result["k_test_requested"], result["num_images"]) == (10, 500, 10)
+    assert result["itm"]["img_r10"] == 100.0  # all 10 images re-ranked
+    notes = [r.getMessage() for r in caplog.records if "larger than the test gallery" in r.getMessage()]
+    assert notes == ["k_test 500 is larger than the test gallery (10 images, 50 captions): re-ranking the top 10 "
+                     "candidates instead"]
 
 
 def test_finetune_vqa_then_eval_vqa(pretrained: Path, synth: Path, tmp_path: Path) -> None:

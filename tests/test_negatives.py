@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -162,3 +164,110 @@ def test_itc_text_positives() -> None:
     labels = positives * 2 - 1
     sig = -F.logsigmoid(labels * (logits - 3.0)).sum() / 10
     assert torch.allclose(siglip_loss(image, text, 10.0, -3.0, text_keys=keys), sig, atol=1e-5)
+
+
+def _tiny_model() -> Any:
+    from vlp.models import VLPModel
+
+    torch.manual_seed(0)
+    return VLPModel.from_config("configs/models/albef_base_tiny.yaml")
+
+
+def _captured_draws(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    import vlp.objectives.pretrain as pretrain
+
+    draws: list[Any] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        draws.append(draw_negatives(*args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(pretrain, "draw_negatives", recording)
+    return draws
+
+
+def _check_batch_draws(batch: dict[str, Any], draws: list[Any]) -> None:
+    canon = [canonicalize_text(c) for c in batch["captions"]]
+    ids = batch["image_ids"]
+    assert draws
+    for draw in draws:
+        for row, (text, image) in enumerate(zip(draw.text.tolist(), draw.image.tolist())):
+            if draw.has_text[row]:
+                assert canon[text] != canon[row] and ids[text] != ids[row]
+            if draw.has_image[row]:
+                assert canon[image] != canon[row] and ids[image] != ids[row]
+
+
+def test_objective_never_mines_a_same_text_negative(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlp.config.schema import ObjectiveConfig
+    from vlp.objectives.pretrain import PretrainObjective
+
+    model = _tiny_model()
+    draws = _captured_draws(monkeypatch)
+    captions = ["logo", "Logo.", "a dog", "image", "image", "a cat", "LOGO", "a_dog"]
+    tokens = model.tokenizer(captions, max_length=16)
+    batch = {"images": torch.randn(8, 3, 32, 32), "input_ids": tokens["input_ids"],
+             "attention_mask": tokens["attention_mask"], "image_ids": torch.arange(8), "captions": captions}
+    size = model.image_encoder.image_size
+    batch["images"] = torch.randn(8, 3, size, size)
+    objective = PretrainObjective(model, ObjectiveConfig(), generator=torch.Generator().manual_seed(0))
+    for _ in range(20):
+        out = objective(batch)
+    _check_batch_draws(batch, draws)
+    assert out.terms["itm_excluded_fraction"] > 0.1
+    assert {"itm_acc_pos", "itm_acc_neg", "itm_rows_without_negative"} <= set(out.terms)
+    # ALBEF's pretraining rule is one key away, and it does draw the repeated texts
+    draws.clear()
+    albef = PretrainObjective(model, ObjectiveConfig(negative_exclusion="pair"), generator=torch.Generator().manual_seed(0))
+    for _ in range(20):
+        albef(batch)
+    canon = [canonicalize_text(c) for c in captions]
+    assert any(canon[t] == canon[r] for d in draws for r, t in enumerate(d.text.tolist()))
+
+
+def test_a_batch_of_one_caption_drops_its_negatives_without_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlp.config.schema import ObjectiveConfig
+    from vlp.objectives.pretrain import PretrainObjective
+
+    model = _tiny_model()
+    captions = ["image"] * 4
+    tokens = model.tokenizer(captions, max_length=16)
+    size = model.image_encoder.image_size
+    batch = {"images": torch.randn(4, 3, size, size), "input_ids": tokens["input_ids"],
+             "attention_mask": tokens["attention_mask"], "image_ids": torch.arange(4), "captions": captions}
+    out = PretrainObjective(model, ObjectiveConfig())(batch)
+    assert out.terms["itm_rows_without_negative"] == 8 and torch.isfinite(out.total)
+
+
+def test_streaming_batches_carry_what_the_rule_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from vlp.config.io import load_config
+    from vlp.train.distributed import DistInfo
+    from vlp.train.loop import build_loader
+
+    captions = ["logo", "a red car", "Logo!", "image", "two cats", "image", "a dog", "logo"] * 2
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for index, caption in enumerate(captions):
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), (index * 15, 0, 0)).save(buffer, format="PNG")
+            for ext, payload in (("png", buffer.getvalue()), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"s{index:05d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    config = load_config("configs/pretrain/demo_tiny.yaml", [
+        "data.source=webdataset", f"data.train={tmp_path}/shard-000.tar", "data.batch_size=8", "data.num_workers=0",
+        "model.text.tokenizer=synthetic"])
+    model = _tiny_model()
+    loader, _, _ = build_loader(config, model, DistInfo(0, 0, 1, torch.device("cpu")))
+    batch = next(iter(loader))
+    assert len(batch["captions"]) == 8 and len(set(batch["image_ids"].tolist())) == 8
+    from vlp.objectives.pretrain import PretrainObjective
+
+    draws = _captured_draws(monkeypatch)
+    PretrainObjective(model, config.objective, generator=torch.Generator().manual_seed(0))(batch)
+    _check_batch_draws(batch, draws)

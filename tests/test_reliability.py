@@ -101,7 +101,7 @@ def _mixed_dataset(root: Path, total: int = 240, per_kind: int = 3, long: int = 
 def _json_args(data: Path, out: Path, *extra: str) -> list[str]:
     sets = ["data.source=json", f"data.train={data}", f"data.image_root={data.parent}", "data.num_workers=2",
             "data.batch_size=40", "optim.base_batch_size=40", "train.max_steps=12", "train.checkpoint_every=0",
-            "train.log_every=3", *extra]
+            "train.log_every=3", "model.text.tokenizer=clip", *extra]
     return ["pretrain", str(DEMO), "--output-dir", str(out)] + [a for s in sets for a in ("--set", s)]
 
 
@@ -136,7 +136,8 @@ def test_broken_files_counted_logged_once_and_threshold(tmp_path: Path, caplog: 
 def test_all_bad_data_stops_instead_of_looping(tmp_path: Path) -> None:
     (tmp_path / "t.json").write_text(json.dumps([{"image": f"gone{k}.png", "caption": "x"} for k in range(16)]))
     config = load_config(DEMO, ["data.source=json", f"data.train={tmp_path / 't.json'}",
-                                f"data.image_root={tmp_path}", "data.max_bad_fraction=1.0"])
+                                f"data.image_root={tmp_path}", "data.max_bad_fraction=1.0",
+                                "model.text.tokenizer=clip"])
     with pytest.raises(UserError, match=r"no readable sample in a whole epoch.*gone"):
         pretrain(config, output_dir=tmp_path / "run")
 

@@ -220,3 +220,24 @@ def test_write_synthetic_files_and_formats(tmp_path: Path) -> None:
     assert (retrieval.num_images, len(retrieval.captions)) == (40, 200)
     assert len(load_vqa(files["vqa_test"], tmp_path)) == len(json.loads(files["vqa_test"].read_text()))
     assert load_zeroshot(files["zeroshot"], tmp_path, files["classes"]).num_images == len(zeroshot)
+
+
+def test_repeated_class_captions_repeat_across_images_and_stay_true() -> None:
+    from vlp.data.synthetic import class_caption
+
+    scenes = SyntheticScenes(400, seed=0, split="train", repeated_captions=0.5)
+    chosen = [i for i in range(400) if scenes.has_class_caption(i)]
+    assert 140 < len(chosen) < 260  # about half
+    captions = [scenes.caption(i, epoch=0) for i in chosen]
+    assert len(set(captions)) < len(captions) / 4  # a few dozen strings for ~200 images
+    for index in chosen:
+        objects = scenes.objects(index)
+        assert scenes.captions(index) == (class_caption(objects),) * scenes.num_captions
+        assert scenes.caption(index, epoch=3) == class_caption(objects)
+        if len(objects) == 1:
+            assert objects[0].color in class_caption(objects) and objects[0].shape in class_caption(objects)
+    others = [i for i in range(400) if not scenes.has_class_caption(i)]
+    assert all(scenes.caption(i, 0) != class_caption(scenes.objects(i)) for i in others)
+    # the test split keeps full, unique descriptions
+    test = SyntheticScenes(50, seed=0, split="test", repeated_captions=0.5)
+    assert not any(test.has_class_caption(i) for i in range(50))

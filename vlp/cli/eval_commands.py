@@ -60,26 +60,17 @@ def _device(value: str) -> str:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from vlp.config.validate import k_test_for_gallery
+    from vlp.data.csv_records import CsvFormat
     from vlp.data.retrieval_split import load_retrieval_split
     from vlp.eval.plots import plot_recall_curve
     from vlp.eval.retrieval import evaluate_retrieval
     from vlp.models import VLPModel
-    from vlp.models.persist import read_checkpoint_config
-
-    from vlp.data.csv_records import CsvFormat
 
     checkpoint = checkpoint_dir(args.checkpoint)
     split = load_retrieval_split(existing_path(args.data, "path", "--data"), _image_root(args.image_root),
                                  CsvFormat(args.csv_separator, args.csv_img_key, args.csv_caption_key))
-    if args.k_test <= 0:
-        raise UserError(f"--k-test must be positive, got {args.k_test}")
-    section = read_checkpoint_config(checkpoint).get("model")
-    fusion = section.get("fusion") if isinstance(section, dict) else None
-    gallery = min(split.num_images, len(split.captions))
-    fused = isinstance(fusion, dict) and fusion.get("type", "none") != "none"
-    if fused and args.k_test > gallery:  # checked before the model loads
-        raise UserError(f"--k-test: k_test={args.k_test} is larger than the gallery of {args.data} "
-                        f"({split.num_images} images, {len(split.captions)} captions)")
+    k_test_for_gallery(args.k_test, name="--k-test")  # before the model loads; a small gallery clamps it
     model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
     result = evaluate_retrieval(model, split, model.image_transform(train=False), k_test=args.k_test,
                                 score=args.score, batch_size=args.batch_size, precision=args.precision,
@@ -191,7 +182,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     model_section = read_checkpoint_config(init)["model"]
     config = load_config(config_path, args.set, model=model_section)
     run = finetune_vqa if args.task == "vqa" else finetune_retrieval
-    print(run(config, init, output_dir=args.output_dir, resume=args.resume))
+    print(run(config, init, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite))
     return 0
 
 
@@ -271,5 +262,8 @@ def add_finetune_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     p.add_argument("--output-dir", default=None, metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the run directory (default: off)")
+    from vlp.cli.main import add_overwrite
+
+    add_overwrite(p)
     add_common(p)
     p.set_defaults(handler=cmd_finetune)

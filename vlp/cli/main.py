@@ -24,7 +24,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     config = load_config(existing_path(args.config, "file"), args.set)
     from vlp.train.loop import pretrain
 
-    run_dir = pretrain(config, output_dir=args.output_dir, resume=args.resume)
+    run_dir = pretrain(config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
     print(run_dir)
     return 0
 
@@ -36,8 +36,11 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         raise UserError(f"--train-size/--test-size must be positive, got {args.train_size}/{args.test_size}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out: not a directory: {args.out}")
+    if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:
+        raise UserError(f"--out: {args.out} is not empty (files of the same name would be replaced); "
+                        "use --force to write into it anyway")
     paths = write_synthetic(Path(args.out), train_size=args.train_size, test_size=args.test_size,
-                            seed=args.seed, image_size=args.image_size)
+                            seed=args.seed, image_size=args.image_size, repeated_captions=args.repeated_captions)
     if args.benchmarks:
         from vlp.data.synthetic_benchmarks import write_synthetic_benchmarks
 
@@ -53,6 +56,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message}")
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """--overwrite of every command that writes a run directory (without it, one that holds a run is refused)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run in the run directory (metrics, checkpoints, final/, plots, evaluation "
+                             "files) and start over; without it or --resume a directory that holds a run is "
+                             "refused (default: off)")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the run directory (default: off)")
+    add_overwrite(p)
     add_common(p)
     p.set_defaults(handler=cmd_pretrain)
 
@@ -98,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the scene generator (default: %(default)s)")
     s.add_argument("--image-size", type=int, default=64, metavar="PX",
                    help="side of the square PNG images in pixels (default: %(default)s)")
+    s.add_argument("--repeated-captions", type=float, default=0.0, metavar="P",
+                   help="fraction of training images captioned only by a class-level caption that repeats across "
+                        "images ('a red circle', 'two shapes'), as web alt-texts do (default: %(default)s)")
+    s.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out directory, replacing files of the same name (default: off)")
     s.add_argument("--benchmarks", action="store_true",
                    help="also write benchmark files from the test scenes: SugarCrepe-format swapped colors and "
                         "positions, zero-shot image folders by color and shape (default: off)")

@@ -176,11 +176,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Conf
     return data
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last one,
+    so a second ``optim:`` section would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges are meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                first = "" if seen[key] == line else f" (first at line {seen[key]})"
+                raise _DuplicateKey(f"duplicate key '{key}' at line {line}{first}")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -214,11 +238,21 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
     if isinstance(data.get("model"), str):
         data["model"] = load_model_dict(data["model"], base)
     data = apply_overrides(data, overrides or [])
-    config = from_dict(Config, data)
+    config = _objective_follows_model(from_dict(Config, data), data.get("objective"))
     from vlp.config.validate import validate_config
 
     validate_config(config)
     return config
+
+
+def _objective_follows_model(config: Config, given: Any) -> Config:
+    """Objective weights the config does not set follow the model: no ITM term (itm_weight 0) for a model
+    without fusion or without an ITM head, so a minimal dual-encoder config needs no objective section."""
+    given = given if isinstance(given, dict) else {}
+    can_match = config.model.fusion.type != "none" and config.model.itm_head
+    if "itm_weight" in given or can_match:
+        return config
+    return dataclasses.replace(config, objective=dataclasses.replace(config.objective, itm_weight=0.0))
 
 
 def load_model_dict(ref: str, base: Path) -> dict[str, Any]:

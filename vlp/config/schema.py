@@ -136,6 +136,7 @@ class DataConfig:
     synthetic_train_size: int = doc(20000, "Synthetic training images.")
     synthetic_test_size: int = doc(1000, "Synthetic test images.")
     synthetic_seed: int = doc(0, "Seed of the synthetic generator.")
+    synthetic_repeated_captions: float = doc(0.0, "Fraction of synthetic training images captioned only by a class-level caption that repeats across images ('a red circle', 'two shapes'), as web alt-texts do; the test split keeps full descriptions.")
     batch_size: int = doc(64, "Batch size per process per micro-step.")
     samples_per_epoch: int = doc(0, "Streaming sources (webdataset, hf_stream): samples in one epoch, which every process then splits into the same number of batches (samples_per_epoch // (batch_size x processes)); 0 = count them (local tar shards, dataset rows x captions).")
     num_workers: int = doc(2, "DataLoader worker processes.")
@@ -157,6 +158,7 @@ class OptimConfig:
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this value; 0 disables.")
     image_layer_decay: float = doc(1.0, "Layer-wise lr decay of the image tower (BEiT; timm's param_groups_layer_decay): a parameter of layer l gets lr x decay^(max_layer - l), the stem being layer 0, block i layer i + 1 and the final norm part of the last block (max_layer = depth; timm's grouping for timm towers); vlp's projections, the fusion and the heads keep the full lr. 1 = off.")
     text_layer_decay: float = doc(1.0, "Layer-wise lr decay of the text tower, as image_layer_decay. 1 = off.")
+    fusion_lr_scale: float = doc(1.0, "Learning-rate multiplier of the cross-modal part: fusion block, image-to-fusion projection and the ITM/MLM/VQA heads (METER trains its cross-modal layers and heads at 5x the towers' lr). 1 = one lr for all.")
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,16 @@ TokenizerFn = Callable[..., dict[str, Tensor]]
 class Collator:
     """samples (dicts, or None for unreadable ones) -> {"images" [B,3,H,W], "input_ids" long [B,T],
     "attention_mask" bool [B,T], "image_ids" long [B], "captions" list[str], "bad" int,
-    "bad_paths" list[str], "bad_reasons" list[str], "truncated" int}.
+    "bad_paths" list[str], "bad_reasons" list[str], "truncated" int, "unk_tokens" int, "word_tokens" int}.
 
     Captions are padded to the longest in the batch (by the tokenizer) and truncated to ``max_length``;
     ``truncated`` counts the captions that lost tokens. ``bad`` counts the dropped samples so the main
     process sees them even when workers read the data. With ``bad_source`` (the dataset, which must offer
     ``take_bad() -> (list of (path, reason), count of bad samples that yielded nothing)``), the paths of
     this batch's bad samples travel with it too: the collator runs in the worker that read them.
-    A batch of only bad samples has B = 0.
+    A batch of only bad samples has B = 0. ``unk_tokens`` / ``word_tokens`` count the caption tokens unknown
+    to the tokenizer among its non-special ones (a vocabulary that does not cover the captions; 0 / 0 for a
+    tokenizer without ``count_unknown``).
     """
 
     def __init__(self, tokenizer: TokenizerFn, max_length: int, bad_source: Any = None) -> None:
@@ -45,9 +47,12 @@ class Collator:
         if not good:
             return {"images": torch.empty(0, 3, 0, 0), "input_ids": torch.empty(0, 0, dtype=torch.long),
                     "attention_mask": torch.empty(0, 0, dtype=torch.bool),
-                    "image_ids": torch.empty(0, dtype=torch.long), "captions": [], "truncated": 0, **report}
+                    "image_ids": torch.empty(0, dtype=torch.long), "captions": [], "truncated": 0,
+                    "unk_tokens": 0, "word_tokens": 0, **report}
         captions = [s["caption"] for s in good]
         tokens = self.tokenizer(captions, max_length=self.max_length)
+        count = getattr(self.tokenizer, "count_unknown", None)
+        unknown, words = count(tokens["input_ids"], tokens["attention_mask"]) if count is not None else (0, 0)
         return {
             "images": torch.stack([s["image"] for s in good]),
             "input_ids": tokens["input_ids"].long(),
@@ -55,6 +60,7 @@ class Collator:
             "image_ids": torch.tensor([int(s["image_id"]) for s in good], dtype=torch.long),
             "captions": captions,
             "truncated": self._count_truncated(captions, tokens["attention_mask"]),
+            "unk_tokens": unknown, "word_tokens": words,
             **report,
         }
 

@@ -7,6 +7,7 @@ cannot be used (missing, truncated or non-image file, empty caption): the path i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -234,6 +235,22 @@ def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
     return found
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars or info lines from ``datasets`` while it indexes a local folder."""
+    from datasets.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+
+
 class HFPairs(_PairReader, Dataset[Sample | None]):
     """A Hugging Face ``datasets`` directory: ``save_to_disk`` output, or an imagefolder (``metadata.jsonl``
     linking images by ``file_name``). Images are decoded here (not by ``datasets``) so a bad file is skipped;
@@ -250,8 +267,9 @@ class HFPairs(_PairReader, Dataset[Sample | None]):
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             loaded = hf_datasets.load_from_disk(str(path))
         elif any((path / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
-            loaded = hf_datasets.load_dataset("imagefolder", data_dir=str(path),
-                                              cache_dir=None if cache_dir is None else str(cache_dir))
+            with _quiet_datasets():  # its "Downloading data" bars would suggest a download of a local folder
+                loaded = hf_datasets.load_dataset("imagefolder", data_dir=str(path),
+                                                  cache_dir=None if cache_dir is None else str(cache_dir))
         else:
             raise UserError(f"{path}: not a Hugging Face datasets directory (save_to_disk output or an "
                             "imagefolder with metadata.jsonl)")
@@ -360,7 +378,8 @@ def _needs_train(cfg: DataConfig) -> str:
 
 @dataset_registry.register("synthetic")
 def build_synthetic_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> SyntheticPairs:
-    scenes = SyntheticScenes(cfg.synthetic_train_size, cfg.synthetic_seed, "train", image_size)
+    scenes = SyntheticScenes(cfg.synthetic_train_size, cfg.synthetic_seed, "train", image_size,
+                             cfg.synthetic_repeated_captions)
     return SyntheticPairs(scenes, transform)
 
 

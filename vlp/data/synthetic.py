@@ -31,6 +31,7 @@ __all__ = [
     "SceneObject",
     "Scene",
     "SyntheticScenes",
+    "class_caption",
     "write_synthetic",
 ]
 
@@ -206,16 +207,32 @@ def _answers(rng: random.Random, truth: str, choices: tuple[str, ...]) -> list[s
     return answers
 
 
-class SyntheticScenes:
-    """``size`` scenes of one split ("train" or "test") drawn from ``seed``, rendered at ``image_size`` px."""
+def class_caption(objects: tuple[SceneObject, ...] | list[SceneObject]) -> str:
+    """A class-level caption, true of the scene but shared by many scenes, as web alt-texts are: the colour and
+    shape of a single object ("a red circle"), else only the count ("two shapes")."""
+    if len(objects) == 1:
+        return f"{_article(objects[0].color)} {objects[0].color} {objects[0].shape}"
+    return f"{_COUNT_WORDS[len(objects) - 1]} shapes"
 
-    def __init__(self, size: int, seed: int = 0, split: str = "train", image_size: int = 64) -> None:
+
+class SyntheticScenes:
+    """``size`` scenes of one split ("train" or "test") drawn from ``seed``, rendered at ``image_size`` px.
+
+    ``repeated_captions`` (train split only): the fraction of images whose captions are all one class-level
+    caption (``class_caption``) that repeats across images, instead of full descriptions: data on which
+    ITM negatives mined from the contrastive similarities are often the same text of another image."""
+
+    def __init__(self, size: int, seed: int = 0, split: str = "train", image_size: int = 64,
+                 repeated_captions: float = 0.0) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if size < 0 or image_size < 12:
             raise UserError(f"synthetic data needs size >= 0 and image_size >= 12, "
                             f"got {size} and {image_size}")
+        if not 0.0 <= repeated_captions <= 1.0:
+            raise UserError(f"synthetic repeated_captions must be in [0, 1], got {repeated_captions}")
         self.size, self.seed, self.split, self.image_size = size, seed, split, image_size
+        self.repeated_captions = repeated_captions if split == "train" else 0.0
         self.num_captions = _NUM_CAPTIONS
         self._specs = _generate(size, seed, split)
 
@@ -236,7 +253,13 @@ class SyntheticScenes:
     def description(self, index: int) -> str:
         return _caption(0, list(self.objects(index)))
 
+    def has_class_caption(self, index: int) -> bool:
+        """Whether this image is captioned by its repeated class-level caption (see ``repeated_captions``)."""
+        return self.repeated_captions > 0 and self._rng(index, "repeated").random() < self.repeated_captions
+
     def captions(self, index: int) -> tuple[str, ...]:
+        if self.has_class_caption(index):
+            return (class_caption(self.objects(index)),) * self.num_captions
         rng = self._rng(index, "captions")
         objects = list(self.objects(index))
         return tuple(_caption(t, rng.sample(objects, len(objects)))
@@ -244,6 +267,8 @@ class SyntheticScenes:
 
     def caption(self, index: int, epoch: int) -> str:
         """One paraphrase (template and object order) chosen from (index, epoch): a new one every epoch."""
+        if self.has_class_caption(index):
+            return class_caption(self.objects(index))
         rng = self._rng(index, f"epoch{epoch}")
         objects = list(self.objects(index))
         return _caption(rng.randrange(_NUM_TEMPLATES), rng.sample(objects, len(objects)))
@@ -300,16 +325,17 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def write_synthetic(out_dir: str | Path, train_size: int = 20000, test_size: int = 1000, seed: int = 0,
-                    image_size: int = 64) -> dict[str, Path]:
+                    image_size: int = 64, repeated_captions: float = 0.0) -> dict[str, Path]:
     """Write the synthetic dataset in vlp's file formats; image paths in the files are relative to
     ``out_dir``.
 
+    ``repeated_captions``: see ``SyntheticScenes`` (the training captions only).
     train.jsonl has one caption per line (several lines per image, ``image_id`` set), test.json is Karpathy
     style (``caption`` a list), vqa_*.json hold 10 answers per question, zeroshot.json labels the
     single-object test scenes by shape (classes.json), boxes.json lists every object's pixel box.
     """
     root = Path(out_dir)
-    splits = {"train": SyntheticScenes(train_size, seed, "train", image_size),
+    splits = {"train": SyntheticScenes(train_size, seed, "train", image_size, repeated_captions),
               "test": SyntheticScenes(test_size, seed, "test", image_size)}
     boxes: list[dict[str, Any]] = []
     vqa: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}

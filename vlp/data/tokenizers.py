@@ -121,6 +121,8 @@ class Tokenizer:
         if resize_cache is not None:
             resize_cache(BPE_CACHE_WORDS)
         self._max_length: int | None = None
+        self.unk_id = _unknown_id(backend)
+        self._structural = torch.tensor(sorted(self.special_ids - {self.unk_id}), dtype=torch.long)
         # The longest input of the model this tokenizer serves (Hugging Face's name): the default max_length.
         # build_model sets it from model.text.max_length, so a loaded checkpoint's tokenizer knows it.
         self.model_max_length: int | None = None
@@ -158,6 +160,14 @@ class Tokenizer:
         input_ids[attention_mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
                                                 count=int(lengths.sum()))
         return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+
+    def count_unknown(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[int, int]:
+        """(unknown tokens, word tokens) of a batch: word tokens are the real ones that are not special
+        (CLS/SEP/BOS/EOS/MASK), unknown ones those that are the vocabulary's unknown token."""
+        real = attention_mask.bool()
+        words = real & ~torch.isin(input_ids, self._structural.to(input_ids.device))
+        unknown = (real & (input_ids == self.unk_id)) if self.unk_id is not None else torch.zeros(())
+        return int(unknown.sum()), int(words.sum())
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """Text of one sequence (trailing padding allowed), special tokens skipped."""
@@ -201,6 +211,16 @@ class Tokenizer:
             raise UserError(f"cannot read {backend_path}: {one_line(error)}") from error
         return cls(backend, pad_id=ids[0], mask_id=ids[1], cls_id=ids[2], special_ids=special_ids,
                    text_cleaning=cleaning)
+
+
+def _unknown_id(backend: RustTokenizer) -> int | None:
+    """The id words outside the vocabulary become, or None: byte-level BPE (CLIP) has no unknown words, and
+    names its end-of-text token as unknown, so a token that every encoding carries is not counted."""
+    token = getattr(backend.model, "unk_token", None)
+    unk_id = backend.token_to_id(token) if token else None
+    if unk_id is None or unk_id in backend.encode("").ids:
+        return None
+    return int(unk_id)
 
 
 def one_line(error: BaseException) -> str:

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
+from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import AutocastFactory, itm_pair_scores, reranked_ranks
+from vlp.eval.rerank import itm_pair_scores, reranked_ranks
 from vlp.eval.retrieval import (
     SCORES,
     RetrievalSplitLike,
@@ -97,9 +98,8 @@ def evaluate_retrieval_sharded(model: Any, split: RetrievalSplitLike, transform:
     txt2img = _as_index_tensor(split.txt2img, num_images, num_texts)
     image_positives = _validate_img2txt(split.img2txt, txt2img, num_images)
     fused = bool(model.has_fusion)
-    if fused and not 0 < k_test <= min(num_images, num_texts):
-        raise UserError(f"eval.k_test={k_test} must be between 1 and the gallery size "
-                        f"(min of {num_images} images, {num_texts} captions)")
+    requested = k_test
+    k_test = k_test_for_gallery(k_test, num_images, num_texts, "k_test") if fused else k_test
     image_rows, text_rows = shard_rows(num_images, rank, world), shard_rows(num_texts, rank, world)
     show = progress and rank == 0
     was_training = model.training
@@ -129,6 +129,8 @@ def evaluate_retrieval_sharded(model: Any, split: RetrievalSplitLike, transform:
     finally:
         model.train(was_training)
     result.update(score=score, k_test=k_test, num_images=num_images, num_texts=num_texts, precision=precision)
+    if k_test != requested:  # clamped to a small gallery
+        result["k_test_requested"] = requested
     return result
 
 

@@ -18,10 +18,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import AutocastFactory, rerank_candidates, reranked_ranks
+from vlp.eval.rerank import rerank_candidates, reranked_ranks
 from vlp.eval.topk import budget_elements, chunked_topk
 from vlp.models.vlp_model import pooled_only_kwargs
+from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
 
 __all__ = [
@@ -361,9 +363,8 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_
     num_images, num_texts = split.num_images, len(split.captions)
     txt2img = _as_index_tensor(split.txt2img, num_images, num_texts)
     fused = bool(model.has_fusion)
-    if fused and not 0 < k_test <= min(num_images, num_texts):
-        raise UserError(f"eval.k_test={k_test} must be between 1 and the gallery size "
-                        f"(min of {num_images} images, {num_texts} captions)")
+    requested = k_test
+    k_test = k_test_for_gallery(k_test, num_images, num_texts, "k_test") if fused else k_test
 
     was_training = model.training
     model.eval()
@@ -377,6 +378,8 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_
     finally:
         model.train(was_training)
     result.update(score=score, k_test=k_test, num_images=num_images, num_texts=num_texts, precision=precision)
+    if k_test != requested:  # clamped to a small gallery
+        result["k_test_requested"] = requested
     return result
 
 

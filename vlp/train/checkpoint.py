@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pickle
 import re
@@ -37,6 +38,7 @@ __all__ = [
     "checkpoint_path",
     "list_checkpoints",
     "latest_checkpoint",
+    "resumable_checkpoint",
     "prune_checkpoints",
     "save_trainer_state",
     "load_trainer_state",
@@ -49,6 +51,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 _ALIASES_KEY = "vlp_aliases"
+
+log = logging.getLogger("vlp")
 
 
 def _fsync_path(path: Path) -> None:
@@ -142,6 +146,44 @@ def latest_checkpoint(ckpt_root: Path | str) -> Path | None:
     """The complete checkpoint with the largest step number, or None."""
     found = list_checkpoints(ckpt_root)
     return found[-1][1] if found else None
+
+
+def _unreadable(directory: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed from (a missing, truncated or corrupt weights or trainer
+    state file), or None. Headers and archive directories only: the files are read in full by the resume."""
+    if not (directory / "trainer_state.pt").is_file() or not (directory / "model.safetensors").is_file():
+        return "model.safetensors or trainer_state.pt is missing"
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            return f"{file.name}: {err}"
+    try:
+        torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # zip and unpickling errors have many types
+        return f"trainer_state.pt: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+    return None
+
+
+def resumable_checkpoint(ckpt_root: Path | str) -> Path | None:
+    """The newest complete checkpoint that can be read, or None when there is none; an unreadable newer one
+    (a disk error, a file truncated by a copy) is skipped with a warning. Checkpoints that exist but none of
+    which can be read are a UserError: starting over would prune them."""
+    found = list_checkpoints(ckpt_root)
+    problems: list[tuple[Path, str]] = []
+    for _, path in reversed(found):
+        problem = _unreadable(path)
+        if problem is None:
+            if problems:
+                log.warning("--resume: %s is unreadable (%s); resuming from the previous complete checkpoint %s",
+                            problems[0][0], problems[0][1], path)
+            return path
+        problems.append((path, problem))
+    if problems:
+        raise UserError(f"--resume: none of the {len(found)} checkpoints in {ckpt_root} can be read (newest "
+                        f"{problems[0][0]}: {problems[0][1]})")
+    return None
 
 
 def prune_checkpoints(ckpt_root: Path | str, keep_last: int) -> list[Path]:

@@ -110,6 +110,8 @@ def note_data(batch: dict[str, Any], state: TrainState) -> None:
     state.bad_samples += int(batch.get("bad", 0))
     state.good_samples += len(batch["images"])
     state.truncated_captions += int(batch.get("truncated", 0))
+    state.unk_tokens += int(batch.get("unk_tokens", 0))
+    state.word_tokens += int(batch.get("word_tokens", 0))
     for path, reason in zip(batch.get("bad_paths", ()), batch.get("bad_reasons", ())):
         if len(state.bad_examples) < 3 and path not in state.bad_examples:
             state.bad_examples.append(path)
@@ -124,13 +126,57 @@ def note_data(batch: dict[str, Any], state: TrainState) -> None:
 
 def data_counts(state: TrainState, dist: DistInfo) -> dict[str, float]:
     """Data-fault counts of all ranks (each reads its own shard) for metrics.jsonl."""
-    counts = [state.bad_samples, state.good_samples, state.truncated_captions]
+    counts = [state.bad_samples, state.good_samples, state.truncated_captions, state.unk_tokens, state.word_tokens]
     if dist.world_size > 1:
         tensor = torch.tensor(counts, dtype=torch.int64, device=dist.device)
         torch.distributed.all_reduce(tensor)
         counts = [int(value) for value in tensor.tolist()]
-    bad, good, truncated = counts
-    return {"bad_samples": bad, "bad_fraction": bad / max(bad + good, 1), "truncated_captions": truncated}
+    bad, good, truncated, unknown, words = counts
+    record = {"bad_samples": bad, "bad_fraction": bad / max(bad + good, 1), "truncated_captions": truncated}
+    if words:  # VQA questions are not counted
+        record["unk_fraction"] = unknown / words
+    return record
+
+
+def check_vocabulary(config: Config, finetuning: bool) -> None:
+    """Own captions with the synthetic tokenizer would train on [UNK]s: refuse the pair before any work."""
+    import vlp.data.datasets  # noqa: F401  (registers the sources)
+    from vlp.registry import datasets
+
+    d, text = config.data, config.model.text
+    if d.source == "synthetic" or text.tokenizer != "synthetic" or d.source not in datasets:
+        return  # an unknown source is reported, with a suggestion, where the dataset is built
+    fix = ("fine-tune a checkpoint pretrained with model.text.tokenizer" if finetuning
+           else "set model.text.tokenizer")
+    raise UserError(f"data.source is '{d.source}' but model.text.tokenizer is 'synthetic', the word list of the "
+                    "built-in synthetic dataset: other words would become [UNK]; "
+                    f"{fix} to 'clip' (open_clip's bundled BPE) or a local tokenizer path (a tokenizer.json or "
+                    "a Hugging Face tokenizer directory)")
+
+
+_UNK_WARN = 0.01  # above this the run warns once; above data.max_unk_fraction it stops
+
+
+def check_unknown_tokens(config: Config, state: TrainState, dist: DistInfo) -> None:
+    """After the first step and at every log step (all ranks, the same steps): warn once when more than 1% of
+    the caption tokens are unknown to the tokenizer, stop above data.max_unk_fraction."""
+    if not (state.step == 1 or state.step % config.train.log_every == 0):
+        return
+    fraction = data_counts(state, dist).get("unk_fraction", 0.0)
+    if fraction <= _UNK_WARN:
+        return
+    text = config.model.text
+    name = text.tokenizer or text.name
+    what = (f"{fraction:.1%} of the caption tokens ({state.unk_tokens} of {state.word_tokens} on this process) "
+            f"are unknown to the tokenizer '{name}'")
+    if fraction > config.data.max_unk_fraction:
+        raise UserError(f"{what}, above data.max_unk_fraction={config.data.max_unk_fraction}: the model would not "
+                        "see those words; use a tokenizer that covers the captions (model.text.tokenizer: 'clip' "
+                        "or a local tokenizer path)")
+    if not state.unk_warned:
+        state.unk_warned = True
+        log.warning("%s (unk_fraction in metrics.jsonl; the run stops above data.max_unk_fraction=%g)", what,
+                    config.data.max_unk_fraction)
 
 
 def check_bad_data(config: Config, state: TrainState) -> None:
@@ -170,6 +216,7 @@ def fault_state(state: TrainState) -> dict[str, Any]:
     """The fault counters a checkpoint's trainer_state.pt keeps (the run's totals go on after --resume)."""
     return {"nonfinite_total": state.nonfinite_total, "bad_samples": state.bad_samples,
             "good_samples": state.good_samples, "truncated_captions": state.truncated_captions,
+            "unk_tokens": state.unk_tokens, "word_tokens": state.word_tokens,
             "bad_examples": list(state.bad_examples)}
 
 
@@ -180,4 +227,6 @@ def restore_fault_state(state: TrainState, trainer: dict[str, Any]) -> None:
     state.bad_samples = int(trainer.get("bad_samples", 0))
     state.good_samples = int(trainer.get("good_samples", state.samples_seen))
     state.truncated_captions = int(trainer.get("truncated_captions", 0))
+    state.unk_tokens = int(trainer.get("unk_tokens", 0))
+    state.word_tokens = int(trainer.get("word_tokens", 0))
     state.bad_examples = [str(path) for path in trainer.get("bad_examples", [])]

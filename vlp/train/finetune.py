@@ -16,7 +16,9 @@ from vlp.config.schema import Config
 from vlp.errors import UserError
 from vlp.models import VLPModel
 from vlp.objectives.base import Objective
+from vlp.precision import DEFAULT_PRECISION
 from vlp.train.distributed import DistInfo, init_distributed
+from vlp.train.eval_data import due
 from vlp.train.loop import (
     TrainingJob,
     autocast_factory,
@@ -26,6 +28,7 @@ from vlp.train.loop import (
     run_dir_for,
     run_training,
 )
+from vlp.train.run_dir import prepare_run_dir
 from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.seeding import seed_everything
 from vlp.types import LossOutput
@@ -46,10 +49,11 @@ def _load_init(init: str | Path) -> VLPModel:
 
 
 def finetune_retrieval(config: Config, init: str | Path, output_dir: str | Path | None = None,
-                       resume: bool = False) -> Path:
+                       resume: bool = False, overwrite: bool = False) -> Path:
     """ALBEF/BLIP retrieval fine-tuning: ITC (captions of one image are all positives) + ITM with hard
     negatives that never share the image, from a pretrained checkpoint."""
-    return pretrain(config, output_dir=output_dir, resume=resume, model=_load_init(init))
+    return pretrain(config, output_dir=output_dir, resume=resume,
+                    model=_load_init(init, config.train.init_image_size), overwrite=overwrite)
 
 
 # VQA --------------------------------------------------------------------------------------------
@@ -142,15 +146,16 @@ def evaluate_vqa_split(vqa_model: Any, vocab: Any, questions: list[dict[str, Any
 
 
 def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None = None,
-                 resume: bool = False) -> Path:
+                 resume: bool = False, overwrite: bool = False) -> Path:
     """VQA fine-tuning of a fused checkpoint; evaluates the val split and writes predictions + accuracy."""
     from vlp.eval.vqa import AnswerVocab, VQAModel
     from vlp.eval.vqa_baselines import AnswerPriors
 
     dist = init_distributed(config.train.device)
     run_dir = run_dir_for(config, output_dir)
+    prepare_run_dir(run_dir, resume, overwrite, dist)
     seed_everything(config.train.seed)
-    model = _load_init(init)
+    model = _load_init(init, config.train.init_image_size)
     if not model.has_fusion:
         raise UserError(f"{init}: the model has no fusion block (fusion.type: none): VQA needs a fused model")
     model = prepare_model(config, model)
@@ -171,8 +176,11 @@ def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None
         load_model_weights(vqa_model.head, directory / "vqa_head.safetensors", dist.device)
 
     def evaluate(step: int, final: bool) -> dict[str, float]:
+        if not due(config.eval.every, step, final):  # a zero-shot cadence does not apply to VQA
+            return {}
         predictions, metrics = evaluate_vqa_split(vqa_model, vocab, val_questions, val_loader,
                                                   config.eval.batch_size, str(dist.device), config.train.progress,
+                                                  precision=config.eval.precision,
                                                   priors=priors if final else None)
         vqa_model.train()
         if final and dist.rank == 0:

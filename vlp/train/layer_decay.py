@@ -60,18 +60,20 @@ def split_by_layer(model: nn.Module, groups: list[dict[str, Any]], image_decay: 
 
 
 def full_lr_index(optimizer: torch.optim.Optimizer) -> int:
-    """The first parameter group trained at the full lr (the one the logged ``lr`` follows)."""
+    """The first parameter group trained at the full base lr (the one the logged ``lr`` follows): scale 1
+    when a group has it (a cross-modal multiplier above 1 is not the base), else the largest scale."""
     scales = [float(group.get("lr_scale", 1.0)) for group in optimizer.param_groups]
-    return scales.index(max(scales))
+    return scales.index(1.0) if 1.0 in scales else scales.index(max(scales))
 
 
 def decay_record(cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """The decays and every group's peak lr (``lr_peak/<group name>``) for the run's first metrics record,
     also logged; empty without layer decay."""
-    if cfg.image_layer_decay == 1.0 and cfg.text_layer_decay == 1.0:
+    if cfg.image_layer_decay == 1.0 and cfg.text_layer_decay == 1.0 and cfg.fusion_lr_scale == 1.0:
         return {}
     peaks = {f"lr_peak/{group.get('group_name', index)}": float(group.get("initial_lr", group["lr"]))
              for index, group in enumerate(optimizer.param_groups)}
-    log.info("layer-wise lr decay: image %g, text %g; peak lr per group: %s", cfg.image_layer_decay,
-             cfg.text_layer_decay, ", ".join(f"{k[8:]} {v:.3g}" for k, v in peaks.items()))
-    return {"image_layer_decay": cfg.image_layer_decay, "text_layer_decay": cfg.text_layer_decay, **peaks}
+    log.info("layer-wise lr decay: image %g, text %g; cross-modal lr x%g; peak lr per group: %s",
+             cfg.image_layer_decay, cfg.text_layer_decay, cfg.fusion_lr_scale, ", ".join(f"{k[8:]} {v:.3g}" for k, v in peaks.items()))
+    return {"image_layer_decay": cfg.image_layer_decay, "text_layer_decay": cfg.text_layer_decay,
+            "fusion_lr_scale": cfg.fusion_lr_scale, **peaks}

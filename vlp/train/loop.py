@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import math
 import time
@@ -38,11 +38,13 @@ from vlp.train.distributed import (
     init_distributed,
     mean_over_ranks,
 )
+from vlp.train.eval_data import evaluation_due, run_evaluator
 from vlp.train.faults import TrainingStopped
 from vlp.train.metrics import MetricsLogger, plot_metrics
-from vlp.train.optim import build_optimizer, scaled_lr
+from vlp.train.optim import build_optimizer, lr_summary, scaled_lr
+from vlp.train.run_dir import prepare_run_dir
 from vlp.train.sampler import ResumableSampler, SeededDataset
-from vlp.train.schedule import build_scheduler
+from vlp.train.schedule import build_scheduler, steps_for_epochs
 from vlp.train.seeding import seed_everything
 from vlp.train.trainer_state import TrainerSaver, restore_trainer
 
@@ -94,6 +96,9 @@ class TrainState:
         self.bad_samples = 0
         self.good_samples = 0  # samples that reached the model (bad_samples + good_samples = samples read)
         self.truncated_captions = 0
+        self.unk_tokens = 0  # caption tokens unknown to the tokenizer, of word_tokens (non-special ones)
+        self.word_tokens = 0
+        self.unk_warned = False
         self.bad_examples: list[str] = []  # a few paths for the error message
         self.logged_bad: set[str] = set()
         self.samples_seen = 0
@@ -173,18 +178,23 @@ class TrainingJob:
 
 
 def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool = False,
-             model: VLPModel | None = None) -> Path:
-    """Run pretraining (or retrieval fine-tuning of ``model``) as ``config`` says; returns the run directory."""
+             model: VLPModel | None = None, overwrite: bool = False) -> Path:
+    """Run pretraining (or retrieval fine-tuning of ``model``) as ``config`` says; returns the run directory.
+
+    A run directory that already holds a run is continued with ``resume``, replaced with ``overwrite``, and
+    otherwise refused (vlp.train.run_dir)."""
     tune_allocator()
     dist = init_distributed(config.train.device)
     run_dir = run_dir_for(config, output_dir)
+    prepare_run_dir(run_dir, resume, overwrite, dist)
+    faults.check_vocabulary(config, finetuning=model is not None)
     seed_everything(config.train.seed)
     model = prepare_model(config, model if model is not None else build_model(config.model)).to(dist.device)
     autocast = autocast_factory(config.train.precision, dist.device)
     objective = PretrainObjective(model, config.objective, autocast=autocast,
                                   chunk_size=config.train.contrastive_chunk_size).to(dist.device)
     loader, dataset, sampler = build_loader(config, model, dist)
-    _check_test_gallery(config, model)
+    evaluate = run_evaluator(config, model, run_dir, dist)
 
     def save_weights(directory: Path) -> None:
         model.save_pretrained(directory, {"run": to_dict(config)})
@@ -198,28 +208,8 @@ def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool 
         if extra_path.is_file():
             objective.load_extra_state_dict({k: v.to(dist.device) for k, v in ckpt.load_tensors(extra_path).items()})
 
-    def evaluate(step: int, final: bool) -> dict[str, float]:
-        return evaluate_run(config, model, run_dir, dist, final)
-
     job = TrainingJob(model, objective, loader, dataset, sampler, save_weights, load_weights, evaluate)
     return run_training(config, job, run_dir, dist, resume)
-
-
-def _check_test_gallery(config: Config, model: VLPModel) -> None:
-    """eval.k_test larger than the test gallery fails before training, not after it."""
-    e, d = config.eval, config.data
-    if e.every < 0 or not model.has_fusion or not (d.test or d.source == "synthetic"):
-        return
-    gallery, where = d.synthetic_test_size, "data.synthetic_test_size"  # synthetic scenes have >= 1 caption each
-    if d.test:
-        from vlp.train.eval_data import retrieval_split_for
-
-        split = retrieval_split_for(config, model.image_encoder.image_size)
-        gallery, where = min(split.num_images, len(split.captions)), f"data.test {d.test}"
-    gallery = min(gallery, e.max_images) if e.max_images > 0 else gallery
-    if e.k_test > gallery:
-        raise UserError(f"config key 'eval.k_test' = {e.k_test}: larger than the {gallery}-image test gallery "
-                        f"({where}, eval.max_images)")
 
 
 def _final_writer(config: Config, job: TrainingJob) -> Callable[[Path], None]:
@@ -248,6 +238,11 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     """The generic loop: accumulation, clipping, optimizer + schedule, checkpoints, metrics, evaluation."""
     if config.train.device == "cuda" and dist.device.type != "cuda":
         raise UserError("train.device is cuda but no CUDA device is available")
+    if config.train.epochs > 0:  # recorded in config.yaml as the max_steps it resolves to
+        steps = steps_for_epochs(config.train.epochs, job.loader, config.train.grad_accum)
+        log.info("train.epochs %d: %d optimizer steps (%d batches per epoch)", config.train.epochs, steps,
+                 len(job.loader))
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=steps))
     ckpt_root = run_dir / "checkpoints"
     main = dist.rank == 0
     if main:
@@ -257,7 +252,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     objective, module = job.objective, job.module
-    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    latest = ckpt.resumable_checkpoint(ckpt_root) if resume else None
     if resume and latest is None and main:
         log.warning("--resume: no complete checkpoint in %s, starting from scratch", ckpt_root)
     if latest is not None:
@@ -281,9 +276,11 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     if latest is not None:
         restore_trainer(latest, optimizer, scheduler, state, objective, dist, config)
 
-    metrics = MetricsLogger(run_dir, enabled=main)
+    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=config.train.tensorboard)
+    if main:
+        log.info(lr_summary(config.optim, effective, lr))
     if main and state.step == 0:
-        metrics.log({"step": 0, "lr_scaled": lr, "effective_batch_size": effective,
+        metrics.log({"step": 0, "lr_scaled": lr, "lr_given": config.optim.lr, "effective_batch_size": effective,
                      **layer_decay.decay_record(config.optim, optimizer)})
     stop = faults.StopFlag()
     data_iter = batches(job.loader, job.dataset, job.sampler, state)
@@ -336,14 +333,14 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                                 sps=f"{record['samples_per_s']:.0f}")
                 window_start, window_samples = time.perf_counter(), 0
             faults.check_bad_data(config, state)
+            faults.check_unknown_tokens(config, state, dist)
             every = config.train.checkpoint_every
             stop_now = faults.any_rank(dist, stop.requested)
             if stop_now or (every and state.step % every == 0 and state.step < config.train.max_steps):
                 saved = saver.save()
                 if stop_now:
                     raise stop.stopped(state.step, saved)
-            e = config.eval.every
-            if job.evaluate is not None and e > 0 and state.step % e == 0 and state.step < config.train.max_steps:
+            if job.evaluate is not None and state.step < config.train.max_steps and evaluation_due(config, state.step):
                 # every rank: its shard
                 metrics.log({"step": state.step, **weight_ema.evaluate(job.evaluate, ema, config, run_dir, state.step, False)})
                 window_start = time.perf_counter()
@@ -355,7 +352,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
             with ema.swapped_into(), full_state_dicts(objective):
                 if main:
                     ckpt.write_atomic(run_dir / "final_ema", _final_writer(config, job))
-        if job.evaluate is not None and config.eval.every >= 0:
+        if job.evaluate is not None and evaluation_due(config, state.step, final=True):
             metrics.log({"step": state.step, **weight_ema.evaluate(job.evaluate, ema, config, run_dir, state.step, True)})
     except RuntimeError as err:  # a dead data loader worker is a clean stop, anything else a bug
         stopped = faults.worker_death(err, state.step)
@@ -365,6 +362,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     finally:
         bar.close()
         stop.restore()
+        metrics.close()
     if main:
         plot_metrics(run_dir)
     cleanup()
@@ -380,27 +378,3 @@ def _optimizer_step(config: Config, model: nn.Module, optimizer: torch.optim.Opt
         return False
     optimizer.step()
     return True
-
-
-def evaluate_run(config: Config, model: VLPModel, run_dir: Path, dist: DistInfo, final: bool) -> dict[str, float]:
-    """Retrieval on the run's held-out split; flat ``eval/...`` metrics for metrics.jsonl."""
-    from vlp.eval.distributed import evaluate_retrieval_sharded
-    from vlp.eval.plots import plot_recall_curve
-    from vlp.train.eval_data import retrieval_split_for
-
-    split = retrieval_split_for(config, model.image_encoder.image_size)
-    if split is None:
-        return {}
-    e = config.eval
-    model.eval()
-    # every rank encodes and ranks its shard; all get the same result (one process: evaluate_retrieval)
-    result = evaluate_retrieval_sharded(model, split, model.image_transform(train=False), k_test=e.k_test,
-                                        score=e.score, batch_size=e.batch_size, precision=e.precision,
-                                        device=str(dist.device), progress=config.train.progress,
-                                        max_images=e.max_images)
-    model.train()
-    if final and dist.rank == 0:
-        (run_dir / "eval_retrieval.json").write_text(json.dumps(result, indent=2))
-        plot_recall_curve(result, run_dir / "plots" / "recall_at_k.png")
-    return {f"eval/{kind}/{name}": float(value) for kind in ("itc", "itm") if kind in result
-            for name, value in result[kind].items()}

@@ -29,6 +29,7 @@ from vlp.errors import UserError
 __all__ = ["LOSS_TERMS", "MetricsLogger", "read_metrics", "plot_panels", "plot_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 LOSS_TERMS = ("itc", "itm", "mlm", "siglip", "distill", "vqa")
 _RECALL = re.compile(r"^(?:.*/)?(txt|img)_r(1|5|10)$")
 
@@ -46,15 +47,20 @@ class MetricsLogger:
 
     ``enabled=False`` (non-main ranks) makes every call a no-op and creates no file. Tensors are read with
     ``.item()``; NaN/inf are written as the JSON extensions ``NaN``/``Infinity`` that ``read_metrics`` reads back.
+    ``tensorboard=True`` also writes each record's numbers as scalars (tag = key, at its step) under
+    ``<run_dir>/tensorboard/``; metrics.jsonl stays the record that plots, reports and resumes read.
     """
 
-    def __init__(self, run_dir: Path | str, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path | str, enabled: bool = True, tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
         self._handle: IO[str] | None = None
+        self._board: Any = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self.path, "a", encoding="utf-8")
+            if tensorboard:
+                self._board = _summary_writer(Path(run_dir) / TENSORBOARD_DIR)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Write ``record`` (which must hold ``step``) as one line, ``step`` first."""
@@ -66,11 +72,19 @@ class MetricsLogger:
         line.update({key: _plain(value) for key, value in record.items() if key != "step"})
         self._handle.write(json.dumps(line) + "\n")
         self._handle.flush()
+        if self._board is not None:
+            for key, value in line.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._board.add_scalar(key, value, global_step=line["step"])
+            self._board.flush()
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -78,6 +92,15 @@ class MetricsLogger:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _summary_writer(directory: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer needs the tensorboard package
+        raise UserError("train.tensorboard: the tensorboard package is not installed; pip install "
+                        "'vlp[tensorboard]' (or tensorboard), or set train.tensorboard: false") from None
+    return SummaryWriter(log_dir=str(directory))
 
 
 def read_metrics(path: Path | str) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ LayerNorm), and additionally spares embedding tables as ALBEF/METER-style recipe
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from torch import nn
 from vlp.config.schema import OptimConfig
 from vlp.errors import ConfigError, UserError
 
-__all__ = ["NO_DECAY_KEYWORDS", "param_groups", "scaled_lr", "build_optimizer"]
+__all__ = ["NO_DECAY_KEYWORDS", "param_groups", "scaled_lr", "lr_summary", "build_optimizer"]
 
 NO_DECAY_KEYWORDS: tuple[str, ...] = ("embed", "pos", "token", "temperature", "logit_scale", "logit_bias", "bias")
 
@@ -76,13 +77,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def scaled_lr(lr: float, base_batch_size: int, effective_batch: int, rule: str) -> float:
     """The peak lr for ``effective_batch`` given ``lr`` tuned at ``base_batch_size``.
 
+    ``base_batch_size`` 0: ``lr`` as given, whatever the batch (open_clip's convention). Otherwise
     ``linear``: lr * eff / base (Goyal et al.); ``sqrt``: lr * sqrt(eff / base), the usual rule for Adam;
     ``none``: lr unchanged.
     """
-    if base_batch_size <= 0:
-        raise ConfigError(f"optim.base_batch_size: must be positive, got {base_batch_size}")
+    if base_batch_size < 0:
+        raise ConfigError(f"optim.base_batch_size: must be >= 0 (0 = lr as given), got {base_batch_size}")
     if effective_batch <= 0:
         raise ConfigError(f"effective batch size must be positive, got {effective_batch}")
+    if base_batch_size == 0:
+        if rule not in ("linear", "sqrt", "none"):
+            raise ConfigError(f"optim.lr_scaling: unknown rule '{rule}'; known: linear, sqrt, none")
+        return lr
     ratio = effective_batch / base_batch_size
     if rule == "linear":
         return lr * ratio
@@ -91,6 +97,46 @@ def scaled_lr(lr: float, base_batch_size: int, effective_batch: int, rule: str) 
     if rule == "none":
         return lr
     raise ConfigError(f"optim.lr_scaling: unknown rule '{rule}'; known: linear, sqrt, none")
+
+
+def lr_summary(cfg: OptimConfig, effective_batch: int, lr: float) -> str:
+    """The console line of a run's start: the lr given, the effective batch and the lr used."""
+    if cfg.base_batch_size == 0:
+        how = "optim.base_batch_size 0: as given"
+    else:
+        how = f"{cfg.lr_scaling} scaling from optim.base_batch_size {cfg.base_batch_size}"
+    return f"optim.lr {cfg.lr:g} given, effective batch {effective_batch}, lr used {lr:g} ({how})"
+
+
+CROSS_MODAL_PARTS = frozenset({"fusion", "image_to_fusion", "itm_head", "mlm_head", "head"})
+
+
+def is_cross_modal(name: str) -> bool:
+    """Whether a parameter belongs to the cross-modal part (fusion, its input projection, a task head): a
+    dotted name with one of ``CROSS_MODAL_PARTS`` as a component (``model.fusion.text_layers.0...``)."""
+    return not CROSS_MODAL_PARTS.isdisjoint(name.split(".")[:-1])
+
+
+def split_cross_modal(groups: list[dict[str, Any]], scale: float) -> list[dict[str, Any]]:
+    """Each parameter group split in two: the towers' parameters keep their ``lr_scale`` (1 without layer
+    decay), the cross-modal ones get ``scale`` times it; ``group_name`` gains ``/cross_modal``."""
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        parts: dict[bool, dict[str, Any]] = {}
+        for name, param in zip(group["param_names"], group["params"]):
+            cross = is_cross_modal(name)
+            part = parts.setdefault(cross, {**{k: v for k, v in group.items() if k not in ("params", "param_names")},
+                                            "params": [], "param_names": []})
+            part["params"].append(param)
+            part["param_names"].append(name)
+        base_name = group.get("group_name", "decay" if group["weight_decay"] > 0 else "no_decay")
+        for cross in (False, True):
+            if cross in parts:
+                part = parts[cross]
+                part["lr_scale"] = float(group.get("lr_scale", 1.0)) * (scale if cross else 1.0)
+                part["group_name"] = f"{base_name}/cross_modal" if cross else base_name
+                out.append(part)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device_type: str) -> torch.optim.AdamW:
@@ -107,7 +153,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device_type: 
         from vlp.train.layer_decay import split_by_layer
 
         groups = split_by_layer(model, groups, cfg.image_layer_decay, cfg.text_layer_decay)
-        for group in groups:
+    if cfg.fusion_lr_scale != 1.0:
+        groups = split_cross_modal(groups, cfg.fusion_lr_scale)
+    for group in groups:
+        if "lr_scale" in group:
             group["lr"] = lr * group["lr_scale"]
     fused = device_type in ("cuda", "cpu")  # other backends (mps, xpu) keep torch's default implementation
     return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=cfg.eps, fused=fused or None)

@@ -11,6 +11,7 @@ resumed with a larger step count does not see the lr rise again).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -18,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from vlp.config.schema import ScheduleConfig
 from vlp.errors import ConfigError
 
-__all__ = ["lr_factor", "lr_at", "build_scheduler"]
+__all__ = ["lr_factor", "lr_at", "build_scheduler", "steps_for_epochs"]
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "cosine",
@@ -55,3 +56,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_s
         return lr_factor(step, cfg.warmup_steps, max_steps, cfg.type, cfg.min_lr_ratio)
 
     return LambdaLR(optimizer, factor)
+
+
+def steps_for_epochs(epochs: int, loader: Any, grad_accum: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``loader`` (train.epochs): the last step of the run ends
+    the last epoch, a partial accumulation group counting as a step."""
+    try:
+        batches = len(loader)
+    except TypeError:
+        raise ConfigError("train.epochs: the training data has no known size (a stream without "
+                          "data.samples_per_epoch); set train.max_steps instead") from None
+    if batches == 0:
+        raise ConfigError("train.epochs: the training data gives no batch per epoch")
+    return max(1, math.ceil(epochs * batches / grad_accum))
