@@ -25,6 +25,7 @@ from vlp.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs/pretrain/demo_tiny.yaml"
+ALBEF = ROOT / "configs/pretrain/albef_4m_tiny.yaml"  # every head trained: FSDP resumes need optimizer state for all
 DECAY = 0.8  # large steps for a tiny run: the average stays visibly apart from the weights
 
 
@@ -206,7 +207,7 @@ def _torchrun(run_dir: Path, *overrides: str, resume: bool = False) -> None:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "vlp.cli.main", "pretrain", str(DEMO), "--output-dir", str(run_dir)]
+               "-m", "vlp.cli.main", "pretrain", str(ALBEF), "--output-dir", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command + [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else []),
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -233,3 +234,12 @@ def test_fsdp_average_matches_ddp_and_resumes_exactly(tmp_path: Path) -> None:
     _torchrun(resumed, *common, "train.fsdp=true", resume=True)
     again = load_file(str(resumed / "final_ema" / "model.safetensors"))
     assert all(torch.equal(fsdp[k], again[k]) for k in fsdp)
+
+
+def test_the_average_never_changes_training(tmp_path: Path) -> None:
+    plain = pretrain(load_config(DEMO, ["train.max_steps=3"]), output_dir=tmp_path / "plain")
+    averaged = pretrain(load_config(DEMO, ["train.max_steps=3", f"train.ema_decay={DECAY}"]),
+                        output_dir=tmp_path / "ema")
+    expected, got = (load_file(str(run / "final" / "model.safetensors")) for run in (plain, averaged))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not (plain / "final_ema").exists() and (averaged / "final_ema").is_dir()

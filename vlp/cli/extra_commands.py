@@ -14,7 +14,7 @@ def add_extra_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser],
     import importlib
     import importlib.util
 
-    for name in ("report", "explain", "convert"):
+    for name in ("report", "explain", "convert", "merge"):
         if importlib.util.find_spec(f"vlp.cli.{name}") is not None:
             module = importlib.import_module(f"vlp.cli.{name}")
             module.add_command(sub, add_common)
