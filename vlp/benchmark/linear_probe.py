@@ -69,6 +69,7 @@ def load_probe_task(name: str, spec: LinearProbeTask) -> ProbeData:
                      source)
 
 
+@torch.enable_grad()  # also when called under no_grad (the evaluation is)
 def train_probe(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float, lr: float, epochs: int,
                 batch_size: int, seed: int) -> torch.nn.Linear:
     torch.manual_seed(seed)
@@ -141,9 +142,8 @@ def evaluate_probe_task(data: ProbeData, model: Any, transform: Any, spec: Linea
     num_classes = len(data.classes)
 
     def fit(features: Tensor, targets: Tensor, decay: float) -> torch.nn.Linear:
-        with torch.enable_grad():
-            return train_probe(features, targets, num_classes, decay, spec.lr, spec.epochs, spec.probe_batch_size,
-                               spec.seed)
+        return train_probe(features, targets, num_classes, decay, spec.lr, spec.epochs, spec.probe_batch_size,
+                           spec.seed)
 
     def val_accuracy(decay: float) -> float:
         probe = fit(feats["train"], labels["train"], decay)
