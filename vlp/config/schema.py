@@ -107,7 +107,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ObjectiveConfig:
     itc_weight: float = doc(1.0, "Weight of the contrastive term.")
-    itm_weight: float = doc(1.0, "Weight of the matching term (0 disables ITM).")
+    itm_weight: float = doc(1.0, "Weight of the matching term (0 disables ITM). Follows the model when a YAML config leaves it out: 1 with a fusion block and model.itm_head, else 0 (a dual encoder needs no objective section).")
     mlm_weight: float = doc(0.0, "Weight of the MLM term (0 disables MLM).")
     mlm_probability: float = doc(0.15, "Fraction of real, non-special tokens selected for MLM (80/10/10).")
     hard_negatives: bool = doc(True, "Sample ITM negatives from the softmaxed contrastive similarities (else uniformly).")
