@@ -57,14 +57,13 @@ def test_zeroshot_evaluation_during_training(tmp_path: Path) -> None:
 
     # the same number as `vlp eval zeroshot` on the final checkpoint with the same prompts
     from vlp.data.vqa_data import load_zeroshot
-    from vlp.eval.zeroshot import evaluate_zeroshot
+    from vlp.eval.zeroshot import default_templates, evaluate_zeroshot
     from vlp.models import VLPModel
-    from vlp.train.eval_data import zeroshot_templates
 
     model = VLPModel.from_pretrained(run / "final")
     split = load_zeroshot(paths["zeroshot"], tmp_path / "data", paths["classes"])
     direct = evaluate_zeroshot(model, split, model.image_transform(train=False), list(split.classes),
-                               zeroshot_templates(model, list(split.classes)), progress=False)
+                               default_templates(model, split.classes), progress=False)
     assert direct["itc_top1"] == pytest.approx(result["itc_top1"])
     assert result["num_images"] == len(split.labels) > 0
 

@@ -139,18 +139,14 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     from vlp.data.vqa_data import load_zeroshot
-    from vlp.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot
+    from vlp.eval.zeroshot import default_templates, evaluate_zeroshot
     from vlp.models import VLPModel
 
     checkpoint = checkpoint_dir(args.checkpoint)
     split = load_zeroshot(existing_path(args.data, "path", "--data"), _image_root(args.image_root),
                           existing_path(args.classes, "path", "--classes"))
     model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
-    templates = list(DEFAULT_TEMPLATES)
-    if model.config.text.tokenizer == "synthetic":  # prompts in the synthetic vocabulary
-        from vlp.data.synthetic import COLORS, ZEROSHOT_TEMPLATES
-
-        templates = list(ZEROSHOT_TEMPLATES["color" if set(split.classes) & set(COLORS) else "shape"])
+    templates = default_templates(model, split.classes)
     if args.templates:
         templates = json.loads(existing_path(args.templates, "path", "--templates").read_text())
     result = evaluate_zeroshot(model, split, model.image_transform(train=False), split.classes, templates,

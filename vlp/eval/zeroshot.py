@@ -16,18 +16,24 @@ from tqdm.auto import tqdm
 
 from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, reranked_ranks
-from vlp.eval.retrieval import (
-    autocast_context,
-    encode_texts,
-    image_loader,
-    resolve_device,
-    split_images,
-)
+from vlp.eval.retrieval import encode_texts, image_loader, resolve_device, split_images
+from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
 
-__all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "zeroshot_classifier", "evaluate_zeroshot"]
+__all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "default_templates", "zeroshot_classifier", "evaluate_zeroshot"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def default_templates(model: Any, classnames: Sequence[str]) -> list[str]:
+    """The prompts of ``vlp eval zeroshot`` and of zero-shot evaluation during training: the synthetic
+    captions' phrasing for a synthetic-vocabulary model (other words would be unknown to it), else
+    ``DEFAULT_TEMPLATES``."""
+    if model.config.text.tokenizer != "synthetic":
+        return list(DEFAULT_TEMPLATES)
+    from vlp.data.synthetic import COLORS, ZEROSHOT_TEMPLATES
+
+    return list(ZEROSHOT_TEMPLATES["color" if set(classnames) & set(COLORS) else "shape"])
 
 
 class ZeroShotSplitLike(Protocol):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from vlp.models import VLPModel
     from vlp.train.distributed import DistInfo
 
-__all__ = ["retrieval_split_for", "check_test_gallery", "due", "evaluation_due", "run_evaluator", "zeroshot_templates"]
+__all__ = ["retrieval_split_for", "check_test_gallery", "due", "evaluation_due", "run_evaluator"]
 
 
 def retrieval_split_for(config: Config, image_size: int) -> Any:
@@ -67,18 +67,6 @@ def check_test_gallery(config: Config, model: VLPModel) -> int:
     return k_test_for_gallery(e.k_test, images, texts)
 
 
-def zeroshot_templates(model: Any, classes: list[str]) -> list[str]:
-    """Prompt templates for ``classes``: the synthetic captions' phrasing for a synthetic-vocabulary model
-    (other words would be unknown to it), else open_clip's plain "a photo of a {}."."""
-    from vlp.eval.zeroshot import DEFAULT_TEMPLATES
-
-    if model.config.text.tokenizer != "synthetic":
-        return list(DEFAULT_TEMPLATES)
-    from vlp.data.synthetic import COLORS, ZEROSHOT_TEMPLATES
-
-    return list(ZEROSHOT_TEMPLATES["color" if set(classes) & set(COLORS) else "shape"])
-
-
 def _zeroshot_split(config: Config) -> Any:
     e, d = config.eval, config.data
     if not e.zeroshot:
@@ -98,7 +86,9 @@ def run_evaluator(config: Config, model: VLPModel, run_dir: Path,
     before training."""
     k_test = check_test_gallery(config, model)
     zeroshot = _zeroshot_split(config)
-    templates = zeroshot_templates(model, list(zeroshot.classes)) if zeroshot is not None else []
+    from vlp.eval.zeroshot import default_templates
+
+    templates = default_templates(model, list(zeroshot.classes)) if zeroshot is not None else []
 
     def evaluate(step: int, final: bool) -> dict[str, float]:
         flat: dict[str, float] = {}
