@@ -16,8 +16,13 @@ from tqdm.auto import tqdm
 
 from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, reranked_ranks
-from vlp.eval.retrieval import encode_texts, image_loader, resolve_device, split_images
-from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
+from vlp.eval.retrieval import (
+    autocast_context,
+    encode_texts,
+    image_loader,
+    resolve_device,
+    split_images,
+)
 from vlp.types import EncoderOutput
 
 __all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "default_templates", "zeroshot_classifier", "evaluate_zeroshot"]
