@@ -191,6 +191,38 @@ def test_open_clip_matches_open_clip(layout: str, tmp_path: Path) -> None:
     assert list(model.image_encoder.mean) == pytest.approx(expected_mean)
 
 
+def test_open_clip_siglip_tokenizer_canonicalizes(tmp_path: Path) -> None:
+    """open_clip's SigLIP configs name a Hugging Face tokenizer with ``clean: canonicalize``: the converted
+    tokenizer canonicalizes too (a config without it uses the tokenizer as is, with a note)."""
+    import open_clip
+    from open_clip.tokenizer import canonicalize_text
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    canonical = [canonicalize_text(caption) for caption in CAPTIONS]
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *sorted(set(" ".join(canonical).split()))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    text_cfg: dict[str, Any] = {"context_length": 12, "vocab_size": len(vocab), "width": 32, "heads": 2, "layers": 1,
+                                "no_causal_mask": True, "pool_type": "last", "proj_bias": True, "pad_id": 0,
+                                "hf_tokenizer_name": "timm/ViT-B-16-SigLIP"}
+    vision_cfg = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
+    for kwargs, cleaning in (({"clean": "canonicalize"}, "canonicalize"), ({"clean": "lower"}, "none")):
+        cfg = {"embed_dim": 24, "vision_cfg": vision_cfg, "text_cfg": {**text_cfg, "tokenizer_kwargs": kwargs}}
+        src, out = tmp_path / f"oc_{cleaning}", tmp_path / f"vlp_{cleaning}"
+        src.mkdir()
+        backend.save(str(src / "tokenizer.json"))
+        reference = open_clip.CustomTextCLIP(**cfg, init_logit_bias=-5.0)
+        safetensors.torch.save_file(reference.state_dict(), str(src / "open_clip_model.safetensors"))
+        (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+        report = convert("open_clip", src, out)
+        _, tokenizer, _ = vlp.load(out)
+        assert tokenizer.text_cleaning == cleaning
+        assert any(("canonicalized" if cleaning == "canonicalize" else "as is") in note for note in report.notes)
+    ids = tokenizer(["A small green triangle."], max_length=12)["input_ids"][0].tolist()
+    assert 2 in ids  # uncleaned: "A" and "triangle." are unknown
+
+
 @pytest.mark.slow
 def test_open_clip_checkpoint_of_a_built_in_model(tmp_path: Path) -> None:
     import open_clip
@@ -308,15 +340,18 @@ def test_vilt_model_without_rank_head_matches_pooler(tmp_path: Path) -> None:
 
 
 def test_siglip_matches_transformers(tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from open_clip.tokenizer import canonicalize_text
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import SiglipConfig, SiglipModel
 
     # SigLIP's sentencepiece tokenizer cannot be built offline without sentencepiece: a tiny
     # tokenizer.json with its specials (<pad> 0, </s> 1 = SigLIP's pad and end) stands in, and the same
-    # ids go to both models.
-    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *sorted(set(" ".join(CAPTIONS).lower().split()))])}
+    # ids go to both models. Its vocabulary holds the canonicalized words only: "triangle." and "A" are
+    # known only after vlp's canonicalization.
+    canonical = [canonicalize_text(caption) for caption in CAPTIONS]
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *sorted(set(" ".join(canonical).split()))])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.WhitespaceSplit()
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     src = tmp_path / "hf"
     src.mkdir()
@@ -330,6 +365,10 @@ def test_siglip_matches_transformers(tmp_path: Path) -> None:
     model, tokenizer, _ = vlp.load(tmp_path / "vlp")
     batch = tokenizer(CAPTIONS, max_length=16)
     assert tokenizer.pad_id == 1  # the model's pad_token_id: SigLIP pads every caption to its full length
+    assert tokenizer.text_cleaning == "canonicalize" and any("canonicalized" in note for note in report.notes)
+    for row, text in enumerate(canonical):
+        ids = backend.encode(text).ids
+        assert batch["input_ids"][row, : len(ids)].tolist() == ids and 2 not in ids  # no <unk>
     full = torch.nn.functional.pad(batch["input_ids"], (0, 16 - batch["input_ids"].shape[1]), value=1)
     pixels = images()
     with torch.no_grad():

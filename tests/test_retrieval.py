@@ -23,6 +23,7 @@ from vlp.eval.rerank import rerank_candidates
 from vlp.eval.retrieval import (
     chunked_ranks,
     chunked_topk,
+    encode_split,
     evaluate_retrieval,
     positives_from_txt2img,
     retrieval_metrics,
@@ -254,9 +255,7 @@ def per_pair_logits(model: TinyFused, split: Split, image: int, text: int) -> fl
 
 
 def encoded(model: TinyFused, split: Split) -> Any:
-    from vlp.eval.retrieval import encode_split
-
-    return encode_split(model, split, None, batch_size=4, progress=False)
+    return encode_split(model, split, None, batch_size=4, precision="fp32", progress=False)
 
 
 def test_batched_rerank_equals_per_pair_calls() -> None:
@@ -266,7 +265,8 @@ def test_batched_rerank_equals_per_pair_calls() -> None:
         enc = encoded(model, split)
         _, i2t = chunked_topk(enc.image_emb, enc.text_emb, 5)
         _, t2i = chunked_topk(enc.text_emb, enc.image_emb, 4)
-        i2t_scores, t2i_scores = rerank_candidates(model, enc.image_out, enc.text_out, i2t, t2i, batch_size=3)
+        i2t_scores, t2i_scores = rerank_candidates(model, enc.image_out, enc.text_out, i2t, t2i, batch_size=3,
+                                                   precision="fp32")
         for image in range(7):
             for j in range(5):
                 assert float(i2t_scores[image, j]) == pytest.approx(
@@ -284,7 +284,8 @@ def test_evaluate_retrieval_equals_full_reranked_matrices(score: str) -> None:
     torch.manual_seed(1)
     model, split = TinyFused(), make_split(9, captions_per_image=2, seed=3)
     k = 4
-    result = evaluate_retrieval(model, split, None, k_test=k, score=score, batch_size=5, progress=False)
+    result = evaluate_retrieval(model, split, None, k_test=k, score=score, batch_size=5, precision="fp32",
+                                progress=False)
     assert model.training  # mode restored
     model.eval()
     with torch.no_grad():
@@ -356,7 +357,7 @@ def test_oracle_itm_moves_recall_at_k_to_recall_at_1(k_test: int) -> None:
     model = OracleFused(txt2img, noise=1.2)
     images = [torch.full((3, 2, 2), float(i)) for i in range(30)]
     split = Split(images, [str(t) for t in range(60)], txt2img)
-    result = evaluate_retrieval(model, split, None, k_test=k_test, batch_size=7, progress=False)
+    result = evaluate_retrieval(model, split, None, k_test=k_test, batch_size=7, precision="fp32", progress=False)
     itc, itm = result["itc"], result["itm"]
     assert itc["txt_r1"] < itc[f"txt_r{k_test}"] < 100 and itc["img_r1"] < itc[f"img_r{k_test}"] < 100
     assert itm["txt_r1"] == itc[f"txt_r{k_test}"]
@@ -377,11 +378,9 @@ def test_dual_encoder_has_no_itm_and_max_images_subsets() -> None:
 
 
 def test_bf16_encoding_is_close_to_fp32_and_returns_fp32() -> None:
-    from vlp.eval.retrieval import encode_split
-
     torch.manual_seed(3)
     model, split = TinyFused().eval(), make_split(6, seed=1)
-    fp32 = encode_split(model, split, None, batch_size=4, progress=False)
+    fp32 = encode_split(model, split, None, batch_size=4, precision="fp32", progress=False)
     bf16 = encode_split(model, split, None, batch_size=4, precision="bf16", progress=False)
     for full, half in ((fp32.image_emb, bf16.image_emb), (fp32.text_emb, bf16.text_emb)):
         assert half.dtype == torch.float32
@@ -391,23 +390,37 @@ def test_bf16_encoding_is_close_to_fp32_and_returns_fp32() -> None:
     assert set(result["itm"]) == set(result["itc"]) and 0.0 <= result["itm"]["r_mean"] <= 100.0
 
 
-def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vlp.eval.retrieval import autocast_context, fast_precision
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert fast_precision(cpu) == "fp32"
-    with autocast_context("auto", cpu)():
-        assert not torch.is_autocast_enabled("cpu")
+@pytest.mark.parametrize("assume_amx", ["0", "1"])
+def test_auto_precision_is_fp32_on_cpus_with_and_without_amx(monkeypatch: pytest.MonkeyPatch,
+                                                              assume_amx: str) -> None:
+    monkeypatch.setenv("VLP_ASSUME_AMX", assume_amx)
     model, split = TinyFused().eval(), make_split(4)
     result = evaluate_retrieval(model, split, None, k_test=2, progress=False)
     assert result["precision"] == "fp32"
-    assert result["itc"] == evaluate_retrieval(model, split, None, k_test=2, precision="fp32", progress=False)["itc"]
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert fast_precision(cpu) == "bf16"
-    with autocast_context("auto", cpu)():
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    assert evaluate_retrieval(model, split, None, k_test=2, progress=False)["precision"] == "bf16"
+    pinned = evaluate_retrieval(model, split, None, k_test=2, precision="fp32", progress=False)
+    assert result["itc"] == pinned["itc"] and result["itm"] == pinned["itm"]
+    assert evaluate_retrieval(model, split, None, k_test=2, precision="bf16", progress=False)["precision"] == "bf16"
+
+
+def test_bf16_tokens_rerank_with_an_fp32_model() -> None:
+    """Tokens encoded under bf16 (this model's encoders end in bf16 there) re-rank under every precision:
+    they are cast to the model's dtype as they enter it."""
+    torch.manual_seed(0)
+    model, split = TinyFused().eval(), make_split(7, captions_per_image=3)
+    with torch.no_grad():
+        half = encode_split(model, split, None, batch_size=4, precision="bf16", progress=False)
+        full = encoded(model, split)
+        assert half.image_out is not None and half.image_out.tokens.dtype == torch.bfloat16
+        _, i2t = chunked_topk(full.image_emb, full.text_emb, 5)
+        _, t2i = chunked_topk(full.text_emb, full.image_emb, 4)
+        reference = rerank_candidates(model, full.image_out, full.text_out, i2t, t2i, batch_size=3,
+                                      precision="fp32")
+        for precision in ("auto", "fp32", "bf16"):
+            scores = rerank_candidates(model, half.image_out, half.text_out, i2t, t2i, batch_size=3,
+                                       precision=precision)
+            for a, b in zip(reference, scores):
+                assert b.dtype == torch.float32
+                torch.testing.assert_close(b, a, atol=0.05, rtol=0.0)
 
 
 def test_bad_eval_settings_are_user_errors() -> None:

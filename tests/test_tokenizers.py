@@ -100,6 +100,59 @@ def test_save_load_round_trip(tmp_path: Path, clip: Tokenizer, words: Tokenizer)
         assert torch.equal(rebuilt(CAPTIONS, 64)["input_ids"], tokenizer(CAPTIONS, 64)["input_ids"])
 
 
+# Captions that canonicalization changes: case, punctuation, "_", runs of whitespace, HTML and non-ASCII text.
+CANONICAL_CAPTIONS = [
+    "A Red  CIRCLE!",
+    "the_blue_square, left   of\tthe ball.",
+    "  Two shapes;\n(one is RED)  ",
+    "what's the colour? it's __blue__",
+    "caf\u00e9 &amp; cr\u00e8me: 3.14 + 42",
+    "x",
+]
+
+
+def _plain_word_tokenizer(words: set[str], cleaning: str) -> Tokenizer:
+    """Word-level ids with no normalizer (case and punctuation reach the vocabulary as they are)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", *sorted(words)])}
+    backend = RustTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return Tokenizer(backend, pad_id=0, mask_id=1, cls_id=0, special_ids=[0, 1], text_cleaning=cleaning)
+
+
+def test_canonicalize_cleaning_equals_open_clips() -> None:
+    from open_clip.tokenizer import basic_clean, canonicalize_text
+
+    from vlp.data.tokenizers import canonical_clean
+
+    # open_clip's `clean: canonicalize` (its SigLIP tokenizers) is canonicalize_text(basic_clean(text))
+    reference = [canonicalize_text(basic_clean(caption)) for caption in CANONICAL_CAPTIONS]
+    assert [canonical_clean(caption) for caption in CANONICAL_CAPTIONS] == reference
+    assert reference[:2] == ["a red circle", "the blue square left of the ball"]
+    words = {word for text in reference for word in text.split()}
+    canonical, plain = _plain_word_tokenizer(words, "canonicalize"), _plain_word_tokenizer(words, "none")
+    expected = [canonical.backend.encode(text).ids for text in reference]
+    batch = canonical(CANONICAL_CAPTIONS, max_length=32)
+    for row, ids in enumerate(expected):
+        assert batch["input_ids"][row, : len(ids)].tolist() == ids
+        assert int(batch["attention_mask"][row].sum()) == len(ids)
+    assert 1 not in [i for ids in expected for i in ids]  # every canonical word is known
+    uncleaned = plain(CANONICAL_CAPTIONS, max_length=32)["input_ids"]
+    assert (uncleaned == 1).any()  # without cleaning, "CIRCLE!" and "the_blue_square," are unknown
+
+
+def test_canonicalize_cleaning_is_saved(tmp_path: Path) -> None:
+    tokenizer = _plain_word_tokenizer({"a", "red", "circle"}, "canonicalize")
+    tokenizer.save(tmp_path / "t")
+    loaded = Tokenizer.load(tmp_path / "t")
+    assert loaded.text_cleaning == "canonicalize"
+    assert loaded(["A RED_circle!!"], 8)["input_ids"].tolist() == tokenizer(["a red circle"], 8)["input_ids"].tolist()
+    with pytest.raises(UserError, match="not one of none, clip, canonicalize"):
+        Tokenizer(tokenizer.backend, pad_id=0, mask_id=1, cls_id=0, special_ids=[], text_cleaning="lower")
+
+
 def test_load_errors_are_one_line(tmp_path: Path, words: Tokenizer) -> None:
     with pytest.raises(UserError, match="no tokenizer.json"):
         Tokenizer.load(tmp_path)

@@ -187,13 +187,14 @@ def test_evaluate_vqa_predictions_and_accuracy() -> None:
     def load_image(name: str) -> Tensor:
         return torch.full((3, 2, 2), float(name))
 
-    predictions, metrics = evaluate_vqa(vqa, questions, load_image, vocab, batch_size=3, progress=False)
+    predictions, metrics = evaluate_vqa(vqa, questions, load_image, vocab, batch_size=3, precision="fp32",
+                                        progress=False)
     assert predictions == [{"question_id": 1, "answer": "2"}, {"question_id": 2, "answer": "yes"},
                            {"question_id": 3, "answer": "blue"}, {"question_id": 4, "answer": "yes"}]
     # Question 1 has 5 human answers, 3 of them "2" once normalized: (3 * 2/3 + 2 * 1) / 5.
     expected = [vqa_accuracy("2", QUESTIONS[0]["answer"]), 1.0, 1.0]
     assert expected[0] == pytest.approx(0.8)
-    assert metrics["num_questions"] == 3
+    assert metrics["num_questions"] == 3 and metrics["precision"] == "fp32"
     assert metrics["overall"] == pytest.approx(100 * sum(expected) / 3)
     assert metrics["per_type"] == pytest.approx({"number": 80.0, "yes/no": 100.0, "other": 100.0})
     assert vqa.training

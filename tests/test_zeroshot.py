@@ -63,7 +63,7 @@ TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "art of a {}"]
 
 def test_classifier_equals_open_clip_zero_shot_weights() -> None:
     model = TinyOpenClip()
-    ours = zeroshot_classifier(model, CLASSES, TEMPLATES, batch_size=5)
+    ours = zeroshot_classifier(model, CLASSES, TEMPLATES, batch_size=5, precision="fp32")
     reference = open_clip.build_zero_shot_classifier(
         model.clip, lambda texts: open_clip.tokenize(texts, context_length=CONTEXT), CLASSES, TEMPLATES,
         num_classes_per_batch=3)
@@ -76,7 +76,7 @@ def test_accuracy_equals_clip_topk_reference() -> None:
     images = torch.randn(40, 3, 16, 16, generator=generator)
     labels = torch.randint(0, len(CLASSES), (40,), generator=generator)
     result = evaluate_zeroshot(model, LabelledImages(list(images), labels.tolist()), None, CLASSES, TEMPLATES,
-                               batch_size=16, progress=False)
+                               batch_size=16, precision="fp32", progress=False)
     with torch.no_grad():
         weights = open_clip.build_zero_shot_classifier(
             model.clip, lambda texts: open_clip.tokenize(texts, context_length=CONTEXT), CLASSES, TEMPLATES)
@@ -152,7 +152,7 @@ def test_known_embeddings_give_expected_accuracy(fused: bool) -> None:
     images = [known_image(vector, label) for vector, label, _ in KNOWN]
     labels: list[int | str] = [classes[label] for _, label, _ in KNOWN]  # names are accepted too
     result = evaluate_zeroshot(model, LabelledImages(images, labels), None, classes, ["a photo of {}", "{}"],
-                               batch_size=4, progress=False, itm_rerank_k=2)
+                               batch_size=4, precision="fp32", progress=False, itm_rerank_k=2)
     assert result["itc_top1"] == pytest.approx(100 * 3 / 6)
     assert result["itc_top5"] == 100.0  # three classes: top-5 holds all of them
     if fused:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlp.errors import UserError
+from vlp.precision import DEFAULT_PRECISION, PRECISIONS
 
 __all__ = ["add_eval_commands", "add_finetune_commands"]
 
@@ -192,8 +193,8 @@ def _eval_options(parser: argparse.ArgumentParser, data_help: str) -> None:
                         help="also write the result JSON here (default: print it only)")
     parser.add_argument("--batch-size", type=int, default=128, metavar="N",
                         help="images or captions encoded per batch (default: %(default)s)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 on CUDA with bf16 and on CPUs with AMX, else fp32 (default: %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="auto: bf16 on CUDA with bf16 support, fp32 on every CPU (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda when available, else cpu (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: shown)")

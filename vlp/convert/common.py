@@ -25,7 +25,8 @@ from vlp.data.tokenizers import Tokenizer
 from vlp.errors import UserError
 
 __all__ = ["ConversionReport", "Plan", "StateMapper", "read_hf_directory", "read_tensor_file", "read_json",
-           "hf_preprocessing", "mlp_ratio", "temperature_fields", "one_line", "some", "clip_layers"]
+           "hf_preprocessing", "mlp_ratio", "temperature_fields", "one_line", "some", "clip_layers",
+           "canonicalizing", "SIGLIP_CLEANING_NOTE"]
 
 # Buffers that older transformers versions saved although they are derived, never learned.
 DERIVED_BUFFERS = (".position_ids", ".token_type_ids", "attn_mask")
@@ -300,6 +301,18 @@ def hf_preprocessing(directory: Path, image_size: int, mean: tuple[float, ...], 
     if len(mean) != 3 or len(std) != 3:
         raise UserError(f"{path}: image_mean and image_std need 3 values each")
     return mean, std
+
+
+SIGLIP_CLEANING_NOTE = ("text is canonicalized before tokenizing (open_clip's SigLIP 'clean: canonicalize': "
+                        "lowercase, punctuation removed, '_' to a space, whitespace collapsed)")
+
+
+def canonicalizing(tokenizer: Tokenizer, pad_id: int | None = None) -> Tokenizer:
+    """``tokenizer`` with ``text_cleaning: canonicalize`` (and ``pad_id`` when given), for a converted SigLIP
+    model: SigLIP's text was canonicalized in training, and open_clip and Hugging Face canonicalize too."""
+    return Tokenizer(tokenizer.backend, pad_id=tokenizer.pad_id if pad_id is None else pad_id,
+                     mask_id=tokenizer.mask_id, cls_id=tokenizer.cls_id, special_ids=tokenizer.special_ids,
+                     text_cleaning="canonicalize")
 
 
 def mlp_ratio(width: int, hidden: int) -> float:

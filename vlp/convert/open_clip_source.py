@@ -22,7 +22,15 @@ from typing import Any
 
 from torch import Tensor
 
-from vlp.convert.common import Plan, StateMapper, read_json, read_tensor_file, temperature_fields
+from vlp.convert.common import (
+    SIGLIP_CLEANING_NOTE,
+    Plan,
+    StateMapper,
+    canonicalizing,
+    read_json,
+    read_tensor_file,
+    temperature_fields,
+)
 from vlp.data.tokenizers import Tokenizer, clip_tokenizer, load_tokenizer
 from vlp.errors import UserError
 from vlp.models.factory import model_config_from
@@ -130,16 +138,24 @@ def _consensus_preprocessing(name: str, notes: list[str]) -> tuple[tuple[float, 
 def _tokenizer(text_cfg: dict[str, Any], directory: Path | None, tokenizer: str | None,
                notes: list[str]) -> tuple[Tokenizer, str]:
     if tokenizer:
-        return load_tokenizer(tokenizer), tokenizer
+        return _cleaning(load_tokenizer(tokenizer), text_cfg, notes), tokenizer
     if not text_cfg.get("hf_tokenizer_name"):
         return clip_tokenizer(), "clip"
     if directory is not None and any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        if text_cfg.get("tokenizer_kwargs"):
-            notes.append(f"open_clip cleans text before tokenizing ({text_cfg['tokenizer_kwargs']}); vlp uses "
-                         "the saved tokenizer as is")
-        return load_tokenizer(str(directory)), str(directory)
+        return _cleaning(load_tokenizer(str(directory)), text_cfg, notes), str(directory)
     raise UserError(f"the model's tokenizer is the Hugging Face tokenizer '{text_cfg['hf_tokenizer_name']}': "
                     "pass --tokenizer with its local tokenizer.json or directory (vlp never downloads)")
+
+
+def _cleaning(tok: Tokenizer, text_cfg: dict[str, Any], notes: list[str]) -> Tokenizer:
+    """open_clip's ``clean: canonicalize`` (its SigLIP configs) carried over; other cleanings noted."""
+    kwargs = text_cfg.get("tokenizer_kwargs") or {}
+    if kwargs.get("clean") == "canonicalize":
+        notes.append(SIGLIP_CLEANING_NOTE)
+        return canonicalizing(tok)
+    if kwargs:
+        notes.append(f"open_clip cleans text before tokenizing ({kwargs}); vlp uses the saved tokenizer as is")
+    return tok
 
 
 def open_clip_plan(src: Path, model: str | None, tokenizer: str | None) -> Plan:

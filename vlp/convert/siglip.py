@@ -12,7 +12,9 @@ the config. ``logit_scale``/``logit_bias`` become the SigLIP temperature and bia
 Tokenizer: SigLIP's is a sentencepiece model, and vlp builds tokenizers only from Rust ``tokenizers`` files
 (no ``sentencepiece`` dependency): the source needs a ``tokenizer.json`` (the ``timm/ViT-*-SigLIP*``
 repositories ship one) or ``--tokenizer``. Its pad id is set to the model's ``pad_token_id``, with which
-SigLIP pads every caption to its full length.
+SigLIP pads every caption to its full length, and it is saved with ``text_cleaning: canonicalize``: captions
+go through ``open_clip.tokenizer.canonicalize_text`` before tokenizing, as in open_clip's SigLIP configs
+(``clean: canonicalize``) and SigLIP's training.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any
 
 from vlp.convert.clip import hf_blocks_to_open_clip
 from vlp.convert.common import (
+    SIGLIP_CLEANING_NOTE,
     Plan,
     StateMapper,
+    canonicalizing,
     clip_layers,
     hf_preprocessing,
     mlp_ratio,
@@ -80,9 +84,8 @@ def _tokenizer(src: Path, tokenizer: str | None, pad_id: int, notes: list[str]) 
         raise UserError(f"the model's pad_token_id {pad_id} is not in the tokenizer {location}")
     if tok.pad_id != pad_id:
         notes.append(f"tokenizer pad id {tok.pad_id} -> the model's pad_token_id {pad_id} (SigLIP pads with it)")
-        tok = Tokenizer(tok.backend, pad_id=pad_id, mask_id=tok.mask_id, cls_id=tok.cls_id,
-                        special_ids=tok.special_ids)
-    return tok, location
+    notes.append(SIGLIP_CLEANING_NOTE)
+    return canonicalizing(tok, pad_id), location
 
 
 def _text_options(text: Any, embed_dim: int, act: str) -> dict[str, Any]:

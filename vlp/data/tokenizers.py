@@ -16,6 +16,10 @@ Sources (``TextEncoderConfig.tokenizer``):
   configs that use a local Hugging Face model set ``tokenizer`` to that directory (or leave it empty).
 
 Nothing is downloaded: any other value is a ``UserError``.
+
+Text cleaning before tokenizing (``text_cleaning``, saved with the tokenizer): ``none``; ``clip`` (open_clip's
+BPE tokenizer); ``canonicalize`` (open_clip's ``clean: canonicalize``, what SigLIP was trained with; set by
+the SigLIP conversions).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ _USER_PARALLELISM = None if "open_clip" in sys.modules else os.environ.get(_PARA
 _IMPORT_PID = os.getpid()
 
 
+TEXT_CLEANINGS = ("none", "clip", "canonicalize")
+
+
 def clip_clean(text: str) -> str:
     """open_clip's cleaning (ftfy repair, HTML unescaped twice, whitespace collapsed, lowercased) of one caption.
 
@@ -73,6 +80,19 @@ def clip_clean(text: str) -> str:
 
     cleaned = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(cleaned.split()).lower()
+
+
+def canonical_clean(text: str) -> str:
+    """open_clip's ``clean: canonicalize`` of one caption (its SigLIP tokenizers): the ftfy/HTML repair of
+    ``clip_clean`` where the text needs it, then ``open_clip.tokenizer.canonicalize_text`` (``_`` to a space,
+    ASCII punctuation removed, lowercased, whitespace collapsed)."""
+    from open_clip.tokenizer import canonicalize_text
+
+    if _NEEDS_CLIP_CLEANING.search(text):
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return str(canonicalize_text(text))
 
 
 @contextlib.contextmanager
@@ -104,8 +124,8 @@ class Tokenizer:
 
     def __init__(self, backend: RustTokenizer, pad_id: int, mask_id: int, cls_id: int,
                  special_ids: Iterable[int], text_cleaning: str = "none") -> None:
-        if text_cleaning not in ("none", "clip"):
-            raise UserError(f"tokenizer text_cleaning '{text_cleaning}' is not one of none, clip")
+        if text_cleaning not in TEXT_CLEANINGS:
+            raise UserError(f"tokenizer text_cleaning '{text_cleaning}' is not one of {', '.join(TEXT_CLEANINGS)}")
         self.backend = backend
         self.pad_id = pad_id
         self.mask_id = mask_id
@@ -150,6 +170,8 @@ class Tokenizer:
             self._max_length = max_length
         if self.text_cleaning == "clip":
             batch = [clip_clean(text) for text in batch]
+        elif self.text_cleaning == "canonicalize":
+            batch = [canonical_clean(text) for text in batch]
         with rust_parallelism():
             encodings = self.backend.encode_batch_fast(batch)  # offsets are not needed
         ids = [e.ids for e in encodings]

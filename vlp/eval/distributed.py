@@ -33,19 +33,18 @@ from vlp.eval.retrieval import (
     _as_index_tensor,
     _FirstImages,
     _validate_img2txt,
-    autocast_context,
     chunked_ranks,
     chunked_topk,
     encode_images,
     encode_texts,
     evaluate_retrieval,
-    fast_precision,
     recall_curves,
     recall_metrics,
     resolve_device,
     split_images,
 )
 from vlp.losses import gather_no_grad, rank_and_world
+from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
 
 __all__ = ["shard_rows", "gather_shards", "evaluate_retrieval_sharded", "evaluate_vqa_sharded", "vqa_metrics"]
@@ -74,7 +73,7 @@ def gather_shards(local: Tensor, total: int) -> Tensor:
 
 @torch.no_grad()
 def evaluate_retrieval_sharded(model: Any, split: RetrievalSplitLike, transform: Any, k_test: int = 16,
-                               score: str = "itm", batch_size: int = 128, precision: str = "auto",
+                               score: str = "itm", batch_size: int = 128, precision: str = DEFAULT_PRECISION,
                                device: str | torch.device | None = None, progress: bool = True,
                                max_images: int = 0, memory_mb: float = 1024,
                                num_workers: int = 0) -> dict[str, Any]:
@@ -93,7 +92,7 @@ def evaluate_retrieval_sharded(model: Any, split: RetrievalSplitLike, transform:
         return evaluate_retrieval(model, split, transform, k_test, score, batch_size, precision, device,
                                   progress and rank == 0, 0, memory_mb, num_workers)
     target = resolve_device(model, device)
-    precision = fast_precision(target) if precision == "auto" else precision
+    precision = resolve_precision(precision, target)
     autocast = autocast_context(precision, target)
     txt2img = _as_index_tensor(split.txt2img, num_images, num_texts)
     image_positives = _validate_img2txt(split.img2txt, txt2img, num_images)
@@ -197,7 +196,8 @@ def vqa_metrics(questions: Sequence[Mapping[str, Any]], predictions: Sequence[Ma
 def evaluate_vqa_sharded(vqa_model: Any, questions: Sequence[Mapping[str, Any]],
                          load_image: Callable[[Any], Tensor], vocab: Any, batch_size: int = 64,
                          device: str | torch.device | None = None, progress: bool = True,
-                         precision: str = "auto", num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                         precision: str = DEFAULT_PRECISION,
+                         num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``evaluate_vqa`` with the questions split over the ranks; the same result on every rank (a collective)."""
     from vlp.eval.vqa import evaluate_vqa
     from vlp.train.distributed import gather_objects
@@ -210,4 +210,5 @@ def evaluate_vqa_sharded(vqa_model: Any, questions: Sequence[Mapping[str, Any]],
     local, _ = evaluate_vqa(vqa_model, questions[rows.start:rows.stop], load_image, vocab, batch_size, device,
                             progress and rank == 0, precision, num_workers)
     predictions = [prediction for part in gather_objects(local) for prediction in part]
-    return predictions, vqa_metrics(questions, predictions)
+    resolved = resolve_precision(precision, resolve_device(vqa_model, device))
+    return predictions, {**vqa_metrics(questions, predictions), "precision": resolved}

@@ -3,24 +3,24 @@
 All pairs of both directions are grouped by image, so each image's fusion context (its fusion-width
 tokens and cached cross-attention keys/values) is built once and indexed by every pair that uses it.
 
+Encoder outputs enter the model in its own parameter dtype: outputs encoded under bf16 autocast (bf16
+tokens) re-rank with an fp32 model, and fp32 outputs with a bf16 one, whatever the re-ranking precision.
+
 Axis legend: q = queries, k = candidates per query, p = ground truths per query, n = pairs.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context
 from vlp.types import EncoderOutput
 
 __all__ = ["FusedRetrievalModel", "itm_pair_scores", "rerank_candidates", "reranked_ranks"]
-
-AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 class FusedRetrievalModel(Protocol):
@@ -42,20 +42,45 @@ def slice_rows(out: EncoderOutput, start: int, end: int) -> EncoderOutput:
     return EncoderOutput(out.tokens[start:end], out.mask[start:end], out.pooled[start:end])
 
 
+def parameter_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of a model's first floating-point parameter (None: no parameters to tell)."""
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return None
+    return next((p.dtype for p in parameters() if p.is_floating_point()), None)
+
+
+def as_dtype(out: EncoderOutput, dtype: torch.dtype | None) -> EncoderOutput:
+    """Floating tokens and pooled rows in ``dtype`` (unchanged when None or already so); the mask stays."""
+    def cast(tensor: Tensor) -> Tensor:
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    return EncoderOutput(cast(out.tokens), out.mask, cast(out.pooled))
+
+
+def autocast_for(precision: str | AutocastFactory, device: torch.device) -> AutocastFactory:
+    """A precision name resolved on ``device``, or an autocast factory a caller already built."""
+    return autocast_context(precision, device) if isinstance(precision, str) else precision
+
+
 @torch.no_grad()
 def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_out: EncoderOutput,
                     pair_image: Tensor, pair_text: Tensor, batch_size: int = 128,
-                    autocast: AutocastFactory = contextlib.nullcontext, progress: bool = False,
+                    precision: str | AutocastFactory = DEFAULT_PRECISION, progress: bool = False,
                     image_chunk: int | None = None) -> Tensor:
     """Match logits (ITM column 1, fp32) of the pairs (image ``pair_image[n]``, text ``pair_text[n]``).
 
-    image_out / text_out: encoder outputs of the whole gallery / caption set. Images are processed in chunks
-    of ``image_chunk`` (default ``batch_size``); a chunk's pairs are scored ``batch_size`` at a time.
+    image_out / text_out: encoder outputs of the whole gallery / caption set, in any floating dtype (cast to
+    the model's parameter dtype as they enter it). ``precision``: auto, fp32 or bf16 (resolved on the
+    outputs' device, see vlp.precision), or an autocast factory. Images are processed in chunks of
+    ``image_chunk`` (default ``batch_size``); a chunk's pairs are scored ``batch_size`` at a time.
     """
     num_pairs = pair_image.shape[0]
     num_images = image_out.tokens.shape[0]
     chunk = image_chunk or batch_size
     device = image_out.tokens.device
+    autocast = autocast_for(precision, device)
+    dtype = parameter_dtype(model)
     pair_image, pair_text = pair_image.to(device), pair_text.to(device)
     order = torch.argsort(pair_image, stable=True)
     chunk_starts = torch.arange(0, num_images + chunk, chunk, device=device).clamp(max=num_images)
@@ -67,12 +92,13 @@ def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_o
             if low == high:
                 continue
             with autocast():
-                context = model.image_context(slice_rows(image_out, image_start, image_start + chunk))
+                context = model.image_context(as_dtype(slice_rows(image_out, image_start, image_start + chunk),
+                                                       dtype))
             for start in range(low, high, batch_size):
                 pairs = order[start:min(start + batch_size, high)]
                 with autocast():
-                    logits = model.itm_logits_from(select_rows(text_out, pair_text[pairs]), context,
-                                                   pair_image[pairs] - image_start)
+                    logits = model.itm_logits_from(as_dtype(select_rows(text_out, pair_text[pairs]), dtype),
+                                                   context, pair_image[pairs] - image_start)
                 scores[pairs] = logits[:, 1].float()
                 bar.update(len(pairs))
     return scores
@@ -80,12 +106,13 @@ def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_o
 
 def rerank_candidates(model: FusedRetrievalModel, image_out: EncoderOutput, text_out: EncoderOutput,
                       i2t_candidates: Tensor, t2i_candidates: Tensor, batch_size: int = 128,
-                      autocast: AutocastFactory = contextlib.nullcontext,
+                      precision: str | AutocastFactory = DEFAULT_PRECISION,
                       progress: bool = False) -> tuple[Tensor, Tensor]:
     """Match logits of each image's candidate captions [N_img, k] and each caption's candidate images
     [N_txt, k].
 
-    Both directions share one pass over the images, so each image context is built once.
+    Both directions share one pass over the images, so each image context is built once. ``precision`` and
+    the encoder outputs' dtypes are as for ``itm_pair_scores``.
     """
     num_images, k_i2t = i2t_candidates.shape
     num_texts, k_t2i = t2i_candidates.shape
@@ -94,7 +121,7 @@ def rerank_candidates(model: FusedRetrievalModel, image_out: EncoderOutput, text
                             t2i_candidates.reshape(-1).to(device)])
     pair_text = torch.cat([i2t_candidates.reshape(-1),
                            torch.arange(num_texts, device=device).repeat_interleave(k_t2i)])
-    scores = itm_pair_scores(model, image_out, text_out, pair_image, pair_text, batch_size, autocast,
+    scores = itm_pair_scores(model, image_out, text_out, pair_image, pair_text, batch_size, precision,
                              progress)
     scores = scores.to(device)
     i2t_scores, t2i_scores = scores.split([num_images * k_i2t, num_texts * k_t2i])

@@ -29,7 +29,7 @@ from vlp.types import EncoderOutput
 __all__ = [
     "RetrievalSplitLike", "EncodedSplit", "split_images", "retrieval_metrics", "recall_curves",
     "chunked_topk", "chunked_ranks", "encode_split", "evaluate_retrieval", "fast_precision",
-    "encode_images", "encode_texts",
+    "autocast_context", "encode_images", "encode_texts",
 ]
 
 SCORES = ("itm", "itm+itc")
@@ -208,27 +208,9 @@ def chunked_ranks(query_emb: Tensor, gallery_emb: Tensor, positives: Tensor,
 
 # ------------------------------------------------------------------------------------------ encoding
 def fast_precision(device: torch.device) -> str:
-    """The precision ``auto`` resolves to: bf16 where the device multiplies bf16 matrices faster than fp32
-    (CUDA GPUs with bf16 support, CPUs with AMX tiles), fp32 elsewhere. On AVX-512 CPUs without AMX, bf16
-    matmuls run at about half the fp32 rate (benchmarks/README.md), so bf16 there is slower, not faster."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x; absent = no AMX known
-        return "bf16" if callable(amx) and amx() else "fp32"
-    return "fp32"
-
-
-def autocast_context(precision: str, device: torch.device) -> AutocastFactory:
-    """A factory of the autocast context for ``precision`` (fp32: none; bf16: autocast on the device type;
-    auto: ``fast_precision(device)``)."""
-    if precision == "auto":
-        precision = fast_precision(device)
-    if precision == "fp32":
-        return contextlib.nullcontext
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise UserError(f"eval.precision: '{precision}' is not one of auto, fp32, bf16")
+    """What ``auto`` resolves to on ``device`` (the older name of ``vlp.precision.resolve_precision("auto", ...)``):
+    bf16 on CUDA with bf16 support, fp32 on every CPU."""
+    return resolve_precision(DEFAULT_PRECISION, device)
 
 
 def resolve_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -289,6 +271,7 @@ def encode_images(model: Any, dataset: Any, batch_size: int, num_workers: int, d
     return torch.cat(embs), cat_outputs(outs) if keep else None
 
 
+@torch.no_grad()
 def encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: torch.device,
                   autocast: AutocastFactory, keep: bool, progress: bool) -> tuple[Tensor, EncoderOutput | None]:
     """As ``encode_images`` for captions (tokenized by the model's tokenizer)."""
@@ -305,9 +288,10 @@ def encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: t
 
 
 def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_size: int = 128,
-                 precision: str = "auto", device: str | torch.device | None = None, progress: bool = True,
+                 precision: str = DEFAULT_PRECISION, device: str | torch.device | None = None, progress: bool = True,
                  keep_tokens: bool | None = None, num_workers: int = 0) -> EncodedSplit:
-    """Encode every image and caption of a split in batches (tqdm bar, optional bf16 autocast).
+    """Encode every image and caption of a split in batches (tqdm bar, bf16 autocast when ``precision``
+    resolves to bf16: see vlp.precision).
 
     Encoder outputs are kept (on the device) for re-ranking when ``keep_tokens`` (default: when fused).
     """
@@ -340,7 +324,7 @@ class _FirstImages:
 
 # ------------------------------------------------------------------------------------------ harness
 def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_test: int = 16,
-                       score: str = "itm", batch_size: int = 128, precision: str = "auto",
+                       score: str = "itm", batch_size: int = 128, precision: str = DEFAULT_PRECISION,
                        device: str | torch.device | None = None, progress: bool = True, max_images: int = 0,
                        memory_mb: float = 1024, num_workers: int = 0) -> dict[str, Any]:
     """Retrieval metrics of a model on a split: ITC from the full ranking, plus ITM re-ranking when fused.
@@ -356,7 +340,7 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_
     if max_images < 0:
         raise UserError(f"eval.max_images must be >= 0; got {max_images}")
     target = resolve_device(model, device)
-    precision = fast_precision(target) if precision == "auto" else precision
+    precision = resolve_precision(precision, target)
     autocast = autocast_context(precision, target)
     if 0 < max_images < split.num_images:
         split = _FirstImages(split, max_images)

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vlp.errors import UserError
-from vlp.eval.retrieval import autocast_context, max_text_length, resolve_device
+from vlp.eval.retrieval import max_text_length, resolve_device
 from vlp.layers import init_transformer_weights
+from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
 
 __all__ = [
     "normalize_answer", "vqa_accuracy", "vqa_soft_score", "AnswerVocab", "VQAHead", "VQAModel", "vqa_loss",
@@ -230,15 +231,17 @@ def _percent(values: list[float]) -> float:
 def evaluate_vqa(vqa_model: VQAModel, questions: Sequence[Mapping[str, Any]],
                  load_image: Callable[[Any], Tensor], vocab: AnswerVocab, batch_size: int = 64,
                  device: str | torch.device | None = None,
-                 progress: bool = True, precision: str = "auto",
+                 progress: bool = True, precision: str = DEFAULT_PRECISION,
                  num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Answer every question (the highest-scoring vocabulary answer) and score those with human answers.
 
     ``questions``: DESIGN.md's VQA records; ``load_image(record["image"])`` returns the transformed image
     tensor. Returns (predictions [{"question_id", "answer"}], metrics {"overall": percent or None,
-    "per_type": {answer_type: percent}, "num_questions": scored questions}).
+    "per_type": {answer_type: percent}, "num_questions": scored questions, "precision": what ``auto``
+    resolved to}).
     """
     target = resolve_device(vqa_model, device)
+    precision = resolve_precision(precision, target)
     autocast = autocast_context(precision, target)
     model = vqa_model.model
     loader = DataLoader(_QuestionImages(questions, load_image), batch_size=batch_size, shuffle=False,
@@ -270,5 +273,5 @@ def evaluate_vqa(vqa_model: VQAModel, questions: Sequence[Mapping[str, Any]],
     metrics = {"overall": _percent(scores) if scores else None,
                "per_type": {kind: _percent(values) for kind, values in sorted(per_type.items())},
                "per_type_count": {kind: len(values) for kind, values in sorted(per_type.items())},
-               "num_questions": len(scores)}
+               "num_questions": len(scores), "precision": precision}
     return predictions, metrics

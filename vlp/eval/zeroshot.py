@@ -16,13 +16,8 @@ from tqdm.auto import tqdm
 
 from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, reranked_ranks
-from vlp.eval.retrieval import (
-    autocast_context,
-    encode_texts,
-    image_loader,
-    resolve_device,
-    split_images,
-)
+from vlp.eval.retrieval import encode_texts, image_loader, resolve_device, split_images
+from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
 
 __all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "default_templates", "zeroshot_classifier", "evaluate_zeroshot"]
@@ -68,7 +63,7 @@ def _encode_prompts(model: Any, prompts: list[str], batch_size: int, device: tor
 @torch.no_grad()
 def zeroshot_classifier(model: Any, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                         device: str | torch.device | None = None, batch_size: int = 256,
-                        precision: str = "auto") -> Tensor:
+                        precision: str = DEFAULT_PRECISION) -> Tensor:
     """Class embeddings [c, e]: each class's prompts embedded, normalized, averaged, renormalized (CLIP)."""
     _check_prompts(classnames, templates)
     target = resolve_device(model, device)
@@ -100,14 +95,16 @@ def _accuracy(ranks: Tensor, k: int) -> float:
 @torch.no_grad()
 def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, classnames: Sequence[str],
                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128,
-                      precision: str = "auto", device: str | torch.device | None = None, progress: bool = True,
+                      precision: str = DEFAULT_PRECISION, device: str | torch.device | None = None,
+                      progress: bool = True,
                       itm_rerank_k: int = 0, num_workers: int = 0, details: bool = False) -> dict[str, Any]:
     """Top-1/top-5 zero-shot accuracy (percent) of the ITC classifier; for a fused model with
     ``itm_rerank_k`` > 0 also after re-scoring each image's top-k classes with the ITM match logit of the
     class's first prompt (re-scored classes rank first; the rest keep their ITC order).
 
     Ties rank pessimistically. Result: {"itc_top1", "itc_top5", ["itm_top1", "itm_top5"], "num_images",
-    "num_classes", "itm_rerank_k"} (``itm_rerank_k`` is 0 when no re-ranking ran: the model has no fusion).
+    "num_classes", "itm_rerank_k", "precision"} (``itm_rerank_k`` is 0 when no re-ranking ran: the model has
+    no fusion; ``precision`` is what ``auto`` resolved to).
     ``details`` adds "templates" and "itm_prompts" (the prompts used), "per_class" ({class: {"num_images",
     "itc_top1"[, "itm_top1"]}}) and "predictions" ([{"index", "label", "itc"[, "itm"]}], class names; top-1).
     """
@@ -118,6 +115,7 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
     if not 0 <= rerank_k <= num_classes:
         raise UserError(f"itm_rerank_k={itm_rerank_k} must be between 0 and the {num_classes} classes")
     target = resolve_device(model, device)
+    precision = resolve_precision(precision, target)
     autocast = autocast_context(precision, target)
     was_training = model.training
     model.eval()
@@ -161,7 +159,7 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
     if rerank_k:
         reranked = torch.cat(itm_ranks)
         result.update(itm_top1=_accuracy(reranked, 1), itm_top5=_accuracy(reranked, 5))
-    result.update(num_images=start, num_classes=num_classes, itm_rerank_k=rerank_k)
+    result.update(num_images=start, num_classes=num_classes, itm_rerank_k=rerank_k, precision=precision)
     if details:
         result.update(_details(classnames, templates, labels[:start], torch.cat(itc_ranks), torch.cat(itc_best),
                                torch.cat(itm_ranks) if rerank_k else None, torch.cat(itm_best) if rerank_k else None))

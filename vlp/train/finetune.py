@@ -129,7 +129,7 @@ def load_vqa_checkpoint(directory: str | Path) -> tuple[Any, Any]:
 
 
 def evaluate_vqa_split(vqa_model: Any, vocab: Any, questions: list[dict[str, Any]], loader: Any,
-                       batch_size: int, device: str, progress: bool, precision: str = "auto",
+                       batch_size: int, device: str, progress: bool, precision: str = DEFAULT_PRECISION,
                        priors: AnswerPriors | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Predictions and metrics; with ``priors`` (``AnswerPriors`` of the training questions) the metrics also
     hold the image-blind ``baselines`` and ``baselines_info`` (vlp.eval.vqa_baselines)."""
