@@ -7,7 +7,6 @@ Ranks are 0-based: rank r means r gallery items are ranked above the query's bes
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, cast
 
