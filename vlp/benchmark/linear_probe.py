@@ -122,6 +122,9 @@ def _features(model: Any, paths: list[Path], transform: Any, spec: LinearProbeTa
     rank, world = rank_and_world()
     rows = shard_rows(len(paths), rank, world)
     autocast = autocast_context(resolved_precision(spec.precision, device), device)
+    if not len(rows):  # fewer images than ranks: this rank's block is empty but still joins the gather
+        width = int(model.config.embed_dim) or int(model.image_encoder.embed_dim)  # 0: the encoder's own
+        return gather_shards(torch.zeros(0, width, device=device), len(paths))
     local, _ = encode_images(model, Subset(ImageRefs(paths, transform), rows), spec.batch_size, spec.num_workers,
                              device, autocast, False, progress and rank == 0)
     return gather_shards(local, len(paths))
