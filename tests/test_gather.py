@@ -20,8 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from open_clip.tokenizer import canonicalize_text
+
 from vlp.losses import (
     contrastive_loss,
+    draw_negatives,
+    text_keys,
     gather_no_grad,
     gather_with_grad,
     rank_and_world,
@@ -30,8 +34,16 @@ from vlp.losses import (
 )
 
 WORLD, BATCH = 2, 4  # per-rank batch; global batch 8
+# captions repeated within and across ranks, up to case and punctuation
+CAPTIONS = ["logo", "a dog", "Image.", "two cats", "a red car", "LOGO", "image", "a dog!"]
 IMAGE_IN, TEXT_IN, EMBED = 12, 10, 8
 IDS = torch.tensor([0, 1, 2, 3, 3, 4, 0, 5])  # image ids shared within and across ranks
+
+def _caption_keys(captions: list[str]) -> Tensor:
+    vocabulary = sorted({canonicalize_text(c) for c in CAPTIONS})  # one word id per distinct text, in every process
+    ids = torch.tensor([[1, vocabulary.index(canonicalize_text(c)) + 3, 2] for c in captions])
+    return text_keys(ids, torch.ones_like(ids, dtype=torch.bool), captions)
+
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -117,6 +129,18 @@ def _worker(rank: int, out_dir: str) -> None:
         draws = torch.stack([sample_hard_negatives(sim, sim, generator=generator)[0] for _ in range(200)])
         results["negatives"] = draws
 
+        # the text rule across ranks: keys gathered like the embeddings, similarities favouring false negatives
+        keys = gather_no_grad(_caption_keys(CAPTIONS[rows]))
+        ids = gather_no_grad(IDS[rows])
+        same = torch.tensor([[canonicalize_text(a) == canonicalize_text(b) for b in CAPTIONS] for a in CAPTIONS[rows]])
+        text_draws, image_draws = [], []
+        for _ in range(200):
+            noisy = same.float() * 20 + torch.randn(BATCH, WORLD * BATCH, generator=generator)
+            draw = draw_negatives(noisy, noisy.clone(), image_ids=ids, text_keys=keys, generator=generator)
+            text_draws.append(torch.where(draw.has_text, draw.text, -1))
+            image_draws.append(torch.where(draw.has_image, draw.image, -1))
+        results["text_rule"] = (torch.stack(text_draws), torch.stack(image_draws), keys)
+
         for name, loss_fn in CASES.items():
             results[name] = _value_and_grads(loss_fn, rows)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -140,6 +164,20 @@ def test_gather_forward_and_backward(ranks: list[dict]) -> None:
         # Every rank differentiates the same sum, so a rank's rows collect W copies of their weights.
         assert torch.allclose(result["gather_grad"], WORLD * weights[rank * BATCH : (rank + 1) * BATCH])
         assert torch.equal(result["gathered_ids"], IDS)
+
+
+def test_text_rule_across_ranks_never_draws_a_same_text_or_same_image_negative(ranks: list[dict]) -> None:
+    canon = [canonicalize_text(c) for c in CAPTIONS]
+    single = _caption_keys(CAPTIONS)
+    for rank, result in enumerate(ranks):
+        text_draws, image_draws, keys = result["text_rule"]
+        assert torch.equal(keys, single)  # the same keys in every process
+        for local in range(BATCH):
+            row = rank * BATCH + local
+            for drawn in (text_draws[:, local], image_draws[:, local]):
+                picked = [int(c) for c in drawn if c >= 0]
+                assert picked, (rank, local)
+                assert all(canon[c] != canon[row] and IDS[c] != IDS[row] for c in picked)
 
 
 def test_hard_negatives_offset_by_rank(ranks: list[dict]) -> None:
