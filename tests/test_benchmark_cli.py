@@ -121,3 +121,18 @@ def test_a_failing_task_is_one_line_and_the_others_still_run(synth: Path, demo_l
     probe = results["tasks"]["probe"]["runs"]["final"]
     assert 0.0 <= probe["metrics"]["probe/top1"] <= 100.0 and 7 <= probe["protocol"]["weight_decays_tried"] <= 15
     assert len(results["failed"]) == 3 and "## Failed" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_checkpoint_on_the_synthetic_benchmarks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's benchmark figures: run by hand after `make demo` (-s prints the table)."""
+    demo = ROOT / "runs/demo/final"
+    if not demo.is_dir():
+        pytest.skip("no demo checkpoint: run `make demo` first")
+    synth = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(synth), "--train-size", "0", "--benchmarks"]) == 0
+    out = tmp_path / "out"
+    assert main(["benchmark", str(ROOT / "configs/benchmarks/synthetic.yaml"), "--checkpoint", str(demo),
+                 "--output", str(out), "--no-progress", *synthetic_sets(synth)]) == 0
+    with capsys.disabled():
+        print((out / "results.md").read_text())

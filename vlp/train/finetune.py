@@ -39,11 +39,12 @@ if TYPE_CHECKING:
 __all__ = ["finetune_vqa", "finetune_retrieval", "load_vqa_checkpoint", "vqa_questions"]
 
 
-def _load_init(init: str | Path) -> VLPModel:
+def _load_init(init: str | Path, image_size: int = 0) -> VLPModel:
+    """The --init checkpoint, at ``image_size`` (train.init_image_size) when that is set."""
     root = Path(init)
     if not (root / "config.yaml").is_file():
         raise UserError(f"--init: not a vlp checkpoint directory: {init}")
-    model = VLPModel.from_pretrained(root)
+    model = VLPModel.from_pretrained(root, image_size=image_size)
     model.train()
     return model
 
