@@ -45,6 +45,8 @@ class VisionTransformer(ImageEncoder):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, width))
         self.drop = nn.Dropout(dropout)
+        # FLIP patch dropout, off unless vlp.encoders.patch_dropout.set_patch_dropout turns it on for training
+        self.patch_drop: nn.Module = nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, dropout=dropout, pre_norm=True, eps=eps)
             for _ in range(depth))
@@ -61,7 +63,7 @@ class VisionTransformer(ImageEncoder):
             raise ValueError(f"expected images of {self.image_size}x{self.image_size}, got {list(images.shape)}")
         patches = rearrange(self.patch_embed(images), "b d h w -> b (h w) d")
         cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
-        x = self.drop(torch.cat([cls, patches], dim=1) + self.pos_embed)
+        x = self.patch_drop(self.drop(torch.cat([cls, patches], dim=1) + self.pos_embed))
         for index, block in enumerate(self.blocks):
             first_only = pooled_only and index == len(self.blocks) - 1
             if self.grad_checkpointing and torch.is_grad_enabled():

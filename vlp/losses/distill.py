@@ -1,4 +1,5 @@
-"""ALBEF momentum distillation: soft targets from the momentum model and the feature queue.
+"""Distillation: ALBEF's momentum soft targets and feature queue, and a frozen teacher's ITC logits as soft
+targets (open_clip's DistillClipLoss).
 
 The objective owns when these run (queue updates after the optimizer step); here is only the math
 and the queue's storage.
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["soft_targets", "soft_cross_entropy", "FeatureQueue"]
+from vlp.losses.gather import gather_no_grad, gather_with_grad
+
+__all__ = ["soft_targets", "soft_cross_entropy", "FeatureQueue", "teacher_distill_loss"]
 
 
 def soft_targets(sim_momentum: Tensor, alpha: float, hard_targets: Tensor) -> Tensor:
@@ -28,6 +31,31 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """-(log_softmax(logits) * targets).sum(1).mean(), in fp32."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
         return -(F.log_softmax(logits.float(), dim=1) * targets.float()).sum(dim=1).mean()
+
+
+def teacher_distill_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, teacher_image: Tensor,
+                         teacher_text: Tensor, teacher_scale: Tensor | float, local_loss: bool = False) -> Tensor:
+    """The distill term of open_clip's ``DistillClipLoss``: the student's ITC logits (both directions) scored
+    by cross entropy against the softmax of the teacher's logits over the same pairs, each logit matrix with
+    its own model's scale, averaged over the two directions. fp32; the teacher side carries no gradient.
+
+    Embeddings [B, E] (student) and [B, E_t] (teacher; widths may differ) are L2-normalized here. In a
+    process group both are gathered as ``contrastive_loss`` gathers (the student with gradient), and with
+    ``local_loss`` a rank scores its own rows against all columns, as open_clip does.
+    """
+    with torch.autocast(device_type=image_emb.device.type, enabled=False):
+        image, text = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+        t_image = F.normalize(teacher_image.detach().float(), dim=-1)
+        t_text = F.normalize(teacher_text.detach().float(), dim=-1)
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+        t_all_image, t_all_text = gather_no_grad(t_image), gather_no_grad(t_text)
+        rows = (image, text, t_image, t_text) if local_loss else (all_image, all_text, t_all_image, t_all_text)
+        scale = logit_scale.float() if isinstance(logit_scale, Tensor) else float(logit_scale)
+        t_scale = teacher_scale.detach().float() if isinstance(teacher_scale, Tensor) else float(teacher_scale)
+        teacher_i2t = F.softmax(t_scale * rows[2] @ t_all_text.T, dim=1)
+        teacher_t2i = F.softmax(t_scale * rows[3] @ t_all_image.T, dim=1)
+        return (soft_cross_entropy(scale * rows[0] @ all_text.T, teacher_i2t)
+                + soft_cross_entropy(scale * rows[1] @ all_image.T, teacher_t2i)) / 2
 
 
 class FeatureQueue(nn.Module):

@@ -40,7 +40,6 @@ from vlp.losses import (
 from vlp.losses.mlm import IGNORE_INDEX
 from vlp.models.vlp_model import VLPModel, pooled_only_kwargs
 from vlp.objectives.base import Objective
-from vlp.objectives.teacher import Teacher, load_teacher
 from vlp.objectives.gradcache import (
     RngSnapshot,
     cat_outputs,
@@ -49,6 +48,7 @@ from vlp.objectives.gradcache import (
     sync_gradients,
     take_rows,
 )
+from vlp.objectives.teacher import Teacher, load_teacher
 from vlp.types import EncoderOutput, FusionOutput, LossOutput
 
 __all__ = ["PretrainObjective"]
