@@ -32,51 +32,46 @@ def test_demo_retrieval_far_above_chance() -> None:
     assert result["itm"]["img_r1"] > 20 * chance
 
 
-def test_vqa_finetune_beats_majority_answer(tmp_path: Path) -> None:
-    from vlp.config import load_config
-    from vlp.data.synthetic import SyntheticScenes
-    from vlp.data.vqa_data import synthetic_vqa
-    from vlp.eval.vqa import vqa_accuracy
-
+def test_vqa_finetune_uses_the_image(tmp_path: Path) -> None:
+    """The fine-tuned model beats what the question alone gives on every answer type (the baselines that
+    fine-tuning writes beside the score, fitted on the training questions)."""
     run = tmp_path / "vqa"
     assert main(["finetune", "vqa", str(ROOT / "configs/finetune/vqa.yaml"), "--init", str(DEMO / "final"),
-                 "--output-dir", str(run), "--set", "train.progress=false", "--set", "train.max_steps=300"]) == 0
+                 "--output-dir", str(run), "--set", "train.progress=false"]) == 0
     metrics = json.loads((run / "eval_vqa.json").read_text())
-    from vlp.models.persist import read_checkpoint_config
-
-    config = load_config(ROOT / "configs/finetune/vqa.yaml", model=read_checkpoint_config(DEMO / "final")["model"])
-    questions = synthetic_vqa(SyntheticScenes(config.data.synthetic_test_size, seed=config.data.synthetic_seed,
-                                              split="test"))
-    train = synthetic_vqa(SyntheticScenes(2000, seed=config.data.synthetic_seed, split="train"))
-    counts: dict[str, int] = {}
-    for q in train:
-        for a in q["answer"]:
-            counts[a] = counts.get(a, 0) + 1
-    majority = max(counts, key=lambda a: counts[a])
-    baseline = 100.0 * sum(vqa_accuracy(majority, q["answer"]) for q in questions) / len(questions)
-    print(f"VQA: fine-tuned {metrics['overall']:.1f} vs majority answer '{majority}' {baseline:.1f}; "
-          f"per type {metrics['per_type']}")
-    assert metrics["overall"] > baseline + 20
+    question_only, majority = metrics["baselines"]["question_only"], metrics["baselines"]["majority_answer"]
+    print(f"VQA: fine-tuned {metrics['overall']:.1f} vs question-only {question_only['overall']:.1f} vs majority "
+          f"answer '{metrics['baselines_info']['majority_answer']}' {majority['overall']:.1f}; per type: "
+          + ", ".join(f"{kind} {value:.1f} (question-only {question_only[kind]:.1f}, majority {majority[kind]:.1f})"
+                      for kind, value in metrics["per_type"].items()))
+    assert metrics["overall"] > majority["overall"] + 20
+    for kind in ("yes/no", "number", "other"):
+        assert metrics["per_type"][kind] >= question_only[kind] + 5, kind
 
 
-def test_zeroshot_above_chance() -> None:
+def test_zeroshot_itm_at_least_itc() -> None:
+    """Zero-shot colour and shape of 5,000 single-object test scenes (descriptions never seen in training):
+    the match head's re-scoring of the contrastive top 3 must not lose to the contrastive ranking."""
     import vlp
     from vlp.data.synthetic import ZEROSHOT_TEMPLATES, SyntheticScenes
     from vlp.data.vqa_data import synthetic_zeroshot
     from vlp.eval.zeroshot import evaluate_zeroshot
 
     model, _, transform = vlp.load(DEMO / "final")
-    scenes = SyntheticScenes(1000, seed=0, split="test", image_size=model.image_encoder.image_size)
+    scenes = SyntheticScenes(5000, seed=0, split="test", image_size=model.image_encoder.image_size,
+                             single_objects=True)
     results = {}
     for attribute in ("color", "shape"):
         split = synthetic_zeroshot(scenes, attribute)
         results[attribute] = evaluate_zeroshot(model, split, transform, split.classes, ZEROSHOT_TEMPLATES[attribute],
-                                               progress=False, itm_rerank_k=3)
+                                               progress=False, itm_rerank_k=3, precision="fp32")
         r = results[attribute]
         print(f"zero-shot {attribute} ({r['num_images']} single-object test images, {r['num_classes']} classes): "
               f"ITC top-1 {r['itc_top1']:.1f}, ITM re-scored top-1 {r['itm_top1']:.1f} "
               f"(chance {100 / r['num_classes']:.1f})")
-    assert results["color"]["itc_top1"] > 3 * 100 / results["color"]["num_classes"]
+    assert results["color"]["num_images"] >= 5000
+    assert results["color"]["itm_top1"] >= 95
+    assert results["shape"]["itm_top1"] >= results["shape"]["itc_top1"]
 
 
 def test_retrieval_finetune_improves_r1(tmp_path: Path) -> None:

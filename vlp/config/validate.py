@@ -59,6 +59,7 @@ def validate_model_config(model: ModelConfig, prefix: str = "model") -> None:
     # depth 0 = embeddings only (ViLT feeds patch and word embeddings straight into the fusion)
     _require(img.depth >= 0, f"{prefix}.image.depth", img.depth, "must be >= 0")
     _require(txt.depth >= 0, f"{prefix}.text.depth", txt.depth, "must be >= 0")
+    _choice(f"{prefix}.fusion.init", fus.init, ("xavier", "bert"))  # vlp.layers.FUSION_INITS, without torch
     if img.type == "vit":
         _require(img.width % img.num_heads == 0, f"{prefix}.image.num_heads", img.num_heads,
                  f"image width {img.width} is not divisible by it")
@@ -157,6 +158,7 @@ def validate_config(config: Config) -> None:
     _choice("eval.score", e.score, ("itm", "itm+itc"))
     _choice("eval.precision", e.precision, PRECISIONS)
     _choice("eval.weights", e.weights, ("online", "ema", "both"))
+    _choice("vqa.head_input", config.vqa.head_input, ("fused", "fused+image"))
     _require(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
     _require(e.zeroshot_every >= -1, "eval.zeroshot_every", e.zeroshot_every, "must be >= -1 (-1 = never, 0 = at the end)")
     _require(not e.zeroshot or bool(e.zeroshot_classes), "eval.zeroshot_classes", e.zeroshot_classes,

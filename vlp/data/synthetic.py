@@ -142,21 +142,22 @@ def _bucket(objects: tuple[_ObjectSpec, ...]) -> int:
     return zlib.crc32(bytes(v for obj in objects for v in obj)) % _TEST_BUCKETS
 
 
-def _generate(size: int, seed: int, split: str) -> list[_SceneSpec]:
-    rng = random.Random(f"vlp-synthetic:{seed}:{split}")
+def _generate(size: int, seed: int, split: str, single_objects: bool = False) -> list[_SceneSpec]:
+    rng = random.Random(f"vlp-synthetic:{seed}:{split}" + (":single" if single_objects else ""))
     test = split == "test"
+    unique = test and not single_objects
     seen: set[tuple[_ObjectSpec, ...]] = set()
     specs: list[_SceneSpec] = []
     for _ in range(100 * size + 1000):
         if len(specs) == size:
             return specs
-        count = rng.randint(1, _MAX_OBJECTS)
+        count = 1 if single_objects else rng.randint(1, _MAX_OBJECTS)
         cells = sorted(rng.sample(range(9), count))
         objects = tuple(
             (cell, rng.randrange(len(COLORS)), rng.randrange(len(SHAPES)), rng.randrange(len(SIZES)))
             for cell in cells
         )
-        if (_bucket(objects) == 0) != test or (test and objects in seen):
+        if (_bucket(objects) == 0) != test or (unique and objects in seen):
             continue
         seen.add(objects)
         jitter = tuple((rng.uniform(-_JITTER, _JITTER), rng.uniform(-_JITTER, _JITTER)) for _ in cells)
@@ -220,10 +221,13 @@ class SyntheticScenes:
 
     ``repeated_captions`` (train split only): the fraction of images whose captions are all one class-level
     caption (``class_caption``) that repeats across images, instead of full descriptions: data on which
-    ITM negatives mined from the contrastive similarities are often the same text of another image."""
+    ITM negatives mined from the contrastive similarities are often the same text of another image.
+    ``single_objects``: every scene holds one object and test descriptions may repeat (the test split has
+    only ~80 distinct single-object descriptions): a zero-shot classification set of any size whose
+    descriptions still never occur in train."""
 
     def __init__(self, size: int, seed: int = 0, split: str = "train", image_size: int = 64,
-                 repeated_captions: float = 0.0) -> None:
+                 repeated_captions: float = 0.0, single_objects: bool = False) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if size < 0 or image_size < 12:
@@ -234,7 +238,7 @@ class SyntheticScenes:
         self.size, self.seed, self.split, self.image_size = size, seed, split, image_size
         self.repeated_captions = repeated_captions if split == "train" else 0.0
         self.num_captions = _NUM_CAPTIONS
-        self._specs = _generate(size, seed, split)
+        self._specs = _generate(size, seed, split, single_objects)
 
     def __len__(self) -> int:
         return self.size

@@ -30,7 +30,7 @@ def _check_shape(cfg: FusionConfig, dim: int) -> None:
 @fusions.register("single_stream")
 def build_single_stream(cfg: FusionConfig, dim: int) -> SingleStreamFusion:
     _check_shape(cfg, dim)
-    return SingleStreamFusion(dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)
+    return SingleStreamFusion(dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, init=cfg.init)
 
 
 @fusions.register("dual_stream")
@@ -39,6 +39,7 @@ def build_dual_stream(cfg: FusionConfig, dim: int) -> DualStreamFusion:
     if cfg.image_width and cfg.update_image:
         raise ConfigError("config key 'model.fusion.image_width' needs model.fusion.update_image: false")
     return DualStreamFusion(dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, update_image=cfg.update_image,
+                            init=cfg.init,
                             image_dim=cfg.image_width or None)
 
 

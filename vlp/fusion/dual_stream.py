@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.fusion.single_stream import LAYER_NORM_EPS, as_bool_mask, check_fusion_inputs, transformer_blocks
-from vlp.layers import Attention, TransformerBlock, init_transformer_weights
+from vlp.layers import Attention, TransformerBlock, init_cross_modal_weights
 from vlp.types import FusionOutput
 
 __all__ = ["DualStreamFusion"]
@@ -34,7 +34,7 @@ class DualStreamFusion(nn.Module):
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 update_image: bool = True, image_dim: int | None = None) -> None:
+                 update_image: bool = True, image_dim: int | None = None, init: str = "xavier") -> None:
         super().__init__()
         if image_dim and update_image:
             raise ValueError("image_dim needs update_image=False: co-attention layers exchange states of one width")
@@ -54,7 +54,7 @@ class DualStreamFusion(nn.Module):
         self.image_layers = layers(depth if update_image else 0)
         self.text_pooler = nn.Linear(dim, dim) if update_image else None
         self.image_pooler = nn.Linear(dim, dim) if update_image else None
-        self.apply(init_transformer_weights)
+        init_cross_modal_weights(self, init)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for layer in transformer_blocks(self.text_layers) + transformer_blocks(self.image_layers):

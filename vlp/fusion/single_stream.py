@@ -10,7 +10,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from vlp.layers import TransformerBlock, init_transformer_weights
+from vlp.layers import TransformerBlock, init_cross_modal_weights
 from vlp.types import FusionOutput
 
 __all__ = ["SingleStreamFusion"]
@@ -59,7 +59,8 @@ class SingleStreamFusion(nn.Module):
     ``pooled`` = tanh(Linear(text [CLS] state)) as ViLT's pooler; ``out_dim`` = ``dim``.
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 init: str = "xavier") -> None:
         super().__init__()
         self.dim = dim
         self.out_dim = dim
@@ -70,7 +71,7 @@ class SingleStreamFusion(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.pooler = nn.Linear(dim, dim)
-        self.apply(init_transformer_weights)
+        init_cross_modal_weights(self, init)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for block in transformer_blocks(self.blocks):
