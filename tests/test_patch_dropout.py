@@ -88,6 +88,16 @@ def test_open_clip_vit_equals_open_clip_with_patch_dropout(pooled_only: bool) ->
     assert encoder.eval()(images).tokens.shape == (4, 17, 32)
 
 
+def test_open_clip_timm_trunk_uses_timm_patch_dropout() -> None:
+    # open_clip builds a timm trunk at the timm model's own size (224 here), whatever image_size says
+    encoder = _encoder(type="open_clip", image_size=224,
+                       options={"timm_model_name": "vit_tiny_patch16_224", "timm_pool": "", "embed_dim": 16})
+    images = _images(2, 224)
+    set_patch_dropout(encoder, 0.5)
+    assert encoder.train()(images).tokens.shape == (2, 1 + 98, 192)
+    assert encoder.eval()(images).tokens.shape == (2, 1 + 196, 192)
+
+
 def test_unsupported_towers_and_values_fail_in_one_line() -> None:
     class Plain(ImageEncoder):
         def forward(self, images: torch.Tensor) -> EncoderOutput:  # pragma: no cover - never called

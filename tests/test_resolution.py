@@ -147,6 +147,10 @@ def test_size_dependent_tensors_other_than_positions_fail_in_one_line(tmp_path: 
                       "options": {"layers": [1, 1, 1, 1], "width": 16, "head_width": 8, "embed_dim": 16}}, tmp_path)
     with pytest.raises(UserError, match=r"cannot change the image size .*attnpool.positional_embedding \[5, 512\]"):
         VLPModel.from_pretrained(ckpt, image_size=96)
+    _, trunk = _saved({"type": "open_clip", "image_size": 224, "options": {
+        "timm_model_name": "vit_tiny_patch16_224", "timm_pool": "", "embed_dim": 16}}, tmp_path / "trunk")
+    with pytest.raises(UserError, match="open_clip builds its timm trunk 'vit_tiny_patch16_224' at that model's own"):
+        VLPModel.from_pretrained(trunk, image_size=256)
     _, vit = _saved({"type": "vit", "image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 2},
                     tmp_path / "vit")
     with pytest.raises(UserError, match="image.patch_size' = 8: image_size 50 is not divisible"):

@@ -5,9 +5,10 @@ The interpolation is each tower library's own: ``timm.layers.resample_abs_pos_em
 antialiased) for the native ViT and timm towers, keeping the prefix tokens' positions as they are (1 class
 token for the native ViT; timm's ``num_prefix_tokens``, i.e. class and register tokens, or 0 when the
 model has none or does not embed them, as SigLIP); open_clip's ``resize_pos_embed`` for open_clip ViT
-towers (1 class token); timm's again for open_clip towers on a timm trunk (open_clip's SigLIP: 0).
-Converted checkpoints use these towers, so they resize alike. Any other tensor whose shape depends on the
-input size (e.g. a Swin's relative-position tables, a ResNet attention pool) is one error line naming it.
+towers (1 class token). Converted checkpoints use these towers (SigLIP: a timm ViT without prefix
+tokens), so they resize alike. open_clip towers on a timm trunk are built at the trunk's own size (open_clip
+passes it none), and any other tensor whose shape depends on the input size (e.g. a Swin's
+relative-position tables, a ResNet attention pool) cannot follow: each is one error line.
 """
 
 from __future__ import annotations
@@ -94,6 +95,14 @@ def resample_image_state(state: dict[str, Tensor], encoder: nn.Module) -> tuple[
     return state, done
 
 
+def _fixed_trunk_size(encoder: nn.Module) -> int | None:
+    """The input size an open_clip timm trunk was built for (open_clip passes it no image size), else None."""
+    if not (isinstance(encoder, OpenClipImageEncoder) and encoder.kind == "timm"):
+        return None
+    size = getattr(getattr(encoder.visual.trunk, "patch_embed", None), "img_size", None)
+    return int(size[0]) if size is not None else None
+
+
 def change_image_size(model: Any, image_size: int) -> str | None:
     """Rebuild ``model``'s (a VLPModel) image tower for ``image_size`` inputs in place, keeping its weights
     with the position embeddings interpolated, and update ``model.config``. Returns the one-line note it
@@ -112,6 +121,11 @@ def change_image_size(model: Any, image_size: int) -> str | None:
     config = dataclasses.replace(model.config, image=image_cfg)
     validate_model_config(config)
     encoder = build_image_encoder(image_cfg)
+    trunk_size = _fixed_trunk_size(encoder)
+    if trunk_size is not None and trunk_size != image_size:
+        raise UserError(f"cannot change the image size to {image_size}: open_clip builds its timm trunk "
+                        f"'{cfg.options.get('timm_model_name')}' at that model's own {trunk_size} px; "
+                        "name a timm model of the wanted size instead")
     state, done = resample_image_state(old_encoder.state_dict(), encoder)
     load_weights(encoder, state, f"the {old_encoder.image_size}-pixel image encoder")
     parameter = next(old_encoder.parameters(), None)
