@@ -91,7 +91,7 @@ def same_order(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
 def bench_rerank(report: Report, cfg: dict[str, Any], reps: int) -> bool:
     """Figures of (a); returns whether the fp32 candidate orders are identical."""
     from vlp.eval.rerank import rerank_candidates
-    from vlp.eval.retrieval import fast_precision
+    from vlp.precision import DEFAULT_PRECISION, resolve_precision
     from vlp.types import EncoderOutput
 
     dim, heads, num_image_tokens, num_text_tokens = cfg["dim"], cfg["heads"], cfg["image_tokens"], cfg["text_tokens"]
@@ -151,8 +151,8 @@ def bench_rerank(report: Report, cfg: dict[str, Any], reps: int) -> bool:
                        f"vlp {pairs / median(times['vlp_fp32']):.1f} pairs/s")
     report.figure("rerank_speedup_bf16_same_dtype", paired_ratio(times["loop_bf16"], times["vlp_bf16"]),
                   "x (LAVIS-style bf16 loop / vlp bf16)", 1.5)
-    # vlp's defaults: eval precision "auto" (bf16 only where bf16 matmuls beat fp32), cached shared K/V, batching
-    default = fast_precision(torch.device("cpu"))
+    # vlp's defaults: eval precision "auto" (fp32 on every CPU), cached shared K/V, batching
+    default = resolve_precision(DEFAULT_PRECISION, torch.device("cpu"))
     report.figure("rerank_speedup_defaults_vs_fp32_loop", paired_ratio(times["loop_fp32"], times[f"vlp_{default}"]),
                   "x (LAVIS-style fp32 loop / vlp defaults)", 3.0,
                   note=f"defaults resolve to {default} on this CPU; vlp {default} "

@@ -4,8 +4,9 @@ Every figure is a ratio of vlp against a reference measured in the same process,
 two interleaved (the order alternates each round) and medians taken, so load from other processes hits
 both sides alike. ``tune_allocator()`` (glibc keeps freed blocks) is applied once per process, before
 anything is timed, so it holds for vlp and the reference alike; ``--no-tune-allocator`` turns it off for
-both. Results go to ``benchmarks/results/<name>.json`` with the machine, the load averages before and
-after, and one summary line per figure on stdout.
+both. Results go to ``benchmarks/results/<name>.json`` with the machine (including vlp's AMX answer,
+``vlp.precision.amx_available``), the fp32 and bf16 matmul peaks measured at the start of the run, the load
+averages before and after, and one summary line per figure on stdout.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 __all__ = [
     "RESULTS_DIR", "Report", "base_parser", "setup", "interleaved", "median", "paired_ratio", "matmul_peak",
-    "load_average", "machine_info", "sizes_for",
+    "run_matmul_peaks", "load_average", "machine_info", "sizes_for",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -91,9 +92,17 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def _amx_info() -> dict[str, Any]:
+    """vlp's AMX answer (what reports and the tests' forced branches use), the bare detection, the override."""
+    from vlp.precision import ASSUME_AMX_ENV, amx_available, detect_amx
+
+    return {"vlp_amx_available": amx_available(), "detected": detect_amx(),
+            ASSUME_AMX_ENV: os.environ.get(ASSUME_AMX_ENV)}
+
+
 def machine_info() -> dict[str, Any]:
     return {
-        "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "cpu_flags": _cpu_flags(),
+        "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "cpu_flags": _cpu_flags(), "amx": _amx_info(),
         "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(), "cuda": torch.cuda.is_available(),
     }
@@ -142,6 +151,32 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
     return best
 
 
+PEAK_SIZES = {"tiny": 256, "quick": 2048, "full": 2048}
+PEAK_BUDGET_S = 0.5
+
+
+def run_matmul_peaks(max_size: int, budget_s: float = PEAK_BUDGET_S, reps: int = 3) -> dict[str, Any]:
+    """fp32 and bf16 CPU matmul peaks of this run ({dtype: {"gflops", "size"}}, and bf16 / fp32).
+
+    Each dtype's square size doubles from 256 up to ``max_size`` while one product is predicted (8x the
+    last one) to stay under ``budget_s``: on CPUs without bf16 matmul instructions a 2048 bf16 product takes
+    tens of seconds, and a smaller one measures the same rate.
+    """
+    peaks: dict[str, Any] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        size = min(256, max_size)
+        while size * 2 <= max_size:
+            a = torch.randn(size, size).to(dtype)
+            start = time.perf_counter()
+            torch.mm(a, a)
+            if 8 * (time.perf_counter() - start) > budget_s:
+                break
+            size *= 2
+        peaks[name] = {"gflops": round(matmul_peak(dtype, size, reps), 1), "size": size}
+    peaks["bf16_over_fp32"] = round(peaks["bf16"]["gflops"] / max(peaks["fp32"]["gflops"], 1e-9), 3)
+    return peaks
+
+
 class Report:
     """Figures of one benchmark run: printed as one line each and written to ``<out>/<name>.json``."""
 
@@ -153,6 +188,10 @@ class Report:
             "benchmark": name, "size": args.size, "machine": machine_info(), "settings": settings,
             "load_average_before": load_average(), "figures": {}, "details": {},
         }
+        self.data["matmul_peaks"] = run_matmul_peaks(PEAK_SIZES.get(args.size, 2048))
+        peaks = self.data["matmul_peaks"]
+        print(f"[{name}] amx (vlp): {self.data['machine']['amx']['vlp_amx_available']}; matmul peaks "
+              f"fp32 {peaks['fp32']['gflops']:.4g}, bf16 {peaks['bf16']['gflops']:.4g} GFLOP/s", flush=True)
 
     def figure(self, key: str, value: float, unit: str, target: float | None = None, higher_is_better: bool = True,
                note: str = "") -> bool | None:

@@ -32,9 +32,25 @@ def _run(module_name: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     result: dict[str, Any] = json.loads((tmp_path / f"{module_name}.json").read_text())
     assert result["benchmark"] == module_name and result["size"] == "tiny"
     assert result["settings"]["threads"] == 1 and "load_average_before" in result
+    amx = result["machine"]["amx"]  # vlp's AMX answer, the bare detection and the override, in every JSON
+    assert isinstance(amx["vlp_amx_available"], bool) and isinstance(amx["detected"], bool)
+    assert "VLP_ASSUME_AMX" in amx
+    peaks = result["matmul_peaks"]
+    assert peaks["fp32"]["gflops"] > 0 and peaks["bf16"]["gflops"] > 0 and peaks["bf16_over_fp32"] > 0
     for key, figure in result["figures"].items():
         assert isinstance(figure["value"], float) and figure["value"] == figure["value"], key  # not NaN
     return result
+
+
+@pytest.mark.parametrize("assume_amx", ["0", "1"])
+def test_machine_info_records_vlps_amx_answer(monkeypatch: pytest.MonkeyPatch, assume_amx: str) -> None:
+    from common import machine_info, run_matmul_peaks
+
+    monkeypatch.setenv("VLP_ASSUME_AMX", assume_amx)
+    amx = machine_info()["amx"]
+    assert amx["vlp_amx_available"] is (assume_amx == "1") and amx["VLP_ASSUME_AMX"] == assume_amx
+    peaks = run_matmul_peaks(512, budget_s=0.0)  # no time for a doubling: both stay at 256
+    assert peaks["fp32"]["size"] == peaks["bf16"]["size"] == 256 and peaks["fp32"]["gflops"] > 0
 
 
 def test_bench_fusion_runs_and_both_sides_compute_the_same_layer(tmp_path: Path) -> None:
