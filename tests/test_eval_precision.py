@@ -105,6 +105,13 @@ def test_every_evaluation_entry_point_shares_one_default() -> None:
     for function in functions:
         assert inspect.signature(function).parameters["precision"].default == DEFAULT_PRECISION, function
     assert EvalConfig().precision == DEFAULT_PRECISION == "auto"
+    from vlp.benchmark.scoring import score_pairs
+    from vlp.benchmark.suite import TaskSpec
+    from vlp.train.merge import SweepData
+
+    assert inspect.signature(score_pairs).parameters["precision"].default == DEFAULT_PRECISION
+    assert TaskSpec(type="retrieval").precision == DEFAULT_PRECISION
+    assert SweepData(image_root=Path(".")).precision == DEFAULT_PRECISION
     common = ["--checkpoint", "c", "--data", "d", "--image-root", "r"]
     for command in (["retrieval"], ["vqa"], ["zeroshot", "--classes", "x"]):
         assert build_parser().parse_args(["eval", *command, *common]).precision == DEFAULT_PRECISION, command

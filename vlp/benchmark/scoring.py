@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from vlp.eval.distributed import shard_rows
 from vlp.eval.rerank import itm_pair_scores
-from vlp.eval.retrieval import autocast_context, encode_images, encode_texts, fast_precision, resolve_device
+from vlp.eval.retrieval import encode_images, encode_texts, resolve_device
 from vlp.losses import rank_and_world
+from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
 
 __all__ = ["score_pairs", "resolved_precision", "choice_correct", "winoground_scores", "group_accuracy"]
 
@@ -30,12 +31,12 @@ IMAGE_CHUNK = 512  # images whose encoder outputs are held at once for ITM
 
 
 def resolved_precision(precision: str, device: torch.device) -> str:
-    return fast_precision(device) if precision == "auto" else precision
+    return resolve_precision(precision, device)
 
 
 @torch.no_grad()
 def score_pairs(model: Any, images: Any, captions: Sequence[str], pair_image: Tensor, pair_text: Tensor,
-                batch_size: int = 128, precision: str = "auto", device: str | torch.device | None = None,
+                batch_size: int = 128, precision: str = DEFAULT_PRECISION, device: str | torch.device | None = None,
                 progress: bool = True, num_workers: int = 0, image_chunk: int = IMAGE_CHUNK) -> dict[str, Tensor]:
     """{"itc": cosine [n], "itm": match logit [n] (fused models only)} of the pairs (images[pair_image[n]],
     captions[pair_text[n]]); ``images`` is a map-style dataset of image tensors. A collective under torchrun:

@@ -16,11 +16,11 @@ from typing import Any
 
 from vlp.config.io import _parse_override, _read_yaml, from_dict, suggest_key
 from vlp.errors import ConfigError, UserError
+from vlp.precision import DEFAULT_PRECISION, PRECISIONS
 
 __all__ = ["PLACEHOLDER", "TASK_TYPES", "Suite", "TaskSpec", "load_suite", "required_path"]
 
 PLACEHOLDER = "???"
-PRECISIONS = ("auto", "fp32", "bf16")
 SHARED_KEYS = ("batch_size", "precision", "num_workers")
 
 
@@ -30,7 +30,7 @@ class TaskSpec:
 
     type: str
     batch_size: int = 128
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     num_workers: int = 0
 
 

@@ -20,6 +20,7 @@ import yaml
 from torch import Tensor
 
 from vlp.errors import UserError
+from vlp.precision import DEFAULT_PRECISION
 
 __all__ = ["merge_state", "merge_checkpoints", "MERGED_FILES_SKIPPED", "SweepData", "sweep", "plot_sweep", "alpha_dir"]
 
@@ -116,7 +117,7 @@ class SweepData:
     k_test: int = 16
     batch_size: int = 128
     device: str = "cpu"
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
 
 
 def _evaluate(checkpoint: Path, data: SweepData) -> dict[str, float]:
