@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fusion_cases import (
     BLOCK_NAMES,
     DIM,
@@ -351,13 +352,40 @@ def test_registry_has_the_design_names_and_build_errors_name_the_key() -> None:
     assert isinstance(built, DualStreamFusion) and built.update_image and len(built.text_layers) == 3
 
 
-def test_default_init_is_bert_style() -> None:
+def test_default_init_is_xavier_and_bert_stays_one_key_away() -> None:
+    import math
+
     torch.manual_seed(0)
     block = DualStreamFusion(256, 1, 4, update_image=True)
     layer = block.text_layers[0]
     assert isinstance(layer, TransformerBlock)
-    assert abs(layer.mlp.fc1.weight.std().item() - 0.02) < 0.002
+    # Xavier-uniform: std sqrt(2 / (fan_in + fan_out))
+    assert abs(layer.mlp.fc1.weight.std().item() - math.sqrt(2 / (256 + 1024))) < 0.003
+    assert abs(layer.attn.proj.weight.std().item() - math.sqrt(2 / 512)) < 0.003
     assert layer.mlp.fc1.bias.abs().max() == 0
     assert torch.equal(layer.norm1.weight, torch.ones(256)) and layer.norm1.eps == 1e-12
     single = SingleStreamFusion(256, 1, 4)
-    assert abs(single.modality_type.weight.std().item() - 0.02) < 0.002
+    assert abs(single.modality_type.weight.std().item() - 0.02) < 0.002  # embeddings keep BERT's std
+    bert = DualStreamFusion(256, 1, 4, update_image=True, init="bert")
+    assert abs(bert.text_layers[0].mlp.fc1.weight.std().item() - 0.02) < 0.002
+    assert build_fusion(FusionConfig(type="dual_stream", depth=1, num_heads=4, init="bert"), DIM).text_layers[0] \
+        .mlp.fc1.weight.std().item() < 0.025
+    with pytest.raises(ValueError, match="unknown fusion init"):
+        SingleStreamFusion(256, 1, 4, init="normal")
+
+
+def test_default_init_makes_the_pooled_state_depend_on_the_image() -> None:
+    """The ITM plateau's cause: under BERT's std 0.02 at a small width, swapping the image barely moves the
+    [CLS] state the match head reads; Xavier gains make it move by a sizeable fraction."""
+    generator = torch.Generator().manual_seed(0)
+    text, image = torch.randn(8, 12, 128, generator=generator), torch.randn(8, 17, 128, generator=generator)
+    text, image = F.layer_norm(text, (128,)), F.layer_norm(image, (128,))
+    moved = {}
+    for init in ("xavier", "bert"):
+        torch.manual_seed(0)
+        block = DualStreamFusion(128, 2, 4, update_image=False, init=init)
+        with torch.no_grad():
+            pooled = block(text, image).pooled
+            swapped = block(text, image.roll(1, dims=0)).pooled
+        moved[init] = ((pooled - swapped).norm(dim=-1) / pooled.norm(dim=-1)).mean().item()
+    assert moved["xavier"] > 5 * moved["bert"], moved
