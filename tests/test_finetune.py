@@ -73,8 +73,9 @@ def test_eval_retrieval_k_test_larger_than_gallery_is_clamped(pretrained: Path, 
 
 def test_finetune_vqa_then_eval_vqa(pretrained: Path, synth: Path, tmp_path: Path) -> None:
     run = tmp_path / "vqa"
+    # the head reads the fused output and the image embedding; eval vqa rebuilds it from the checkpoint
     assert main(["finetune", "vqa", str(ROOT / "configs/finetune/vqa_tiny.yaml"), "--init", str(pretrained),
-                 "--output-dir", str(run)]) == 0
+                 "--output-dir", str(run), "--set", "vqa.head_input=fused+image"]) == 0
     assert (run / "final" / "vqa_head.safetensors").is_file() and (run / "final" / "answers.json").is_file()
     final = json.loads((run / "eval_vqa.json").read_text())
     assert final["num_questions"] > 0

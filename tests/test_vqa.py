@@ -178,6 +178,20 @@ def test_vqa_model_needs_fusion_and_uses_the_pooled_output() -> None:
     torch.testing.assert_close(vqa(images, ids, mask), expected)
 
 
+def test_vqa_head_can_read_the_image_tower_too() -> None:
+    stand_in = StandIn(4)
+    stand_in.image_encoder = SimpleNamespace(embed_dim=1)  # type: ignore[assignment]  # pooled = pixel [0, 0, 0]
+    vqa = VQAModel(stand_in, num_answers=3, head_input="fused+image")
+    assert vqa.head.classifier[0].in_features == 4 + 1
+    images = torch.zeros(2, 3, 2, 2)
+    images[1, 0, 0, 0] = 2
+    ids, mask = torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.bool)
+    read = torch.cat([F.one_hot(torch.tensor([0, 2]), 4).float(), torch.tensor([[0.0], [2.0]])], dim=1)
+    torch.testing.assert_close(vqa(images, ids, mask), vqa.head(read))
+    with pytest.raises(UserError, match="vqa.head_input: unknown value 'image'"):
+        VQAModel(stand_in, num_answers=3, head_input="image")
+
+
 def test_evaluate_vqa_predictions_and_accuracy() -> None:
     vocab = AnswerVocab(["2", "yes", "blue"])
     vqa = VQAModel(StandIn(3), num_answers=3)

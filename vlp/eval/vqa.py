@@ -187,22 +187,38 @@ class VQAHead(nn.Module):
         return self.classifier(pooled)  # type: ignore[no-any-return]
 
 
-class VQAModel(nn.Module):
-    """A fused VLP model with a VQA head on the fusion's pooled output (width ``model.fusion.out_dim``)."""
+HEAD_INPUTS = ("fused", "fused+image")
 
-    def __init__(self, model: Any, num_answers: int, hidden_mult: int = 2, in_dim: int | None = None) -> None:
+
+class VQAModel(nn.Module):
+    """A fused VLP model with a VQA head on the fusion's pooled output (width ``model.fusion.out_dim``).
+
+    ``head_input`` "fused+image" concatenates the image tower's pooled [CLS] to it (as METER's head reads
+    both streams' poolers): what the contrastive pretraining put in the image embedding (how many objects,
+    which ones) reaches the head even while the fusion's cross-attention has not learned to carry it.
+    """
+
+    def __init__(self, model: Any, num_answers: int, hidden_mult: int = 2, in_dim: int | None = None,
+                 head_input: str = "fused") -> None:
         super().__init__()
         if not model.has_fusion:
             raise UserError(f"{type(model).__name__} has no fusion block: VQA needs a fused model "
                             "(model.fusion.type other than none)")
+        if head_input not in HEAD_INPUTS:
+            raise UserError(f"vqa.head_input: unknown value '{head_input}'; known: {', '.join(HEAD_INPUTS)}")
         self.model = model
-        self.head = VQAHead(in_dim or int(model.fusion.out_dim), num_answers, hidden_mult)
+        self.head_input = head_input
+        width = int(model.fusion.out_dim) + (int(model.image_encoder.embed_dim) if head_input == "fused+image" else 0)
+        self.head = VQAHead(in_dim or width, num_answers, hidden_mult)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Answer logits [B, num_answers] (fp32)."""
         image_out, _ = self.model.image_features(images)
         text_out, _ = self.model.text_features(input_ids, attention_mask)
-        return self.head(self.model.fuse(text_out, image_out, pooled_only=True).pooled).float()  # type: ignore[no-any-return]
+        pooled = self.model.fuse(text_out, image_out, pooled_only=True).pooled
+        if self.head_input == "fused+image":
+            pooled = torch.cat([pooled, image_out.pooled.to(pooled.dtype)], dim=-1)
+        return self.head(pooled).float()  # type: ignore[no-any-return]
 
 
 def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:

@@ -103,7 +103,8 @@ class VQAObjective(Objective):
 
 def save_vqa(vqa_model: Any, vocab: Any, config: Config, directory: Path) -> None:
     vqa_model.model.save_pretrained(directory, {"run": to_dict(config),
-                                                "vqa": {"num_answers": len(vocab), "hidden_mult": config.vqa.hidden_mult}})
+                                                "vqa": {"num_answers": len(vocab), "hidden_mult": config.vqa.hidden_mult,
+                                                        "head_input": config.vqa.head_input}})
     safetensors.torch.save_model(vqa_model.head, str(directory / "vqa_head.safetensors"))
     vocab.save(directory / "answers.json")
 
@@ -124,7 +125,9 @@ def load_vqa_checkpoint(directory: str | Path) -> tuple[Any, Any]:
                         f"run 'vlp finetune vqa CONFIG --init {root}' first")
     meta = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("vqa", {})
     vocab = AnswerVocab.load(answers_path)
-    vqa_model = VQAModel(model, len(vocab), hidden_mult=int(meta.get("hidden_mult", 2)))
+    # checkpoints written before vqa.head_input existed read the fused output only
+    vqa_model = VQAModel(model, len(vocab), hidden_mult=int(meta.get("hidden_mult", 2)),
+                         head_input=str(meta.get("head_input", "fused")))
     load_model_weights(vqa_model.head, head_path, torch.device("cpu"))
     return vqa_model.eval(), vocab
 
@@ -164,7 +167,8 @@ def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None
     questions, loader = vqa_questions(config, "train", image_size)
     vocab = AnswerVocab.build(questions, top_n=config.vqa.num_answers)
     priors = AnswerPriors.fit(questions)
-    vqa_model = VQAModel(model, len(vocab), hidden_mult=config.vqa.hidden_mult).to(dist.device)
+    vqa_model = VQAModel(model, len(vocab), hidden_mult=config.vqa.hidden_mult,
+                         head_input=config.vqa.head_input).to(dist.device)
     objective = VQAObjective(vqa_model, autocast_factory(config.train.precision, dist.device)).to(dist.device)
     data_loader, dataset, sampler = _vqa_loader(config, model, vocab, questions, loader, dist)
     val_questions, val_loader = vqa_questions(config, "val", image_size)
