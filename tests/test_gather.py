@@ -18,19 +18,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import Tensor, nn
-
 from open_clip.tokenizer import canonicalize_text
+from torch import Tensor, nn
 
 from vlp.losses import (
     contrastive_loss,
     draw_negatives,
-    text_keys,
     gather_no_grad,
     gather_with_grad,
     rank_and_world,
     sample_hard_negatives,
     siglip_loss,
+    text_keys,
 )
 
 WORLD, BATCH = 2, 4  # per-rank batch; global batch 8

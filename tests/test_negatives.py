@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from open_clip.tokenizer import canonicalize_text
 
 from vlp.config.validate import NEGATIVE_EXCLUSIONS as CONFIG_EXCLUSIONS
-from vlp.losses import contrastive_loss, draw_negatives, itm_loss, itm_pair_weights, sample_hard_negatives, siglip_loss
+from vlp.losses import (
+    contrastive_loss,
+    draw_negatives,
+    itm_loss,
+    itm_pair_weights,
+    sample_hard_negatives,
+    siglip_loss,
+)
 from vlp.losses.negatives import NEGATIVE_EXCLUSIONS, caption_key, negative_masks, text_keys, token_key
 
 # Web-like captions: several repeat across images, some only up to case/punctuation/spacing.
@@ -241,7 +248,6 @@ def test_a_batch_of_one_caption_drops_its_negatives_without_error(monkeypatch: p
 
 def test_streaming_batches_carry_what_the_rule_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
-    import json
     import tarfile
 
     from PIL import Image

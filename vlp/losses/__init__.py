@@ -3,7 +3,14 @@
 from vlp.losses.contrastive import ContrastiveLoss, SigLipLoss, contrastive_loss, siglip_loss
 from vlp.losses.distill import FeatureQueue, soft_cross_entropy, soft_targets
 from vlp.losses.gather import gather_no_grad, gather_with_grad, rank_and_world
-from vlp.losses.matching import NegativeDraw, draw_negatives, itm_labels, itm_loss, itm_pair_weights, sample_hard_negatives
+from vlp.losses.matching import (
+    NegativeDraw,
+    draw_negatives,
+    itm_labels,
+    itm_loss,
+    itm_pair_weights,
+    sample_hard_negatives,
+)
 from vlp.losses.mlm import mask_tokens, mlm_loss
 from vlp.losses.negatives import negative_masks, text_keys
 

@@ -48,6 +48,8 @@ from vlp.objectives.gradcache import (
     sync_gradients,
     take_rows,
 )
+from vlp.objectives.itm_stats import ItmStats
+from vlp.objectives.itm_stats import draw_rows as _draw_rows
 from vlp.objectives.teacher import Teacher, load_teacher
 from vlp.types import EncoderOutput, FusionOutput, LossOutput
 
@@ -220,7 +222,7 @@ class PretrainObjective(Objective):
                     text_out, text_emb, masked_out = self._text_features(ids[rows], mask[rows], _part(masked, rows))
                 surrogate = (image_emb * image_grad[rows]).sum() + (text_emb * text_grad[rows]).sum()
                 negatives = None
-                if self.use_itm:
+                if draw is not None:
                     start = offset + rows.start
                     negatives = (take_rows(text_out, cached_text, draw.text[rows], start),
                                  take_rows(image_out, cached_image, draw.image[rows], start))
@@ -413,36 +415,6 @@ class PretrainObjective(Objective):
         tok = self.model.tokenizer
         return mask_tokens(ids, mask, tok.mask_id, tok.special_ids, self.model.text_encoder.vocab_size,
                            probability=self.config.mlm_probability, generator=self.generator)
-
-
-class ItmStats:
-    """Running ITM accuracies of one step, on positives and on the kept negatives (a head that predicts
-    only the label prior shows 0 on positives)."""
-
-    def __init__(self) -> None:
-        self.counts = [0.0, 0.0, 0.0, 0.0]  # correct positives, positives, correct negatives, negatives
-
-    @torch.no_grad()
-    def add(self, logits: Tensor, labels: Tensor, weights: Tensor | None) -> None:
-        kept = torch.ones_like(labels, dtype=torch.bool) if weights is None else weights > 0
-        correct = (logits.argmax(dim=1) == labels) & kept
-        positive = labels == 1
-        for slot, value in enumerate((correct & positive, kept & positive, correct & ~positive, kept & ~positive)):
-            self.counts[slot] += float(value.sum())
-
-    def terms(self, draw: NegativeDraw | None, device: torch.device) -> dict[str, Tensor]:
-        if draw is None:
-            return {}
-        right_pos, pos, right_neg, neg = self.counts
-        values = {"itm_acc_pos": right_pos / max(pos, 1.0), "itm_acc_neg": right_neg / max(neg, 1.0),
-                  "itm_excluded_fraction": draw.excluded_fraction,
-                  "itm_rows_without_negative": float(draw.rows_without_negative)}
-        return {key: torch.tensor(value, device=device) for key, value in values.items()}
-
-
-def _draw_rows(draw: NegativeDraw, rows: slice) -> NegativeDraw:
-    return NegativeDraw(draw.text[rows], draw.image[rows], draw.has_text[rows], draw.has_image[rows],
-                        draw.excluded_fraction)
 
 
 def _part(tensor: Tensor | None, rows: slice) -> Tensor | None:
