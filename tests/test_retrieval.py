@@ -425,8 +425,11 @@ def test_bf16_tokens_rerank_with_an_fp32_model() -> None:
 
 def test_bad_eval_settings_are_user_errors() -> None:
     model, split = TinyFused(), make_split(4)
-    with pytest.raises(UserError, match=r"eval\.k_test=5 .*4 images"):
-        evaluate_retrieval(model, split, None, k_test=5, progress=False)
+    with pytest.raises(UserError, match=r"k_test = 0: must be positive"):
+        evaluate_retrieval(model, split, None, k_test=0, progress=False)
+    clamped = evaluate_retrieval(model, split, None, k_test=5, progress=False)  # a small gallery: all re-ranked
+    assert (clamped["k_test"], clamped["k_test_requested"]) == (4, 5)
+    assert clamped["itm"] == evaluate_retrieval(model, split, None, k_test=4, progress=False)["itm"]
     with pytest.raises(UserError, match=r"eval\.score"):
         evaluate_retrieval(model, split, None, score="itc", progress=False)
     with pytest.raises(UserError, match=r"eval\.precision"):

@@ -35,7 +35,7 @@ def k_test_for_gallery(k_test: int, num_images: int | None = None, num_texts: in
     small test set then re-ranks all its candidates instead of failing.
     """
     if k_test <= 0:
-        where = name if name.startswith("-") else f"config key '{name}'"
+        where = f"config key '{name}'" if "." in name else name  # a key, or a flag or argument
         raise ConfigError(f"{where} = {k_test}: must be positive (the candidates re-ranked per query)")
     if num_images is None or num_texts is None:
         return k_test
