@@ -68,7 +68,7 @@ def _assert_plot(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         assert image.format == "PNG"
         pixels = np.asarray(image.convert("RGB"))
-    assert pixels.shape[0] >= 200 and pixels.shape[1] == 700  # figsize 7 in x 100 dpi
+    assert pixels.shape[0] >= 200 and pixels.shape[1] == 850  # figsize 8.5 in (legend beside the axes) x 100 dpi
     assert pixels.std() > 10  # not a blank canvas
     return pixels
 
