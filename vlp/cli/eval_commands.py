@@ -121,9 +121,9 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
 
     checkpoint = checkpoint_dir(args.checkpoint)
     questions = load_vqa(existing_path(args.data, "path", "--data"), _image_root(args.image_root))
+    vqa_model, vocab = load_vqa_checkpoint(checkpoint)  # first: a checkpoint without a VQA head says so
     train_questions = _baseline_training_questions(args.train_data, checkpoint)
     priors = None if train_questions is None else AnswerPriors.fit(train_questions)
-    vqa_model, vocab = load_vqa_checkpoint(checkpoint)
     device = _device(args.device)
     predictions, metrics = evaluate_vqa_split(vqa_model.to(device), vocab, questions, load_image_file,
                                               args.batch_size, device, not args.no_progress, args.precision,
