@@ -134,8 +134,13 @@ def test_training_keeps_the_average_in_checkpoints_and_final_ema(tmp_path: Path)
     assert [r["ema_decay"] for r in records if "ema_decay" in r] == [0.0, DECAY, DECAY]
     final = [r for r in records if any(k.startswith("eval_ema/") for k in r)]
     assert final and any(k.startswith("eval/") for k in final[-1])  # eval.weights: both
-    assert json.loads((run / "eval_ema.json").read_text()).keys() == {
-        k for k in final[-1] if k.startswith("eval_ema/")}
+    logged = json.loads((run / "eval_ema.json").read_text())
+    assert logged and logged.keys() == {k for k in final[-1] if k.startswith("eval_ema/")}
+    # the EMA's result files beside the online ones, each holding its own weights' numbers
+    ema_result = json.loads((run / "eval_retrieval_ema.json").read_text())
+    online_result = json.loads((run / "eval_retrieval.json").read_text())
+    assert logged["eval_ema/itc/txt_r1"] == ema_result["itc"]["txt_r1"]
+    assert final[-1]["eval/itc/txt_r1"] == online_result["itc"]["txt_r1"]
 
 
 def test_eval_weights_ema_evaluates_only_the_average(tmp_path: Path) -> None:

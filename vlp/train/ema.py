@@ -174,21 +174,42 @@ def restore_ema(ema: WeightEMA, directory: Path) -> None:
 def evaluate(run_eval: Callable[[int, bool], dict[str, float]] | None, ema: WeightEMA | None, config: Config,
              run_dir: Path, step: int, final: bool) -> dict[str, float]:
     """The run's evaluation of the weights ``eval.weights`` names: online metrics as ``eval/...``, the EMA's
-    as ``eval_ema/...`` (after training also written to ``eval_ema.json``)."""
+    as ``eval_ema/...``. After training the EMA's are also written to ``eval_ema.json`` and the files its
+    evaluation writes carry an ``_ema`` suffix (``eval_retrieval_ema.json``, ``plots/recall_at_k_ema.png``)."""
     if run_eval is None:
         return {}
     which = config.eval.weights if ema is not None else "online"
     results: dict[str, float] = {}
-    if which in ("online", "both"):
-        results.update(run_eval(step, final))
     if ema is not None and which in ("ema", "both"):
+        before = _result_files(run_dir) if final else {}
         with ema.swapped_into():
-            averaged = run_eval(step, False)  # the files of a final evaluation are the online weights'
+            averaged = run_eval(step, final)
         averaged = {key.replace("eval/", "eval_ema/", 1): value for key, value in averaged.items()}
         results.update(averaged)
         if final and _is_main():
+            _mark_as_ema(run_dir, before)  # the online evaluation below writes the plain names
             (run_dir / "eval_ema.json").write_text(json.dumps(averaged, indent=2))
+    if which in ("online", "both"):
+        results.update(run_eval(step, final))
     return results
+
+
+_NOT_RESULTS = ("checkpoints", "final", "final_ema", "metrics.jsonl", "config.yaml", "tensorboard")
+
+
+def _result_files(run_dir: Path) -> dict[Path, int]:
+    """The files a final evaluation may write (eval_*.json, predictions, plots), with their mtimes."""
+    if not run_dir.is_dir():
+        return {}
+    return {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")
+            if path.is_file() and path.relative_to(run_dir).parts[0] not in _NOT_RESULTS}
+
+
+def _mark_as_ema(run_dir: Path, before: dict[Path, int]) -> None:
+    """Files the EMA's final evaluation wrote get an ``_ema`` suffix (eval_retrieval_ema.json, ...)."""
+    for path, mtime in _result_files(run_dir).items():
+        if before.get(path) != mtime:
+            path.replace(path.with_name(f"{path.stem}_ema{path.suffix}"))
 
 
 def _is_main() -> bool:

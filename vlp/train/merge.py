@@ -55,12 +55,17 @@ def merge_state(zs: dict[str, Tensor], ft: dict[str, Tensor], alpha: float, sour
 
 
 def _model_section(directory: Path) -> dict[str, Any]:
+    """The checkpoint's model config with every default filled in (a checkpoint written before a key existed
+    compares equal to one that spells out its default)."""
+    from vlp.config.io import from_dict, to_dict
+    from vlp.config.schema import ModelConfig
     from vlp.models.persist import read_checkpoint_config
 
     section = read_checkpoint_config(directory).get("model")
     if not isinstance(section, dict):
         raise UserError(f"{directory / 'config.yaml'}: no 'model' mapping")
-    return section
+    full: dict[str, Any] = to_dict(from_dict(ModelConfig, section, prefix="model"))
+    return full
 
 
 def _differences(a: Any, b: Any, prefix: str = "model") -> list[str]:
