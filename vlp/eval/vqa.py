@@ -122,7 +122,7 @@ def vqa_soft_score(count: int) -> float:
 
 
 def _human_answers(record: Mapping[str, Any]) -> list[str]:
-    """A question's human answers: DESIGN.md's "answer" (list or string), or a dataset row's "answers"."""
+    """A question's human answers: the VQA format's "answer" (list or string; docs/data.md), or a dataset row's "answers"."""
     answers = record.get("answer", record.get("answers")) or []
     return [answers] if isinstance(answers, str) else list(answers)
 
@@ -251,7 +251,7 @@ def evaluate_vqa(vqa_model: VQAModel, questions: Sequence[Mapping[str, Any]],
                  num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Answer every question (the highest-scoring vocabulary answer) and score those with human answers.
 
-    ``questions``: DESIGN.md's VQA records; ``load_image(record["image"])`` returns the transformed image
+    ``questions``: records in vlp's VQA format (docs/data.md); ``load_image(record["image"])`` returns the transformed image
     tensor. Returns (predictions [{"question_id", "answer"}], metrics {"overall": percent or None,
     "per_type": {answer_type: percent}, "num_questions": scored questions, "precision": what ``auto``
     resolved to}).
