@@ -1,7 +1,12 @@
 """Attention (SDPA + explicit), MLP and transformer blocks."""
 
 from vlp.layers.attention import Attention, attention, attention_by_context, key_padding_bias
-from vlp.layers.blocks import FUSION_INITS, TransformerBlock, init_cross_modal_weights, init_transformer_weights
+from vlp.layers.blocks import (
+    FUSION_INITS,
+    TransformerBlock,
+    init_cross_modal_weights,
+    init_transformer_weights,
+)
 from vlp.layers.mlp import MLP
 
 __all__ = ["Attention", "attention", "attention_by_context", "key_padding_bias", "MLP", "TransformerBlock", "init_transformer_weights", "init_cross_modal_weights", "FUSION_INITS"]
