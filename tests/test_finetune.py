@@ -117,7 +117,8 @@ def test_eval_vqa_train_data_errors(pretrained: Path, synth: Path, tmp_path: Pat
                                     capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(pretrained, checkpoint)
-    (checkpoint / "vqa_head.safetensors").write_bytes(b"")  # never read: the error comes first
+    for name in ("vqa_head.safetensors", "answers.json"):  # present but never read: the error comes first
+        (checkpoint / name).write_bytes(b"")
     config = yaml.safe_load((checkpoint / "config.yaml").read_text())
     config["run"] = {"vqa": {"train": str(tmp_path / "gone.json")}}
     (checkpoint / "config.yaml").write_text(yaml.safe_dump(config))

@@ -117,13 +117,14 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
     from vlp.data.retrieval_split import load_image_file
     from vlp.data.vqa_data import load_vqa
     from vlp.eval.vqa_baselines import AnswerPriors
-    from vlp.train.finetune import evaluate_vqa_split, load_vqa_checkpoint
+    from vlp.train.finetune import evaluate_vqa_split, load_vqa_checkpoint, require_vqa_files
 
     checkpoint = checkpoint_dir(args.checkpoint)
     questions = load_vqa(existing_path(args.data, "path", "--data"), _image_root(args.image_root))
-    vqa_model, vocab = load_vqa_checkpoint(checkpoint)  # first: a checkpoint without a VQA head says so
+    require_vqa_files(Path(checkpoint))  # first: a checkpoint without a VQA head says so
     train_questions = _baseline_training_questions(args.train_data, checkpoint)
     priors = None if train_questions is None else AnswerPriors.fit(train_questions)
+    vqa_model, vocab = load_vqa_checkpoint(checkpoint)
     device = _device(args.device)
     predictions, metrics = evaluate_vqa_split(vqa_model.to(device), vocab, questions, load_image_file,
                                               args.batch_size, device, not args.no_progress, args.precision,

@@ -183,7 +183,12 @@ def resumable_checkpoint(ckpt_root: Path | str) -> Path | None:
     if problems:
         newest_state = problems[0][0] / "trainer_state.pt"
         if newest_state.is_file():
-            load_trainer_state(newest_state)  # its own error names the file and why (e.g. a refused pickle)
+            try:
+                load_trainer_state(newest_state)
+            except UserError as err:
+                if "refused:" in str(err):  # a crafted file: say what it holds, not just that it is unreadable
+                    raise
+
         raise UserError(f"--resume: none of the {len(found)} checkpoints in {ckpt_root} can be read (newest "
                         f"{problems[0][0]}: {problems[0][1]})")
     return None

@@ -109,6 +109,15 @@ def save_vqa(vqa_model: Any, vocab: Any, config: Config, directory: Path) -> Non
     vocab.save(directory / "answers.json")
 
 
+def require_vqa_files(root: Path) -> tuple[Path, Path]:
+    """The VQA head and answer files of a checkpoint directory, or one error line saying it has none."""
+    head_path, answers_path = root / "vqa_head.safetensors", root / "answers.json"
+    if not head_path.is_file() or not answers_path.is_file():
+        raise UserError(f"{root}: not a VQA checkpoint (no vqa_head.safetensors/answers.json); "
+                        f"run 'vlp finetune vqa CONFIG --init {root}' first")
+    return head_path, answers_path
+
+
 def load_vqa_checkpoint(directory: str | Path) -> tuple[Any, Any]:
     """(VQAModel, AnswerVocab) from a VQA fine-tuned checkpoint."""
     import yaml
@@ -119,10 +128,7 @@ def load_vqa_checkpoint(directory: str | Path) -> tuple[Any, Any]:
     model = VLPModel.from_pretrained(root)
     if not model.has_fusion:
         raise UserError(f"{root}: the model has no fusion block (fusion.type: none): VQA needs a fused model")
-    head_path, answers_path = root / "vqa_head.safetensors", root / "answers.json"
-    if not head_path.is_file() or not answers_path.is_file():
-        raise UserError(f"{root}: not a VQA checkpoint (no vqa_head.safetensors/answers.json); "
-                        f"run 'vlp finetune vqa CONFIG --init {root}' first")
+    head_path, answers_path = require_vqa_files(root)
     meta = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("vqa", {})
     vocab = AnswerVocab.load(answers_path)
     # checkpoints written before vqa.head_input existed read the fused output only
