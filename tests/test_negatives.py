@@ -272,6 +272,8 @@ def test_streaming_batches_carry_what_the_rule_needs(tmp_path: Path, monkeypatch
     loader, _, _ = build_loader(config, model, DistInfo(0, 0, 1, torch.device("cpu")))
     batch = next(iter(loader))
     assert len(batch["captions"]) == 8 and len(set(batch["image_ids"].tolist())) == 8
+    # the collator hashed the texts in the loader: the same keys the objective would compute
+    assert torch.equal(batch["text_keys"], text_keys(batch["input_ids"], batch["attention_mask"], batch["captions"]))
     from vlp.objectives.pretrain import PretrainObjective
 
     draws = _captured_draws(monkeypatch)

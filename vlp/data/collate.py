@@ -17,7 +17,8 @@ TokenizerFn = Callable[..., dict[str, Tensor]]
 
 class Collator:
     """samples (dicts, or None for unreadable ones) -> {"images" [B,3,H,W], "input_ids" long [B,T],
-    "attention_mask" bool [B,T], "image_ids" long [B], "captions" list[str], "bad" int,
+    "attention_mask" bool [B,T], "image_ids" long [B], "captions" list[str], "text_keys" long [B, 2]
+    (``vlp.losses.negatives.text_keys``, for the ITM false-negative rule), "bad" int,
     "bad_paths" list[str], "bad_reasons" list[str], "truncated" int, "unk_tokens" int, "word_tokens" int}.
 
     Captions are padded to the longest in the batch (by the tokenizer) and truncated to ``max_length``;
@@ -53,7 +54,10 @@ class Collator:
         tokens = self.tokenizer(captions, max_length=self.max_length)
         count = getattr(self.tokenizer, "count_unknown", None)
         unknown, words = count(tokens["input_ids"], tokens["attention_mask"]) if count is not None else (0, 0)
+        from vlp.losses.negatives import text_keys  # hashing here runs in the loader workers, off the step
+
         return {
+            "text_keys": text_keys(tokens["input_ids"], tokens["attention_mask"], captions),
             "images": torch.stack([s["image"] for s in good]),
             "input_ids": tokens["input_ids"].long(),
             "attention_mask": tokens["attention_mask"].bool(),

@@ -256,6 +256,9 @@ class PretrainObjective(Objective):
         cfg = self.config
         if not ((self.use_itm and cfg.negative_exclusion == "text") or cfg.itc_text_positives):
             return None
+        given = batch.get("text_keys")  # computed by the collator in the loader workers
+        if isinstance(given, Tensor) and given.shape[0] == batch["input_ids"].shape[0]:
+            return given
         return text_keys(batch["input_ids"], batch["attention_mask"], batch.get("captions"))
 
     def _contrastive(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None,
