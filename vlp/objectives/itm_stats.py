@@ -23,8 +23,10 @@ class ItmStats:
         kept = torch.ones_like(labels, dtype=torch.bool) if weights is None else weights > 0
         correct = (logits.argmax(dim=1) == labels) & kept
         positive = labels == 1
-        for slot, value in enumerate((correct & positive, kept & positive, correct & ~positive, kept & ~positive)):
-            self.counts[slot] += float(value.sum())
+        parts = torch.stack([correct & positive, kept & positive, correct & ~positive, kept & ~positive])
+        # one host copy per call (on CUDA each float() of a sum would wait for the device separately)
+        for slot, value in enumerate(parts.sum(dim=1).tolist()):
+            self.counts[slot] += float(value)
 
     def terms(self, draw: NegativeDraw | None, device: torch.device) -> dict[str, Tensor]:
         if draw is None:
