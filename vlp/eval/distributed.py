@@ -26,7 +26,7 @@ from torch.utils.data import Subset
 
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import itm_pair_scores, reranked_ranks
+from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks
 from vlp.eval.retrieval import (
     SCORES,
     RetrievalSplitLike,
@@ -155,7 +155,7 @@ def _rerank_sharded(model: Any, image_out: EncoderOutput, image_local: Tensor, t
                                   True, progress)
     assert needed_out is not None
     scores = itm_pair_scores(model, image_out, needed_out, pair_image, torch.searchsorted(needed, pair_text),
-                             batch_size, autocast, progress).to(device)
+                             batch_size, autocast, progress, match=match_rule_for(score)).to(device)
     i2t_scores = scores[:i2t_top.numel()].view_as(i2t_top)
     t2i_scores = torch.zeros_like(t2i_sims)
     t2i_scores[mine] = scores[i2t_top.numel():]

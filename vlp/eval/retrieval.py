@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import rerank_candidates, reranked_ranks
+from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks
 from vlp.eval.topk import budget_elements, chunked_topk
 from vlp.models.vlp_model import pooled_only_kwargs
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
@@ -31,7 +31,7 @@ __all__ = [
     "autocast_context", "encode_images", "encode_texts",
 ]
 
-SCORES = ("itm", "itm+itc")
+SCORES = ("itm", "itm_logit", "itm+itc")
 # Anything a DataLoader can index: a torch Dataset or a plain sequence of image tensors.
 ImageDataset = Dataset[Any] | Sequence[Any]
 RECALL_KS = (1, 5, 10)
@@ -329,7 +329,8 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_
     """Retrieval metrics of a model on a split: ITC from the full ranking, plus ITM re-ranking when fused.
 
     ITM (ALBEF/BLIP): each query's top ``k_test`` ITC candidates, in both directions, are re-scored by the
-    match logit (``score="itm"``) or the logit plus the ITC cosine (``"itm+itc"``, BLIP). Re-scored
+    head's log-odds (``score="itm"``; see ``vlp.eval.rerank.MATCH_RULES``), by its match logit alone
+    (``"itm_logit"``, as ALBEF and BLIP rank) or by the log-odds plus the ITC cosine (``"itm+itc"``, BLIP's sum). Re-scored
     candidates rank above all others; the others keep their ITC order, so a ground truth outside the top
     k keeps its ITC rank. Result: {"itc": metrics, "itm": metrics (fused only), "curves": recall@K lists,
     "score", "k_test", "num_images", "num_texts", "precision" (what ``auto`` resolved to)}.
@@ -380,7 +381,8 @@ def _score_encoded(model: Any, encoded: EncodedSplit, image_positives: Tensor, t
         i2t_sims, i2t_top = chunked_topk(encoded.image_emb, encoded.text_emb, k_test, memory_mb=memory_mb)
         t2i_sims, t2i_top = chunked_topk(encoded.text_emb, encoded.image_emb, k_test, memory_mb=memory_mb)
         i2t_scores, t2i_scores = rerank_candidates(model, encoded.image_out, encoded.text_out, i2t_top,
-                                                   t2i_top, batch_size, autocast, progress)
+                                                   t2i_top, batch_size, autocast, progress,
+                                                   match=match_rule_for(score))
         if score == "itm+itc":
             i2t_scores, t2i_scores = i2t_scores + i2t_sims, t2i_scores + t2i_sims
         itm_txt = reranked_ranks(i2t_top, i2t_scores, image_positives, txt_ranks)
