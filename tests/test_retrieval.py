@@ -79,6 +79,9 @@ class TinyFused(nn.Module):
         self.key, self.value, self.query = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.itm_head = nn.Linear(2 * dim, 2)
 
+    def logit_scale(self) -> Tensor:
+        return torch.tensor(7.0)
+
     def image_features(self, images: Tensor) -> tuple[EncoderOutput, Tensor]:
         patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=4, p2=4)
         tokens = torch.tanh(self.patch(patches))
@@ -278,7 +281,7 @@ def test_batched_rerank_equals_per_pair_calls() -> None:
                     per_pair_logits(model, split, int(t2i[text, j]), text), abs=1e-5)
 
 
-@pytest.mark.parametrize("score", ["itm", "itm_logit", "itm+itc"])
+@pytest.mark.parametrize("score", ["itm", "itm_logit", "itm+itc", "itm+itc_logit"])
 def test_evaluate_retrieval_equals_full_reranked_matrices(score: str) -> None:
     """evaluate_retrieval never builds N x M; its metrics equal retrieval_metrics on the full matrices where
     re-scored candidates sit above every other item and the rest keep their ITC order."""
@@ -301,7 +304,8 @@ def test_evaluate_retrieval_equals_full_reranked_matrices(score: str) -> None:
             for gallery in top[query].tolist():
                 logit = per_pair_logits(model, split, *pair(query, gallery),
                                         rule="logit" if score == "itm_logit" else "log_odds")
-                full[query, gallery] = logit + (float(matrix[query, gallery]) if score == "itm+itc" else 0.0)
+                itc = float(model.logit_scale()) if score == "itm+itc_logit" else float(score == "itm+itc")
+                full[query, gallery] = logit + itc * float(matrix[query, gallery])
         return full
 
     with torch.no_grad():

@@ -22,7 +22,7 @@ from vlp.benchmark.suite import RetrievalTask, required_path
 from vlp.data.retrieval_split import RetrievalSplit, load_retrieval_split
 from vlp.errors import UserError
 from vlp.eval.distributed import evaluate_retrieval_sharded
-from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks
+from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks, with_itc
 from vlp.eval.retrieval import (
     SCORES,
     RetrievalSplitLike,
@@ -114,8 +114,7 @@ def _columns_one_process(model: Any, split: RetrievalSplitLike, transform: Any, 
                                               spec.batch_size, autocast, progress, match=rule)
         for score in scores:
             i2t, t2i = matched[match_rule_for(score)]
-            if score == "itm+itc":
-                i2t, t2i = i2t + i2t_sims, t2i + t2i_sims
+            i2t, t2i = with_itc(score, i2t, i2t_sims, model), with_itc(score, t2i, t2i_sims, model)
             columns[score] = recall_metrics(reranked_ranks(i2t_top, i2t, image_positives, txt_ranks),
                                             reranked_ranks(t2i_top, t2i, txt2img[:, None], img_ranks))
     return columns

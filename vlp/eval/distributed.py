@@ -26,7 +26,7 @@ from torch.utils.data import Subset
 
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks
+from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.retrieval import (
     SCORES,
     RetrievalSplitLike,
@@ -160,8 +160,7 @@ def _rerank_sharded(model: Any, image_out: EncoderOutput, image_local: Tensor, t
     t2i_scores = torch.zeros_like(t2i_sims)
     t2i_scores[mine] = scores[i2t_top.numel():]
     dist.all_reduce(t2i_scores)  # each entry comes from the one rank that holds its image; the rest add 0
-    if score == "itm+itc":
-        i2t_scores, t2i_scores = i2t_scores + i2t_sims, t2i_scores + t2i_sims
+    i2t_scores, t2i_scores = with_itc(score, i2t_scores, i2t_sims, model), with_itc(score, t2i_scores, t2i_sims, model)
     local_positives = image_positives[image_rows.start:image_rows.stop]
     itm_txt_local = reranked_ranks(i2t_top, i2t_scores, local_positives, txt_local)
     itm_txt = gather_shards(itm_txt_local.to(device), len(image_positives)).cpu()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context
 from vlp.types import EncoderOutput
 
-__all__ = ["FusedRetrievalModel", "MATCH_RULES", "match_scores", "match_rule_for", "itm_pair_scores",
+__all__ = ["FusedRetrievalModel", "MATCH_RULES", "match_scores", "match_rule_for", "with_itc", "itm_pair_scores",
            "rerank_candidates", "reranked_ranks"]
 
 # How an ITM head's two logits [n, 2] become one match score per pair:
@@ -45,6 +45,20 @@ def match_rule_for(score: str) -> str:
     """The match rule of a retrieval re-rank score: ``itm_logit`` ranks by ALBEF/BLIP's column-1 logit,
     ``itm`` and ``itm+itc`` by the log-odds."""
     return "logit" if score == "itm_logit" else "log_odds"
+
+
+def with_itc(score: str, itm: Tensor, cosine: Tensor, model: Any) -> Tensor:
+    """A re-rank score from the candidates' ITM scores and their ITC cosines (same shape):
+    ``itm`` / ``itm_logit``: the ITM score alone; ``itm+itc``: plus the cosine (BLIP's sum);
+    ``itm+itc_logit``: plus the ITC logit, logit scale x cosine. Each term is then a log-likelihood of its
+    head (the match log-odds; the contrastive log-softmax up to a per-query constant), so their sum ranks by
+    the product of the two heads' evidence: it cannot fall far below the better head when the other one is
+    weak, as the raw cosine, tiny beside a logit, does not protect."""
+    if score == "itm+itc":
+        return itm + cosine
+    if score == "itm+itc_logit":
+        return itm + float(model.logit_scale().detach()) * cosine
+    return itm
 
 
 class FusedRetrievalModel(Protocol):

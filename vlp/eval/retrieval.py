@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks
+from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks, with_itc
 from vlp.eval.topk import budget_elements, chunked_topk
 from vlp.models.vlp_model import pooled_only_kwargs
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
@@ -31,7 +31,7 @@ __all__ = [
     "autocast_context", "encode_images", "encode_texts",
 ]
 
-SCORES = ("itm", "itm_logit", "itm+itc")
+SCORES = ("itm", "itm_logit", "itm+itc", "itm+itc_logit")
 # Anything a DataLoader can index: a torch Dataset or a plain sequence of image tensors.
 ImageDataset = Dataset[Any] | Sequence[Any]
 RECALL_KS = (1, 5, 10)
@@ -383,8 +383,7 @@ def _score_encoded(model: Any, encoded: EncodedSplit, image_positives: Tensor, t
         i2t_scores, t2i_scores = rerank_candidates(model, encoded.image_out, encoded.text_out, i2t_top,
                                                    t2i_top, batch_size, autocast, progress,
                                                    match=match_rule_for(score))
-        if score == "itm+itc":
-            i2t_scores, t2i_scores = i2t_scores + i2t_sims, t2i_scores + t2i_sims
+        i2t_scores, t2i_scores = with_itc(score, i2t_scores, i2t_sims, model), with_itc(score, t2i_scores, t2i_sims, model)
         itm_txt = reranked_ranks(i2t_top, i2t_scores, image_positives, txt_ranks)
         itm_img = reranked_ranks(t2i_top, t2i_scores, text_positives, img_ranks)
         result["itm"] = recall_metrics(itm_txt, itm_img)
