@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vlp.collectives import rank_and_world
 from vlp.config.schema import DataConfig
 from vlp.data.datasets import HFPairs, Sample, WebDatasetPairs
 from vlp.data.transforms import ImageTransform
 from vlp.errors import ConfigError, UserError
-from vlp.losses import rank_and_world
 
 __all__ = ["EpochStream", "WebDatasetStream", "HFStreamPairs", "count_tar_samples", "worker_share",
            "build_webdataset_stream", "build_hf_stream"]

@@ -12,17 +12,16 @@ the generator states before a chunk's first encoding and replays them for the se
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from vlp.losses import gather_no_grad, gather_with_grad, rank_and_world
+from vlp.collectives import gather_no_grad, gather_with_grad, rank_and_world
 from vlp.types import EncoderOutput
 
-__all__ = ["RngSnapshot", "chunk_slices", "gather_tokens", "take_rows", "cat_outputs", "sync_gradients"]
+__all__ = ["RngSnapshot", "chunk_slices", "gather_tokens", "take_rows", "cat_outputs"]
 
 
 class RngSnapshot:
@@ -91,35 +90,3 @@ def take_rows(live: EncoderOutput, cached: EncoderOutput, index: Tensor, start: 
     mask = torch.where(inside[:, None], live_mask, cached.mask[index])
     pooled = torch.where(inside[:, None], live.pooled[pick], cached.pooled[index].to(live.pooled.dtype))
     return EncoderOutput(tokens, mask, pooled)
-
-
-@torch.no_grad()
-def sync_gradients(parameters: Iterable[nn.Parameter], bucket_elements: int = 1 << 24) -> None:
-    """Average every ``.grad`` over the ranks of the default process group, in flat buckets.
-
-    The gradient-cache step runs several backward passes outside DistributedDataParallel's ``forward``,
-    so DDP's hooks stay idle and this does their work once at the end of the micro-batch. Gradients of
-    earlier micro-batches are already equal on all ranks, and averaging leaves them unchanged. Every rank
-    runs the same code path, so the same parameters hold a gradient everywhere. No-op when alone."""
-    _, world = rank_and_world()
-    if world == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_type: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for grad in grads:
-        by_type.setdefault((grad.dtype, grad.device), []).append(grad)
-    for group in by_type.values():
-        buckets: list[list[Tensor]] = [[]]
-        filled = 0
-        for grad in group:
-            if filled >= bucket_elements:
-                buckets.append([])
-                filled = 0
-            buckets[-1].append(grad)
-            filled += grad.numel()
-        for bucket in buckets:
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)  # SUM: gloo has no AVG
-            flat /= world
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(part.view_as(g))

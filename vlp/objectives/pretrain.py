@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vlp.collectives import gather_no_grad, rank_and_world, sync_gradients
 from vlp.config.schema import ObjectiveConfig
 from vlp.encoders.patch_dropout import set_patch_dropout
 from vlp.losses import (
@@ -26,13 +27,11 @@ from vlp.losses import (
     NegativeDraw,
     contrastive_loss,
     draw_negatives,
-    gather_no_grad,
     itm_labels,
     itm_loss,
     itm_pair_weights,
     mask_tokens,
     mlm_loss,
-    rank_and_world,
     siglip_loss,
     soft_cross_entropy,
     text_keys,
@@ -45,7 +44,6 @@ from vlp.objectives.gradcache import (
     cat_outputs,
     chunk_slices,
     gather_tokens,
-    sync_gradients,
     take_rows,
 )
 from vlp.objectives.itm_stats import ItmStats

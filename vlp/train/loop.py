@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
+from vlp.collectives import mean_over_ranks
 from vlp.config.io import save_config, to_dict
 from vlp.config.schema import Config
 from vlp.errors import UserError
@@ -36,7 +37,6 @@ from vlp.train.distributed import (
     equal_rows,
     full_state_dicts,
     init_distributed,
-    mean_over_ranks,
 )
 from vlp.train.eval_data import evaluation_due, run_evaluator
 from vlp.train.faults import TrainingStopped
