@@ -93,7 +93,8 @@ def _split() -> Any:
 
 
 def _vqa_setup() -> tuple[Any, list[dict[str, Any]], Any, Any]:
-    from vlp.eval.vqa import AnswerVocab, VQAModel
+    from vlp.eval.vqa import AnswerVocab
+    from vlp.models import VQAModel
 
     model = _model()
     scenes = SyntheticScenes(5, seed=0, split="test", image_size=32)

@@ -13,6 +13,7 @@ from vlp.losses.matching import (
 )
 from vlp.losses.mlm import mask_tokens, mlm_loss
 from vlp.losses.negatives import negative_masks, text_keys
+from vlp.losses.vqa import vqa_loss
 
 __all__ = [
     "contrastive_loss",
@@ -32,4 +33,5 @@ __all__ = [
     "soft_targets",
     "soft_cross_entropy",
     "FeatureQueue",
+    "vqa_loss",
 ]
