@@ -20,7 +20,6 @@ from vlp.precision import DEFAULT_PRECISION
 from vlp.train.distributed import DistInfo, init_distributed
 from vlp.train.eval_data import due
 from vlp.train.loop import (
-    TrainingJob,
     autocast_factory,
     load_model_weights,
     prepare_model,
@@ -31,6 +30,7 @@ from vlp.train.loop import (
 from vlp.train.run_dir import prepare_run_dir
 from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.seeding import seed_everything
+from vlp.train.state import TrainingJob
 
 if TYPE_CHECKING:
     from vlp.eval.vqa_baselines import AnswerPriors

@@ -23,10 +23,10 @@ from vlp.train.distributed import (
     resume_position,
 )
 from vlp.train.seeding import rng_state
+from vlp.train.state import TrainingJob, TrainState
 
 if TYPE_CHECKING:
     from vlp.train.ema import WeightEMA
-    from vlp.train.loop import TrainingJob, TrainState
 
 __all__ = ["TrainerSaver", "restore_trainer"]
 
