@@ -93,7 +93,8 @@ def _split() -> Any:
 
 
 def _vqa_setup() -> tuple[Any, list[dict[str, Any]], Any, Any]:
-    from vlp.eval.vqa import AnswerVocab, VQAModel
+    from vlp.eval.vqa import AnswerVocab
+    from vlp.models import VQAModel
 
     model = _model()
     scenes = SyntheticScenes(5, seed=0, split="test", image_size=32)
@@ -179,7 +180,7 @@ def _worker(rank: int, out_dir: str, data: dict[str, str]) -> None:
         results: dict[str, Any] = {"itc": _itc_grads(rows, lambda objective: wrap_model(objective, info))}
 
         import vlp.losses.contrastive as contrastive
-        from vlp.losses import gather_no_grad
+        from vlp.collectives import gather_no_grad
 
         def gather_local_grad_only(x: torch.Tensor) -> torch.Tensor:
             # the classic bug (open_clip's gather_with_grad=False): other ranks' rows carry no gradient

@@ -26,7 +26,7 @@ from vlp.data.vqa_data import synthetic_vqa
 from vlp.errors import UserError
 from vlp.eval import distributed, rerank, retrieval, vqa, zeroshot
 from vlp.eval.topk import chunked_topk
-from vlp.models import VLPModel, build_model
+from vlp.models import VLPModel, VQAModel, build_model
 from vlp.precision import (
     ASSUME_AMX_ENV,
     DEFAULT_PRECISION,
@@ -241,7 +241,7 @@ def test_vqa_logits_bf16_vs_fp32() -> None:
     questions = synthetic_vqa(scenes)[:12]
     answers = vqa.AnswerVocab.build(questions, top_n=8)
     torch.manual_seed(1)
-    vqa_model = vqa.VQAModel(model, len(answers)).eval()
+    vqa_model = VQAModel(model, len(answers)).eval()
     transform = model.image_transform(train=False)
     images = torch.stack([transform(scenes.render(record["image"])) for record in questions])
     tokens = model.tokenizer([str(record["question"]) for record in questions], max_length=30)

@@ -21,12 +21,10 @@ import torch.multiprocessing as mp
 from open_clip.tokenizer import canonicalize_text
 from torch import Tensor, nn
 
+from vlp.collectives import gather_no_grad, gather_with_grad, rank_and_world
 from vlp.losses import (
     contrastive_loss,
     draw_negatives,
-    gather_no_grad,
-    gather_with_grad,
-    rank_and_world,
     sample_hard_negatives,
     siglip_loss,
     text_keys,

@@ -13,10 +13,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from vlp.collectives import all_reduce_mean, barrier, is_main
 from vlp.config.schema import OptimConfig, ScheduleConfig
 from vlp.errors import ConfigError, UserError
 from vlp.layers import TransformerBlock
-from vlp.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_main, wrap_model
+from vlp.train.distributed import DistInfo, init_distributed, wrap_model
 from vlp.train.lora import LoRALinear, apply_lora, merge_lora
 from vlp.train.optim import build_optimizer, param_groups, scaled_lr
 from vlp.train.schedule import build_scheduler, lr_at, lr_factor

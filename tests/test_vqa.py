@@ -13,16 +13,15 @@ from torch import Tensor, nn
 from vlp.errors import UserError
 from vlp.eval.vqa import (
     AnswerVocab,
-    VQAHead,
-    VQAModel,
     evaluate_vqa,
     normalize_answer,
     process_digit_article,
     process_punctuation,
     vqa_accuracy,
-    vqa_loss,
     vqa_soft_score,
 )
+from vlp.losses import vqa_loss
+from vlp.models import VQAHead, VQAModel
 from vlp.types import EncoderOutput, FusionOutput
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["EncoderOutput", "FusionOutput", "LossOutput"]
@@ -20,6 +23,26 @@ class EncoderOutput:
     tokens: Tensor
     mask: Tensor
     pooled: Tensor
+
+    def select(self, rows: Tensor | slice) -> EncoderOutput:
+        """The rows ``rows`` (an index tensor or a slice) of all three fields."""
+        return EncoderOutput(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
+    @staticmethod
+    def cat(parts: Sequence[EncoderOutput]) -> EncoderOutput:
+        """The parts stacked along the batch, tokens right-padded (mask False) to the longest sequence.
+
+        Padding never changes a fusion output, so parts of different lengths (chunks, caption batches)
+        join without re-encoding."""
+        length = max(part.tokens.shape[1] for part in parts)
+        padded = [part if part.tokens.shape[1] == length else part.padded(length) for part in parts]
+        return EncoderOutput(torch.cat([part.tokens for part in padded]), torch.cat([part.mask.bool() for part in padded]),
+                             torch.cat([part.pooled for part in padded]))
+
+    def padded(self, length: int) -> EncoderOutput:
+        """Tokens right-padded with zeros, and the mask with False, to ``length`` positions."""
+        pad = length - self.tokens.shape[1]
+        return EncoderOutput(F.pad(self.tokens, (0, 0, 0, pad)), F.pad(self.mask, (0, pad), value=False), self.pooled)
 
 
 @dataclass

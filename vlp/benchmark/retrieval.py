@@ -19,6 +19,7 @@ from torch import Tensor
 from vlp.benchmark.files import BytesImages, read_wds, wds_urls
 from vlp.benchmark.scoring import resolved_precision
 from vlp.benchmark.suite import RetrievalTask, required_path
+from vlp.collectives import rank_and_world
 from vlp.data.retrieval_split import RetrievalSplit, load_retrieval_split
 from vlp.errors import UserError
 from vlp.eval.distributed import evaluate_retrieval_sharded
@@ -35,7 +36,6 @@ from vlp.eval.retrieval import (
     recall_metrics,
     resolve_device,
 )
-from vlp.losses import rank_and_world
 
 __all__ = ["WdsRetrievalSplit", "load_retrieval_task", "evaluate_retrieval_task"]
 

@@ -19,10 +19,10 @@ from torch import Tensor
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from vlp.collectives import rank_and_world
 from vlp.eval.distributed import shard_rows
 from vlp.eval.rerank import itm_pair_scores
 from vlp.eval.retrieval import encode_images, encode_texts, resolve_device
-from vlp.losses import rank_and_world
 from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
 
 __all__ = ["score_pairs", "resolved_precision", "choice_correct", "winoground_scores", "group_accuracy"]

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from vlp.benchmark.files import BytesImages, ImageRefs, image_folder, read_name_list, read_wds, wds_urls
 from vlp.benchmark.scoring import resolved_precision
 from vlp.benchmark.suite import ZeroShotTask, required_path
+from vlp.collectives import rank_and_world
 from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, reranked_ranks
 from vlp.eval.retrieval import autocast_context, encode_texts, resolve_device
 from vlp.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classifier
-from vlp.losses import rank_and_world
 from vlp.models.vlp_model import pooled_only_kwargs
 
 __all__ = ["ZeroShotData", "load_zeroshot_task", "evaluate_zeroshot_task", "classification_metrics"]
@@ -156,7 +156,7 @@ def _gather(rows: list[Tensor]) -> Tensor:
     _, world = rank_and_world()
     if world == 1:
         return local
-    from vlp.train.distributed import gather_objects
+    from vlp.collectives import gather_objects
 
     return torch.cat(gather_objects(local))
 

@@ -12,7 +12,7 @@ __all__ = ["add_benchmark_command"]
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from vlp.benchmark.suite import load_suite
-    from vlp.cli.eval_commands import checkpoint_dir, existing_path
+    from vlp.cli.arguments import checkpoint_dir, existing_path
 
     suite = load_suite(existing_path(args.suite, "file", "SUITE"), args.set)  # suite errors before any model loads
     checkpoints = [checkpoint_dir(value) for value in args.checkpoint]

@@ -6,38 +6,13 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from vlp.cli.arguments import add_overwrite, checkpoint_dir, existing_path
 from vlp.errors import UserError
 from vlp.precision import DEFAULT_PRECISION, PRECISIONS
 
 __all__ = ["add_eval_commands", "add_finetune_commands"]
-
-
-# "path": a file or a directory (--data may name a Hugging Face dataset directory)
-_PATH_CHECKS: dict[str, Callable[[Path], bool]] = {"file": Path.is_file, "directory": Path.is_dir,
-                                                   "path": Path.exists}
-
-
-def existing_path(value: str, kind: Literal["file", "directory", "path"], flag: str = "") -> Path:
-    """A path from the command line, checked before anything heavy is imported or loaded; else one UserError
-    line ``[FLAG: ][KIND ]not found: VALUE`` (a "path" is not named by its kind)."""
-    path = Path(value)
-    if not _PATH_CHECKS[kind](path):
-        where, what = f"{flag}: " if flag else "", "" if kind == "path" else f"{kind} "
-        raise UserError(f"{where}{what}not found: {value}")
-    return path
-
-
-def checkpoint_dir(value: str, flag: str = "--checkpoint") -> Path:
-    """A checkpoint directory, or a run directory's ``final/``; else one UserError line."""
-    from vlp.models.persist import resolve_checkpoint_dir
-
-    path = existing_path(value, "directory", flag)
-    try:
-        return resolve_checkpoint_dir(path)
-    except UserError as err:
-        raise UserError(f"{flag}: {err}") from None
 
 
 def _image_root(value: str) -> Path:
@@ -261,8 +236,6 @@ def add_finetune_commands(sub: Any, add_common: Callable[[argparse.ArgumentParse
     p.add_argument("--output-dir", default=None, metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the run directory (default: off)")
-    from vlp.cli.main import add_overwrite
-
     add_overwrite(p)
     add_common(p)
     p.set_defaults(handler=cmd_finetune)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlp.cli.eval_commands import checkpoint_dir
+from vlp.cli.arguments import checkpoint_dir
 
 __all__ = ["add_command", "cmd_explain"]
 

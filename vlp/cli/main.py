@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vlp.cli.eval_commands import existing_path
+from vlp.cli.arguments import add_overwrite, existing_path
 from vlp.errors import UserError
 from vlp.runtime import tune_allocator
 
@@ -56,14 +56,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message}")
-
-
-def add_overwrite(parser: argparse.ArgumentParser) -> None:
-    """--overwrite of every command that writes a run directory (without it, one that holds a run is refused)."""
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete the run in the run directory (metrics, checkpoints, final/, plots, evaluation "
-                             "files) and start over; without it or --resume a directory that holds a run is "
-                             "refused (default: off)")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

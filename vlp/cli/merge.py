@@ -24,7 +24,7 @@ def parse_alphas(value: str) -> list[float]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from vlp.cli.eval_commands import checkpoint_dir, existing_path
+    from vlp.cli.arguments import checkpoint_dir, existing_path
 
     alphas = parse_alphas(args.alpha)
     zs, ft = checkpoint_dir(args.zero_shot, "CKPT_ZS"), checkpoint_dir(args.fine_tuned, "CKPT_FT")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +22,10 @@ from torch import Tensor
 
 from vlp.config.schema import ModelConfig
 from vlp.data.tokenizers import Tokenizer
-from vlp.errors import UserError
+from vlp.errors import UserError, one_line, some
 
 __all__ = ["ConversionReport", "Plan", "StateMapper", "read_hf_directory", "read_tensor_file", "read_json",
-           "hf_preprocessing", "mlp_ratio", "temperature_fields", "one_line", "some", "clip_layers",
+           "hf_preprocessing", "mlp_ratio", "temperature_fields", "clip_layers",
            "canonicalizing", "SIGLIP_CLEANING_NOTE"]
 
 # Buffers that older transformers versions saved although they are derived, never learned.
@@ -36,16 +36,6 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _BLOCK_PARTS = ("attn.proj", "norm1", "norm2", "mlp.fc1", "mlp.fc2")
 _OPEN_CLIP_PARTS = ("attn.out_proj", "ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj")
 _HF_CLIP_PARTS = ("self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def some(names: Iterable[str], limit: int = 6) -> str:
-    names = list(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 @dataclass

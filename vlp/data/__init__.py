@@ -12,6 +12,7 @@ from vlp.data.retrieval_split import (
     load_retrieval_split,
     synthetic_retrieval_split,
 )
+from vlp.data.streaming import HFStreamPairs, WebDatasetStream  # registers the streaming sources
 from vlp.data.synthetic import SYNTHETIC_WORDS, ZEROSHOT_TEMPLATES, SyntheticScenes, write_synthetic
 from vlp.data.transforms import eval_transform, open_image, train_transform
 from vlp.data.vqa_data import (
@@ -25,7 +26,8 @@ from vlp.data.vqa_data import (
 
 __all__ = [
     "SYNTHETIC_WORDS", "ZEROSHOT_TEMPLATES", "SyntheticScenes", "write_synthetic",
-    "SyntheticPairs", "JsonPairs", "HFPairs", "WebDatasetPairs", "build_pretrain_dataset",
+    "SyntheticPairs", "JsonPairs", "HFPairs", "WebDatasetPairs", "WebDatasetStream", "HFStreamPairs",
+    "build_pretrain_dataset",
     "train_transform", "eval_transform", "open_image",
     "Collator", "seed_worker",
     "RetrievalSplit", "load_retrieval_split", "synthetic_retrieval_split",

@@ -30,6 +30,7 @@ __all__ = [
     "JsonPairs",
     "HFPairs",
     "WebDatasetPairs",
+    "needs_train",
     "build_pretrain_dataset",
     "read_json_records",
     "read_pair_records",
@@ -370,7 +371,8 @@ class WebDatasetPairs(_PairReader, IterableDataset[Sample | None]):
         yield from pipeline
 
 
-def _needs_train(cfg: DataConfig) -> str:
+def needs_train(cfg: DataConfig) -> str:
+    """``data.train``, or an error naming the source that needs it."""
     if not cfg.train:
         raise ConfigError(f"data.train is empty; data.source '{cfg.source}' needs a training data path")
     return cfg.train
@@ -387,7 +389,7 @@ def build_synthetic_pairs(cfg: DataConfig, transform: ImageTransform, image_size
 @dataset_registry.register("csv")
 def build_json_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> JsonPairs:
     """``json`` and ``csv`` read the same files: JSON/JSONL, or a CSV/TSV table (by its .csv/.tsv suffix)."""
-    if not Path(_needs_train(cfg)).is_file():
+    if not Path(needs_train(cfg)).is_file():
         raise UserError(f"data.train: file not found: {cfg.train}")
     if not Path(cfg.image_root).is_dir():
         raise UserError(f"data.image_root: directory not found: {cfg.image_root}")
@@ -396,31 +398,15 @@ def build_json_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int
 
 @dataset_registry.register("hf")
 def build_hf_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> HFPairs:
-    if not Path(_needs_train(cfg)).is_dir():
+    if not Path(needs_train(cfg)).is_dir():
         raise UserError(f"data.train: directory not found: {cfg.train}")
     return HFPairs(cfg.train, transform)
 
 
-@dataset_registry.register("webdataset")
-def build_webdataset_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> WebDatasetPairs:
-    from vlp.data.streaming import build_webdataset_stream  # equal batches per rank: see its docstring
-
-    _needs_train(cfg)
-    return build_webdataset_stream(cfg, transform)
-
-
-@dataset_registry.register("hf_stream")
-def build_hf_stream_pairs(cfg: DataConfig, transform: ImageTransform, image_size: int) -> IterableDataset[Any]:
-    from vlp.data.streaming import build_hf_stream
-
-    if not Path(_needs_train(cfg)).is_dir():
-        raise UserError(f"data.train: directory not found: {cfg.train}")
-    return build_hf_stream(cfg, transform)
-
-
 def build_pretrain_dataset(data_cfg: DataConfig, transform: ImageTransform,
                            image_size: int) -> Dataset[Any] | IterableDataset[Any]:
-    """The training pairs named by ``data.source`` (a ``datasets`` registry name)."""
+    """The training pairs named by ``data.source`` (a ``datasets`` registry name; the streaming sources are
+    registered by vlp/data/streaming.py, which the ``vlp.data`` package imports)."""
     try:
         builder = dataset_registry.get(data_cfg.source)
     except KeyError as err:

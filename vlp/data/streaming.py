@@ -35,11 +35,12 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vlp.collectives import rank_and_world
 from vlp.config.schema import DataConfig
-from vlp.data.datasets import HFPairs, Sample, WebDatasetPairs
+from vlp.data.datasets import HFPairs, Sample, WebDatasetPairs, needs_train
 from vlp.data.transforms import ImageTransform
 from vlp.errors import ConfigError, UserError
-from vlp.losses import rank_and_world
+from vlp.registry import datasets as dataset_registry
 
 __all__ = ["EpochStream", "WebDatasetStream", "HFStreamPairs", "count_tar_samples", "worker_share",
            "build_webdataset_stream", "build_hf_stream"]
@@ -208,9 +209,14 @@ def _checked_count(cfg: DataConfig) -> int:
     return cfg.samples_per_epoch
 
 
-def build_webdataset_stream(cfg: DataConfig, transform: ImageTransform) -> WebDatasetStream:
+@dataset_registry.register("webdataset")
+def build_webdataset_stream(cfg: DataConfig, transform: ImageTransform, image_size: int) -> WebDatasetStream:
+    needs_train(cfg)
     return WebDatasetStream(cfg.train, transform, cfg.batch_size, _checked_count(cfg))
 
 
-def build_hf_stream(cfg: DataConfig, transform: ImageTransform) -> HFStreamPairs:
+@dataset_registry.register("hf_stream")
+def build_hf_stream(cfg: DataConfig, transform: ImageTransform, image_size: int) -> HFStreamPairs:
+    if not Path(needs_train(cfg)).is_dir():
+        raise UserError(f"data.train: directory not found: {cfg.train}")
     return HFStreamPairs(cfg.train, transform, cfg.batch_size, cfg.num_workers, _checked_count(cfg))

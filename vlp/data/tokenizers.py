@@ -44,7 +44,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from torch import Tensor
 
 from vlp.config.schema import TextEncoderConfig
-from vlp.errors import UserError
+from vlp.errors import UserError, one_line
 
 __all__ = ["Tokenizer", "build_tokenizer", "word_tokenizer"]
 
@@ -243,10 +243,6 @@ def _unknown_id(backend: RustTokenizer) -> int | None:
     if unk_id is None or unk_id in backend.encode("").ids:
         return None
     return int(unk_id)
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def word_tokenizer(words: Iterable[str]) -> Tokenizer:

@@ -25,8 +25,7 @@ from vlp.config.schema import TextEncoderConfig
 from vlp.data.tokenizers import Tokenizer
 from vlp.encoders.base import TextEncoder
 from vlp.encoders.text_transformer import POOLINGS, pool_tokens
-from vlp.encoders.timm_encoder import one_line
-from vlp.errors import ConfigError, UserError
+from vlp.errors import ConfigError, UserError, one_line
 from vlp.registry import text_encoders
 from vlp.types import EncoderOutput
 

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from vlp.config.schema import ImageEncoderConfig, TextEncoderConfig
 from vlp.data.tokenizers import Tokenizer
 from vlp.encoders.base import ImageEncoder, TextEncoder
-from vlp.encoders.timm_encoder import feature_tokens, load_weights, one_line, read_weights
-from vlp.errors import ConfigError, UserError
+from vlp.encoders.timm_encoder import feature_tokens, load_weights, read_weights
+from vlp.errors import ConfigError, UserError, one_line
 from vlp.registry import image_encoders, text_encoders
 from vlp.types import EncoderOutput
 

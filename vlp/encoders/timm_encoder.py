@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +22,13 @@ from torch import Tensor, nn
 
 from vlp.config.schema import ImageEncoderConfig
 from vlp.encoders.base import ImageEncoder
-from vlp.errors import ConfigError, UserError
+from vlp.errors import ConfigError, UserError, one_line, some
 from vlp.registry import image_encoders
 from vlp.types import EncoderOutput
 
-__all__ = ["TimmImageEncoder", "build_timm", "read_weights", "load_weights", "feature_tokens", "one_line"]
+__all__ = ["TimmImageEncoder", "build_timm", "read_weights", "load_weights", "feature_tokens"]
 
 RESERVED_OPTIONS = ("pretrained", "num_classes", "pretrained_cfg_overlay")
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (multi-line library errors included)."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def _some(names: Iterable[str], limit: int = 6) -> str:
-    names = list(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def read_weights(path: str) -> dict[str, Tensor]:
@@ -73,7 +61,7 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> No
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
-    problems = [f"{label}: {_some(names)}" for label, names in
+    problems = [f"{label}: {some(names)}" for label, names in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", wrong)) if names]
     if problems:
         raise UserError(f"weights {source} do not match {type(module).__name__}: " + "; ".join(problems))

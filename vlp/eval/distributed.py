@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
+from vlp.collectives import gather_no_grad, gather_objects, rank_and_world
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks, with_itc
@@ -43,7 +44,6 @@ from vlp.eval.retrieval import (
     resolve_device,
     split_images,
 )
-from vlp.losses import gather_no_grad, rank_and_world
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
 
@@ -199,7 +199,6 @@ def evaluate_vqa_sharded(vqa_model: Any, questions: Sequence[Mapping[str, Any]],
                          num_workers: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``evaluate_vqa`` with the questions split over the ranks; the same result on every rank (a collective)."""
     from vlp.eval.vqa import evaluate_vqa
-    from vlp.train.distributed import gather_objects
 
     rank, world = rank_and_world()
     if world == 1 or len(questions) < world:

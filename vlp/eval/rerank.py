@@ -76,10 +76,6 @@ def select_rows(out: EncoderOutput, rows: Tensor) -> EncoderOutput:
     return EncoderOutput(out.tokens[rows, :length], mask[:, :length], out.pooled[rows])
 
 
-def slice_rows(out: EncoderOutput, start: int, end: int) -> EncoderOutput:
-    return EncoderOutput(out.tokens[start:end], out.mask[start:end], out.pooled[start:end])
-
-
 def parameter_dtype(model: Any) -> torch.dtype | None:
     """The dtype of a model's first floating-point parameter (None: no parameters to tell)."""
     parameters = getattr(model, "parameters", None)
@@ -131,7 +127,7 @@ def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_o
             if low == high:
                 continue
             with autocast():
-                context = model.image_context(as_dtype(slice_rows(image_out, image_start, image_start + chunk),
+                context = model.image_context(as_dtype(image_out.select(slice(image_start, image_start + chunk)),
                                                        dtype))
             for start in range(low, high, batch_size):
                 pairs = order[start:min(start + batch_size, high)]

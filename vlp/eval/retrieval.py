@@ -235,14 +235,6 @@ def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int,
                       num_workers=num_workers, collate_fn=stack_images, pin_memory=device.type == "cuda")
 
 
-def cat_outputs(outputs: list[EncoderOutput]) -> EncoderOutput:
-    """Concatenate encoder outputs along the batch, right-padding tokens (mask False) to the longest."""
-    length = max(out.tokens.shape[1] for out in outputs)
-    tokens = [F.pad(out.tokens, (0, 0, 0, length - out.tokens.shape[1])) for out in outputs]
-    masks = [F.pad(out.mask.bool(), (0, length - out.mask.shape[1]), value=False) for out in outputs]
-    return EncoderOutput(torch.cat(tokens), torch.cat(masks), torch.cat([out.pooled for out in outputs]))
-
-
 class EncodedSplit(NamedTuple):
     """Embeddings (L2-normalized fp32) and, when kept for fusion, the encoder outputs of a split."""
 
@@ -267,7 +259,7 @@ def encode_images(model: Any, dataset: Any, batch_size: int, num_workers: int, d
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
             outs.append(out)
-    return torch.cat(embs), cat_outputs(outs) if keep else None
+    return torch.cat(embs), EncoderOutput.cat(outs) if keep else None
 
 
 @torch.no_grad()
@@ -283,7 +275,7 @@ def encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: t
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
             outs.append(out)
-    return torch.cat(embs), cat_outputs(outs) if keep else None
+    return torch.cat(embs), EncoderOutput.cat(outs) if keep else None
 
 
 def encode_split(model: Any, split: RetrievalSplitLike, transform: Any, batch_size: int = 128,

@@ -1,8 +1,7 @@
-"""VQA v2: the official answer normalization and accuracy, the answer vocabulary, the classifier head,
-its loss, and the evaluation loop.
+"""VQA v2: the official answer normalization and accuracy, the answer vocabulary and the evaluation loop.
 
-Normalization and accuracy follow the official evaluation script (GT-Vision-Lab/VQA, vqaEval.py);
-the soft targets, head and loss follow ViLT/METER.
+Normalization and accuracy follow the official evaluation script (GT-Vision-Lab/VQA, vqaEval.py); the soft
+targets follow ViLT/METER, as do the head (``vlp.models.VQAModel``) and the loss (``vlp.losses.vqa_loss``).
 """
 
 from __future__ import annotations
@@ -12,23 +11,21 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vlp.errors import UserError
 from vlp.eval.retrieval import max_text_length, resolve_device
-from vlp.layers import init_transformer_weights
 from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
 
-__all__ = [
-    "normalize_answer", "vqa_accuracy", "vqa_soft_score", "AnswerVocab", "VQAHead", "VQAModel", "vqa_loss",
-    "evaluate_vqa",
-]
+if TYPE_CHECKING:
+    from vlp.models.vqa_model import VQAModel
+
+__all__ = ["normalize_answer", "vqa_accuracy", "vqa_soft_score", "AnswerVocab", "evaluate_vqa"]
 
 # The official table, quirks included ("somebody'd" -> "somebodyd"; capitalized keys never match the
 # lowercased text).
@@ -171,60 +168,6 @@ class AnswerVocab:
         if not isinstance(data, dict) or not isinstance(data.get("answers"), list):
             raise UserError(f"{path}: an answer vocabulary is a JSON object with an 'answers' list")
         return cls([str(answer) for answer in data["answers"]])
-
-
-class VQAHead(nn.Module):
-    """ViLT/METER's VQA classifier: Linear(in, m*in), LayerNorm, GELU, Linear(m*in, num_answers)."""
-
-    def __init__(self, in_dim: int, num_answers: int, hidden_mult: int = 2) -> None:
-        super().__init__()
-        hidden = hidden_mult * in_dim
-        self.classifier = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(),
-                                        nn.Linear(hidden, num_answers))
-        self.apply(init_transformer_weights)
-
-    def forward(self, pooled: Tensor) -> Tensor:
-        return self.classifier(pooled)  # type: ignore[no-any-return]
-
-
-HEAD_INPUTS = ("fused", "fused+image")
-
-
-class VQAModel(nn.Module):
-    """A fused VLP model with a VQA head on the fusion's pooled output (width ``model.fusion.out_dim``).
-
-    ``head_input`` "fused+image" concatenates the image tower's pooled [CLS] to it (as METER's head reads
-    both streams' poolers): what the contrastive pretraining put in the image embedding (how many objects,
-    which ones) reaches the head even while the fusion's cross-attention has not learned to carry it.
-    """
-
-    def __init__(self, model: Any, num_answers: int, hidden_mult: int = 2, in_dim: int | None = None,
-                 head_input: str = "fused") -> None:
-        super().__init__()
-        if not model.has_fusion:
-            raise UserError(f"{type(model).__name__} has no fusion block: VQA needs a fused model "
-                            "(model.fusion.type other than none)")
-        if head_input not in HEAD_INPUTS:
-            raise UserError(f"vqa.head_input: unknown value '{head_input}'; known: {', '.join(HEAD_INPUTS)}")
-        self.model = model
-        self.head_input = head_input
-        width = int(model.fusion.out_dim) + (int(model.image_encoder.embed_dim) if head_input == "fused+image" else 0)
-        self.head = VQAHead(in_dim or width, num_answers, hidden_mult)
-
-    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Answer logits [B, num_answers] (fp32)."""
-        image_out, _ = self.model.image_features(images)
-        text_out, _ = self.model.text_features(input_ids, attention_mask)
-        pooled = self.model.fuse(text_out, image_out, pooled_only=True).pooled
-        if self.head_input == "fused+image":
-            pooled = torch.cat([pooled, image_out.pooled.to(pooled.dtype)], dim=-1)
-        return self.head(pooled).float()  # type: ignore[no-any-return]
-
-
-def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """ViLT's VQA loss: BCE-with-logits against the soft targets, averaged over batch and answers and then
-    multiplied by the number of answers, i.e. summed over answers and averaged over the batch."""
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
 
 
 class _QuestionImages(Dataset[tuple[Tensor, int]]):

@@ -1,8 +1,8 @@
-"""Losses: contrastive (ITC, SigLIP), matching (ITM), MLM, momentum distillation, cross-rank gather."""
+"""Losses: contrastive (ITC, SigLIP), matching (ITM), MLM, momentum distillation (their
+cross-rank gathers are in ``vlp.collectives``)."""
 
 from vlp.losses.contrastive import ContrastiveLoss, SigLipLoss, contrastive_loss, siglip_loss
 from vlp.losses.distill import FeatureQueue, soft_cross_entropy, soft_targets
-from vlp.losses.gather import gather_no_grad, gather_with_grad, rank_and_world
 from vlp.losses.matching import (
     NegativeDraw,
     draw_negatives,
@@ -13,15 +13,13 @@ from vlp.losses.matching import (
 )
 from vlp.losses.mlm import mask_tokens, mlm_loss
 from vlp.losses.negatives import negative_masks, text_keys
+from vlp.losses.vqa import vqa_loss
 
 __all__ = [
     "contrastive_loss",
     "siglip_loss",
     "ContrastiveLoss",
     "SigLipLoss",
-    "gather_with_grad",
-    "gather_no_grad",
-    "rank_and_world",
     "sample_hard_negatives",
     "draw_negatives",
     "NegativeDraw",
@@ -35,4 +33,5 @@ __all__ = [
     "soft_targets",
     "soft_cross_entropy",
     "FeatureQueue",
+    "vqa_loss",
 ]

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlp.collectives import gather_no_grad, gather_with_grad, rank_and_world
 from vlp.errors import UserError
-from vlp.losses.gather import gather_no_grad, gather_with_grad, rank_and_world
 from vlp.losses.negatives import positive_mask
 from vlp.registry import losses
 from vlp.types import LossOutput

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlp.losses.gather import gather_no_grad, gather_with_grad
+from vlp.collectives import gather_no_grad, gather_with_grad
 
 __all__ = ["soft_targets", "soft_cross_entropy", "FeatureQueue", "teacher_distill_loss"]
 

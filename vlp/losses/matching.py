@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlp.losses.gather import rank_and_world
+from vlp.collectives import rank_and_world
 from vlp.losses.negatives import negative_masks
 
 __all__ = ["NegativeDraw", "draw_negatives", "sample_hard_negatives", "itm_labels", "itm_loss", "itm_pair_weights"]

@@ -1,10 +1,12 @@
-"""Task heads on top of the fused representation: ITM classifier and the BERT-style MLM head."""
+"""Task heads on top of the fused representation: ITM classifier, the BERT-style MLM head, the VQA classifier."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["ITMHead", "MLMHead"]
+from vlp.layers import init_transformer_weights
+
+__all__ = ["ITMHead", "MLMHead", "VQAHead"]
 
 
 class ITMHead(nn.Module):
@@ -32,3 +34,17 @@ class MLMHead(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.decoder(self.norm(self.act(self.dense(tokens))))
+
+
+class VQAHead(nn.Module):
+    """ViLT/METER's VQA classifier: Linear(in, m*in), LayerNorm, GELU, Linear(m*in, num_answers)."""
+
+    def __init__(self, in_dim: int, num_answers: int, hidden_mult: int = 2) -> None:
+        super().__init__()
+        hidden = hidden_mult * in_dim
+        self.classifier = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                                        nn.Linear(hidden, num_answers))
+        self.apply(init_transformer_weights)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.classifier(pooled)  # type: ignore[no-any-return]

@@ -17,7 +17,7 @@ from torch import nn
 from vlp.config.io import from_dict, to_dict
 from vlp.config.schema import ModelConfig
 from vlp.config.validate import validate_model_config
-from vlp.errors import UserError
+from vlp.errors import UserError, some
 from vlp.models.vlp_model import VLPModel
 
 __all__ = ["save_pretrained", "load_pretrained", "FORMAT_VERSION", "portable_config", "load_weights_file",
@@ -130,10 +130,6 @@ def load_pretrained(directory: str | Path, image_size: int = 0) -> VLPModel:
     return model
 
 
-def _some(names: list[str], limit: int = 6) -> str:
-    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
 def load_weights_file(model: nn.Module, path: Path, device: str = "cpu") -> None:
     """Load a safetensors file into ``model`` (tied weights stored once are fine); any mismatch with the
     model, or an unreadable file, is one UserError line naming the tensors and shapes."""
@@ -145,9 +141,9 @@ def load_weights_file(model: nn.Module, path: Path, device: str = "cpu") -> None
     own = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     wrong = [f"{name} {shapes[name]} vs {own[name]}" for name in own if name in shapes and shapes[name] != own[name]]
     if wrong:
-        raise UserError(f"{path}: tensor shapes do not match the config (file vs model): {_some(wrong)}")
+        raise UserError(f"{path}: tensor shapes do not match the config (file vs model): {some(wrong)}")
     missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=device)
-    problems = [f"{label} {_some(sorted(names))}" for label, names in (("missing", missing), ("unexpected", unexpected))
+    problems = [f"{label} {some(sorted(names))}" for label, names in (("missing", missing), ("unexpected", unexpected))
                 if names]
     if problems:
         raise UserError(f"{path}: weights do not match the config: {'; '.join(problems)}")

@@ -191,7 +191,7 @@ class VLPModel(nn.Module):
         fusion = self._require_fusion()
         image_kv = getattr(fusion, "image_kv", None)
         if not callable(image_kv) or getattr(fusion, "update_image", True):
-            picked = EncoderOutput(image_out.tokens[index], image_out.mask[index], image_out.pooled[index])
+            picked = image_out.select(index)
             return self.fuse(text_out, picked, pooled_only=pooled_only)
         used, inverse = torch.unique(index, return_inverse=True)
         tokens = self.image_to_fusion(image_out.tokens[used])

@@ -2,5 +2,6 @@
 
 from vlp.objectives.base import Objective
 from vlp.objectives.pretrain import PretrainObjective
+from vlp.objectives.vqa import VQAObjective
 
-__all__ = ["Objective", "PretrainObjective"]
+__all__ = ["Objective", "PretrainObjective", "VQAObjective"]

@@ -12,17 +12,15 @@ the generator states before a chunk's first encoding and replays them for the se
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from vlp.losses import gather_no_grad, gather_with_grad, rank_and_world
+from vlp.collectives import gather_no_grad, gather_with_grad, rank_and_world
 from vlp.types import EncoderOutput
 
-__all__ = ["RngSnapshot", "chunk_slices", "gather_tokens", "take_rows", "cat_outputs", "sync_gradients"]
+__all__ = ["RngSnapshot", "chunk_slices", "gather_tokens", "take_rows"]
 
 
 class RngSnapshot:
@@ -61,16 +59,8 @@ def gather_tokens(out: EncoderOutput, with_grad: bool = True) -> EncoderOutput:
         return out if with_grad else EncoderOutput(out.tokens.detach(), out.mask, out.pooled.detach())
     gather = gather_with_grad if with_grad else gather_no_grad
     length = torch.tensor([out.tokens.shape[1]], device=out.tokens.device)
-    pad = int(gather_no_grad(length).max()) - out.tokens.shape[1]
-    tokens = F.pad(out.tokens, (0, 0, 0, pad))
-    mask = F.pad(out.mask, (0, pad), value=False)
-    return EncoderOutput(gather(tokens), gather_no_grad(mask), gather(out.pooled))
-
-
-def cat_outputs(parts: list[EncoderOutput]) -> EncoderOutput:
-    """Row-wise concatenation of encoder outputs of equal sequence length (the chunks of one batch)."""
-    return EncoderOutput(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]),
-                         torch.cat([p.pooled for p in parts]))
+    padded = out.padded(int(gather_no_grad(length).max()))
+    return EncoderOutput(gather(padded.tokens), gather_no_grad(padded.mask), gather(out.pooled))
 
 
 def take_rows(live: EncoderOutput, cached: EncoderOutput, index: Tensor, start: int) -> EncoderOutput:
@@ -84,42 +74,8 @@ def take_rows(live: EncoderOutput, cached: EncoderOutput, index: Tensor, start: 
     local = index - start
     inside = (local >= 0) & (local < rows)
     pick = local.clamp(0, rows - 1)
-    pad = length - live.tokens.shape[1]
-    live_tokens = F.pad(live.tokens, (0, 0, 0, pad))[pick]
-    live_mask = F.pad(live.mask, (0, pad), value=False)[pick]
-    tokens = torch.where(inside[:, None, None], live_tokens, cached.tokens[index].to(live_tokens.dtype))
-    mask = torch.where(inside[:, None], live_mask, cached.mask[index])
-    pooled = torch.where(inside[:, None], live.pooled[pick], cached.pooled[index].to(live.pooled.dtype))
+    mine = live.padded(length).select(pick)
+    tokens = torch.where(inside[:, None, None], mine.tokens, cached.tokens[index].to(mine.tokens.dtype))
+    mask = torch.where(inside[:, None], mine.mask, cached.mask[index])
+    pooled = torch.where(inside[:, None], mine.pooled, cached.pooled[index].to(mine.pooled.dtype))
     return EncoderOutput(tokens, mask, pooled)
-
-
-@torch.no_grad()
-def sync_gradients(parameters: Iterable[nn.Parameter], bucket_elements: int = 1 << 24) -> None:
-    """Average every ``.grad`` over the ranks of the default process group, in flat buckets.
-
-    The gradient-cache step runs several backward passes outside DistributedDataParallel's ``forward``,
-    so DDP's hooks stay idle and this does their work once at the end of the micro-batch. Gradients of
-    earlier micro-batches are already equal on all ranks, and averaging leaves them unchanged. Every rank
-    runs the same code path, so the same parameters hold a gradient everywhere. No-op when alone."""
-    _, world = rank_and_world()
-    if world == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_type: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for grad in grads:
-        by_type.setdefault((grad.dtype, grad.device), []).append(grad)
-    for group in by_type.values():
-        buckets: list[list[Tensor]] = [[]]
-        filled = 0
-        for grad in group:
-            if filled >= bucket_elements:
-                buckets.append([])
-                filled = 0
-            buckets[-1].append(grad)
-            filled += grad.numel()
-        for bucket in buckets:
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)  # SUM: gloo has no AVG
-            flat /= world
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(part.view_as(g))

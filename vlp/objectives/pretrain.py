@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vlp.collectives import gather_no_grad, rank_and_world, sync_gradients
 from vlp.config.schema import ObjectiveConfig
 from vlp.encoders.patch_dropout import set_patch_dropout
 from vlp.losses import (
@@ -26,13 +27,11 @@ from vlp.losses import (
     NegativeDraw,
     contrastive_loss,
     draw_negatives,
-    gather_no_grad,
     itm_labels,
     itm_loss,
     itm_pair_weights,
     mask_tokens,
     mlm_loss,
-    rank_and_world,
     siglip_loss,
     soft_cross_entropy,
     text_keys,
@@ -42,10 +41,8 @@ from vlp.models.vlp_model import VLPModel, pooled_only_kwargs
 from vlp.objectives.base import Objective
 from vlp.objectives.gradcache import (
     RngSnapshot,
-    cat_outputs,
     chunk_slices,
     gather_tokens,
-    sync_gradients,
     take_rows,
 )
 from vlp.objectives.itm_stats import ItmStats
@@ -144,7 +141,7 @@ class PretrainObjective(Objective):
         if self.use_itm:
             draw = self._negatives(image_emb, text_emb, image_ids, keys)
             text_all, image_all = gather_tokens(text_out), gather_tokens(image_out)
-            negatives = (_rows(text_all, draw.text), _rows(image_all, draw.image))
+            negatives = (text_all.select(draw.text), image_all.select(draw.image))
             shared = (image_all, draw.image, rank_and_world()[0] * image_out.tokens.shape[0])
         terms.update(self._fused_terms(text_out, image_out, negatives, masked_out, labels,
                                        shared if self.use_itm else None, draw, stats=stats))
@@ -211,8 +208,8 @@ class PretrainObjective(Objective):
         if self.use_itm:
             draw = self._negatives(image_leaf.detach(), text_leaf.detach(), image_ids, keys)
             itm_count = float(itm_pair_weights(draw.has_image, draw.has_text).sum())
-            cached_text = gather_tokens(cat_outputs(text_outs), with_grad=False)
-            cached_image = gather_tokens(cat_outputs(image_outs), with_grad=False)
+            cached_text = gather_tokens(EncoderOutput.cat(text_outs), with_grad=False)
+            cached_image = gather_tokens(EncoderOutput.cat(image_outs), with_grad=False)
             offset = rank_and_world()[0] * batch_size
         selected = 1 if labels is None else max(int((labels != IGNORE_INDEX).sum()), 1)
         for rows, snapshot in zip(chunks, snapshots):
@@ -350,7 +347,7 @@ class PretrainObjective(Objective):
             return out, emb, None
         both, emb = self.model.text_features(torch.cat([ids, masked]), torch.cat([mask, mask]))
         rows = ids.shape[0]
-        return _split(both, 0, rows), emb[:rows], _split(both, rows, 2 * rows)
+        return both.select(slice(0, rows)), emb[:rows], both.select(slice(rows, 2 * rows))
 
     def _fused_terms(self, text_out: EncoderOutput, image_out: EncoderOutput,
                      negatives: tuple[EncoderOutput, EncoderOutput] | None, masked_out: EncoderOutput | None,
@@ -385,9 +382,9 @@ class PretrainObjective(Objective):
             image_all, neg_image, offset = shared
             local = torch.arange(offset, offset + image_out.tokens.shape[0], device=neg_image.device)
             index = torch.cat([local, neg_image, local] + ([local] if masked_out is not None else []))
-            fused = model.fuse_indexed(_cat_tokens(texts), image_all, index, pooled_only=pooled_only)
+            fused = model.fuse_indexed(EncoderOutput.cat(texts), image_all, index, pooled_only=pooled_only)
         else:
-            fused = model.fuse(_cat_tokens(texts), _cat_tokens(images), pooled_only=pooled_only)
+            fused = model.fuse(EncoderOutput.cat(texts), EncoderOutput.cat(images), pooled_only=pooled_only)
         rows = text_out.tokens.shape[0]
         terms: dict[str, Tensor] = {}
         if negatives is not None:
@@ -422,18 +419,3 @@ class PretrainObjective(Objective):
 
 def _part(tensor: Tensor | None, rows: slice) -> Tensor | None:
     return None if tensor is None else tensor[rows]
-
-
-def _split(out: EncoderOutput, start: int, stop: int) -> EncoderOutput:
-    return EncoderOutput(out.tokens[start:stop], out.mask[start:stop], out.pooled[start:stop])
-
-
-def _rows(gathered: EncoderOutput, index: Tensor) -> EncoderOutput:
-    return EncoderOutput(gathered.tokens[index], gathered.mask[index], gathered.pooled[index])
-
-
-def _cat_tokens(parts: list[EncoderOutput]) -> EncoderOutput:
-    longest = max(p.tokens.shape[1] for p in parts)
-    tokens = torch.cat([F.pad(p.tokens, (0, 0, 0, longest - p.tokens.shape[1])) for p in parts])
-    mask = torch.cat([F.pad(p.mask, (0, longest - p.mask.shape[1]), value=False) for p in parts])
-    return EncoderOutput(tokens, mask, torch.cat([p.pooled for p in parts]))

@@ -2,13 +2,13 @@
 
 ``init_distributed`` reads the variables that ``torchrun`` sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``); without ``WORLD_SIZE`` it is a no-op that describes a single process.
-NCCL drives CUDA devices and gloo the CPU. The helpers below work the same with or without a group.
+NCCL drives CUDA devices and gloo the CPU. The helpers below work the same with or without a group; the
+collectives themselves live in ``vlp.collectives``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 from collections.abc import Iterator
@@ -25,17 +25,12 @@ from vlp.errors import ConfigError, UserError
 __all__ = [
     "DistInfo",
     "init_distributed",
-    "is_main",
-    "barrier",
-    "all_reduce_mean",
     "cleanup",
     "default_block_types",
     "wrap_model",
     "rank_seed",
     "restore_rank_rng",
     "resume_position",
-    "gather_objects",
-    "mean_over_ranks",
     "equal_rows",
     "fsdp_modules",
     "full_state_dicts",
@@ -109,29 +104,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=resolved)
-
-
-def is_main() -> bool:
-    """True on rank 0, and in a process without a group."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op without a group)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """The element-wise mean of ``tensor`` over all ranks, as a new tensor (the input is not modified).
-
-    Sums then divides, since gloo has no AVG reduction. Without a group: a detached copy.
-    """
-    result = tensor.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(result, op=dist.ReduceOp.SUM)
-        result /= dist.get_world_size()
-    return result
 
 
 def cleanup() -> None:
@@ -219,19 +191,6 @@ def rank_seed(seed: int, rank: int) -> int:
     return (seed + 1_000_003 * rank) % 2**63
 
 
-def gather_objects(value: Any) -> list[Any]:
-    """Every rank's ``value`` (tensors and plain types, as ``torch.load(weights_only=True)`` accepts), in rank
-    order; a collective. ``[value]`` without a group."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [value]
-    # all_gather_object's own pickling of tensors fails to load in this torch: send torch.save bytes instead
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    payloads: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(payloads, buffer.getvalue())
-    return [torch.load(io.BytesIO(payload), weights_only=True) for payload in payloads]
-
-
 def restore_rank_rng(trainer: dict[str, Any], rank: int, world_size: int, seed: int) -> None:
     """Restore this rank's RNG streams from a trainer state (``rng_ranks``: one state per rank, in order).
 
@@ -286,15 +245,6 @@ def equal_rows(batch: dict[str, Any]) -> dict[str, Any]:
         return batch
     return {key: value[:keep] if (isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size)
             or key == "captions" else value for key, value in batch.items()}
-
-
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Each value averaged over the ranks (one all-reduce; every rank must pass the same keys)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
-        return values
-    keys = sorted(values)
-    mean = all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device))
-    return {**values, **dict(zip(keys, mean.tolist()))}
 
 
 # ---------------------------------------------------------------------------------------- FSDP2 helpers

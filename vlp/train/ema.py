@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vlp.collectives import is_main
 from vlp.config.schema import Config, TrainConfig
 
 __all__ = ["ema_decay_at", "WeightEMA", "build_ema", "restore_ema", "evaluate", "EMA_FILE"]
@@ -186,7 +187,7 @@ def evaluate(run_eval: Callable[[int, bool], dict[str, float]] | None, ema: Weig
             averaged = run_eval(step, final)
         averaged = {key.replace("eval/", "eval_ema/", 1): value for key, value in averaged.items()}
         results.update(averaged)
-        if final and _is_main():
+        if final and is_main():
             _mark_as_ema(run_dir, before)  # the online evaluation below writes the plain names
             (run_dir / "eval_ema.json").write_text(json.dumps(averaged, indent=2))
     if which in ("online", "both"):
@@ -210,7 +211,3 @@ def _mark_as_ema(run_dir: Path, before: dict[Path, int]) -> None:
     for path, mtime in _result_files(run_dir).items():
         if before.get(path) != mtime:
             path.replace(path.with_name(f"{path.stem}_ema{path.suffix}"))
-
-
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -1,8 +1,8 @@
 """What the training loop does when something goes wrong: a stop signal, unreadable data, a non-finite loss
 or gradient, a dead data loader worker. docs/reliability.md states the guarantees and the messages.
 
-The loop (vlp/train/loop.py) calls these at fixed points of a step; the counters live in its
-``TrainState`` so that they are saved with every checkpoint and survive ``--resume``. ``TrainingStopped``
+The loop (vlp/train/loop.py) calls these at fixed points of a step; the counters live in
+``TrainState`` (vlp/train/state.py) so that they are saved with every checkpoint and survive ``--resume``. ``TrainingStopped``
 is also importable from vlp.train.loop, where it lived first.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,9 +20,7 @@ from vlp.config.schema import Config
 from vlp.errors import UserError
 from vlp.train import checkpoint as ckpt
 from vlp.train.distributed import DistInfo
-
-if TYPE_CHECKING:  # loop.py imports this module: the state type is only needed for the hints
-    from vlp.train.loop import TrainState
+from vlp.train.state import TrainState
 
 __all__ = ["TrainingStopped"]  # the rest are the loop's hooks
 

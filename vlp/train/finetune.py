@@ -14,13 +14,12 @@ from torch.utils.data import DataLoader
 from vlp.config.io import to_dict
 from vlp.config.schema import Config
 from vlp.errors import UserError
-from vlp.models import VLPModel
-from vlp.objectives.base import Objective
+from vlp.models import VLPModel, VQAModel
+from vlp.objectives.vqa import VQAObjective
 from vlp.precision import DEFAULT_PRECISION
 from vlp.train.distributed import DistInfo, init_distributed
 from vlp.train.eval_data import due
 from vlp.train.loop import (
-    TrainingJob,
     autocast_factory,
     load_model_weights,
     prepare_model,
@@ -31,7 +30,7 @@ from vlp.train.loop import (
 from vlp.train.run_dir import prepare_run_dir
 from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.seeding import seed_everything
-from vlp.types import LossOutput
+from vlp.train.state import TrainingJob
 
 if TYPE_CHECKING:
     from vlp.eval.vqa_baselines import AnswerPriors
@@ -88,19 +87,6 @@ class VQACollator:
                 "targets": torch.stack([self.vocab.targets(s["answers"]) for s in samples])}
 
 
-class VQAObjective(Objective):
-    def __init__(self, vqa_model: torch.nn.Module, autocast: Any = None) -> None:
-        super().__init__(autocast)
-        self.vqa_model = vqa_model
-
-    def forward(self, batch: dict[str, Tensor]) -> LossOutput:
-        from vlp.eval.vqa import vqa_loss
-
-        logits = self.vqa_model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        loss = vqa_loss(logits, batch["targets"])
-        return LossOutput(loss, {"vqa": loss.detach()})
-
-
 def save_vqa(vqa_model: Any, vocab: Any, config: Config, directory: Path) -> None:
     vqa_model.model.save_pretrained(directory, {"run": to_dict(config),
                                                 "vqa": {"num_answers": len(vocab), "hidden_mult": config.vqa.hidden_mult,
@@ -122,7 +108,7 @@ def load_vqa_checkpoint(directory: str | Path) -> tuple[Any, Any]:
     """(VQAModel, AnswerVocab) from a VQA fine-tuned checkpoint."""
     import yaml
 
-    from vlp.eval.vqa import AnswerVocab, VQAModel
+    from vlp.eval.vqa import AnswerVocab
 
     root = Path(directory)
     model = VLPModel.from_pretrained(root)
@@ -158,7 +144,7 @@ def evaluate_vqa_split(vqa_model: Any, vocab: Any, questions: list[dict[str, Any
 def finetune_vqa(config: Config, init: str | Path, output_dir: str | Path | None = None,
                  resume: bool = False, overwrite: bool = False) -> Path:
     """VQA fine-tuning of a fused checkpoint; evaluates the val split and writes predictions + accuracy."""
-    from vlp.eval.vqa import AnswerVocab, VQAModel
+    from vlp.eval.vqa import AnswerVocab
     from vlp.eval.vqa_baselines import AnswerPriors
 
     dist = init_distributed(config.train.device)

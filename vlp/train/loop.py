@@ -12,7 +12,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
+from vlp.collectives import mean_over_ranks
 from vlp.config.io import save_config, to_dict
 from vlp.config.schema import Config
 from vlp.errors import UserError
@@ -36,7 +36,6 @@ from vlp.train.distributed import (
     equal_rows,
     full_state_dicts,
     init_distributed,
-    mean_over_ranks,
 )
 from vlp.train.eval_data import evaluation_due, run_evaluator
 from vlp.train.faults import TrainingStopped
@@ -46,6 +45,7 @@ from vlp.train.run_dir import prepare_run_dir
 from vlp.train.sampler import ResumableSampler, SeededDataset
 from vlp.train.schedule import build_scheduler, steps_for_epochs
 from vlp.train.seeding import seed_everything
+from vlp.train.state import TrainingJob, TrainState
 from vlp.train.trainer_state import TrainerSaver, restore_trainer
 
 __all__ = ["pretrain", "run_training", "TrainingJob", "autocast_factory", "run_dir_for", "load_model_weights",
@@ -81,27 +81,6 @@ def prepare_model(config: Config, model: VLPModel) -> VLPModel:
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
-
-
-class TrainState:
-    """Counters that make a run resumable: optimizer steps, epoch and position inside it, data faults."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.epoch = 0
-        self.batches_in_epoch = 0
-        self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
-        self.loss_finite = True  # the current step's loss (all ranks); a non-finite one skips the step
-        self.bad_samples = 0
-        self.good_samples = 0  # samples that reached the model (bad_samples + good_samples = samples read)
-        self.truncated_captions = 0
-        self.unk_tokens = 0  # caption tokens unknown to the tokenizer, of word_tokens (non-special ones)
-        self.word_tokens = 0
-        self.unk_warned = False
-        self.bad_examples: list[str] = []  # a few paths for the error message
-        self.logged_bad: set[str] = set()
-        self.samples_seen = 0
 
 
 def build_loader(config: Config, model: VLPModel, dist: DistInfo) -> tuple[DataLoader[Any], Any, ResumableSampler | None]:
@@ -160,21 +139,6 @@ def batches(loader: DataLoader[Any], dataset: Any, sampler: ResumableSampler | N
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@dataclass
-class TrainingJob:
-    """What the loop needs besides the config: the module whose parameters are optimized, the objective
-    that owns the step, the data, and how to save/load weights and evaluate."""
-
-    module: nn.Module
-    objective: Any
-    loader: DataLoader[Any]
-    dataset: Any
-    sampler: ResumableSampler | None
-    save_weights: Callable[[Path], None]
-    load_weights: Callable[[Path], None]
-    evaluate: Callable[[int, bool], dict[str, float]] | None = None
 
 
 def pretrain(config: Config, output_dir: str | Path | None = None, resume: bool = False,

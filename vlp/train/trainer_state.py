@@ -10,23 +10,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from vlp.collectives import gather_objects
 from vlp.config.schema import Config
 from vlp.train import checkpoint as ckpt
 from vlp.train import faults
 from vlp.train.distributed import (
     DistInfo,
     full_state_dicts,
-    gather_objects,
     load_optimizer_state,
     optimizer_state,
     restore_rank_rng,
     resume_position,
 )
 from vlp.train.seeding import rng_state
+from vlp.train.state import TrainingJob, TrainState
 
 if TYPE_CHECKING:
     from vlp.train.ema import WeightEMA
-    from vlp.train.loop import TrainingJob, TrainState
 
 __all__ = ["TrainerSaver", "restore_trainer"]
 
