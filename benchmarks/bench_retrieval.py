@@ -120,8 +120,9 @@ def bench_rerank(report: Report, cfg: dict[str, Any], reps: int) -> bool:
 
     def run_vlp(precision: str) -> Callable[[], None]:
         def run() -> None:
+            # the reference loop scores by the match logit (column 1), as LAVIS does
             results[f"vlp_{precision}"] = rerank_candidates(model, image_out, text_out, i2t, t2i, ITM_BATCH,
-                                                            autocast(precision))
+                                                            autocast(precision), match="logit")
         return run
 
     def run_loop(precision: str) -> Callable[[], None]:

@@ -60,7 +60,8 @@ def text_emb(model: Any, text: str) -> torch.Tensor:
 @torch.no_grad()
 def itm(model: Any, transform: Any, image: Image.Image, text: str) -> float:
     batch = model.tokenizer([text], max_length=model.config.text.max_length)
-    return float(model.itm_logits(transform(image)[None], batch["input_ids"], batch["attention_mask"])[0, 1])
+    logits = model.itm_logits(transform(image)[None], batch["input_ids"], batch["attention_mask"])[0]
+    return float(logits[1] - logits[0])  # the log-odds, vlp's match score
 
 
 def pair_score(model: Any, transform: Any, image: Image.Image, text: str, score: str) -> float:

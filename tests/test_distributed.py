@@ -198,8 +198,7 @@ def _worker(rank: int, out_dir: str, data: dict[str, str]) -> None:
         model = _model()
         for key, kwargs in RETRIEVAL_CASES.items():
             results[key] = evaluate_retrieval(model, _split(), model.image_transform(train=False),
-                                              EvalConfig(**kwargs),
-                                              progress=False)
+                                              EvalConfig(**kwargs), progress=False)
         vqa_model, questions, load_image, vocab = _vqa_setup()
         results["vqa"] = evaluate_vqa_sharded(vqa_model, questions, load_image, vocab, batch_size=16, progress=False)
 

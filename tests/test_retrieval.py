@@ -80,6 +80,9 @@ class TinyFused(nn.Module):
         self.key, self.value, self.query = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.itm_head = nn.Linear(2 * dim, 2)
 
+    def logit_scale(self) -> Tensor:
+        return torch.tensor(7.0)
+
     def image_features(self, images: Tensor) -> tuple[EncoderOutput, Tensor]:
         patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=4, p2=4)
         tokens = torch.tanh(self.patch(patches))
@@ -249,10 +252,11 @@ def test_chunked_ranks_equal_full_matrix_ranks(memory_mb: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- re-ranking
-def per_pair_logits(model: TinyFused, split: Split, image: int, text: int) -> float:
+def per_pair_logits(model: TinyFused, split: Split, image: int, text: int, rule: str = "log_odds") -> float:
+    """One pair's match score, computed by hand: the head's log-odds, or (``logit``) its column 1 alone."""
     tokens = model.tokenizer([split.captions[text]], max_length=model.config.text.max_length)
     logits = model.itm_logits(split.images[image][None], tokens["input_ids"], tokens["attention_mask"])
-    return float(logits[0, 1])
+    return float(logits[0, 1] if rule == "logit" else logits[0, 1] - logits[0, 0])
 
 
 def encoded(model: TinyFused, split: Split) -> Any:
@@ -278,7 +282,7 @@ def test_batched_rerank_equals_per_pair_calls() -> None:
                     per_pair_logits(model, split, int(t2i[text, j]), text), abs=1e-5)
 
 
-@pytest.mark.parametrize("score", ["itm", "itm+itc"])
+@pytest.mark.parametrize("score", ["itm", "itm_logit", "itm+itc", "itm+itc_logit"])
 def test_evaluate_retrieval_equals_full_reranked_matrices(score: str) -> None:
     """evaluate_retrieval never builds N x M; its metrics equal retrieval_metrics on the full matrices where
     re-scored candidates sit above every other item and the rest keep their ITC order."""
@@ -299,8 +303,10 @@ def test_evaluate_retrieval_equals_full_reranked_matrices(score: str) -> None:
         full = matrix - 1000.0  # below every re-scored candidate, same order
         for query in range(matrix.shape[0]):
             for gallery in top[query].tolist():
-                logit = per_pair_logits(model, split, *pair(query, gallery))
-                full[query, gallery] = logit + (float(matrix[query, gallery]) if score == "itm+itc" else 0.0)
+                logit = per_pair_logits(model, split, *pair(query, gallery),
+                                        rule="logit" if score == "itm_logit" else "log_odds")
+                itc = float(model.logit_scale()) if score == "itm+itc_logit" else float(score == "itm+itc")
+                full[query, gallery] = logit + itc * float(matrix[query, gallery])
         return full
 
     with torch.no_grad():
@@ -473,3 +479,25 @@ def test_splits_that_load_images_by_index() -> None:
                                 progress=False)
     assert result["num_images"] == 4
     assert evaluate_retrieval(model, indexed, None, EvalConfig(k_test=3), progress=False) == expected
+
+
+def test_match_score_is_the_log_odds_the_loss_trains() -> None:
+    """The ITM cross-entropy depends on logit 1 - logit 0 only: the sum of the two columns gets no gradient,
+    so column 1 alone (ALBEF/BLIP's ``itm_logit``) carries a projection left from initialization. The
+    default log-odds ranks a pair by what was learned; ``itm_logit`` stays one flag away."""
+    from vlp.eval.rerank import match_rule_for, match_scores
+
+    torch.manual_seed(0)
+    head = nn.Linear(8, 2)
+    pooled = torch.randn(16, 8)
+    labels = torch.randint(0, 2, (16,))
+    nn.functional.cross_entropy(head(pooled), labels).backward()
+    assert head.weight.grad is not None and head.bias.grad is not None
+    assert torch.allclose(head.weight.grad.sum(0), torch.zeros(8), atol=1e-7)  # no gradient on w1 + w0
+    assert abs(float(head.bias.grad.sum())) < 1e-7
+    logits = torch.tensor([[2.0, 3.0], [-1.0, 0.5]])
+    assert match_scores(logits).tolist() == [1.0, 1.5]
+    assert match_scores(logits, "logit").tolist() == [3.0, 0.5]
+    assert [match_rule_for(s) for s in ("itm", "itm+itc", "itm_logit")] == ["log_odds", "log_odds", "logit"]
+    with pytest.raises(ValueError, match="log_odds"):
+        match_scores(logits, "probability")

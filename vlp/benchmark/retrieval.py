@@ -3,8 +3,8 @@ LAVIS ship, or CLIP_benchmark's webdataset export; ITC, ITM and ITM+ITC columns 
 
 Every caption of an image is its own text query and any of an image's captions is a hit for the image query
 (the 5-captions-per-image protocol of ALBEF/BLIP and CLIP_benchmark). In one process the images and captions
-are encoded and the ITC top-k re-scored by ITM once, and both ITM scores are read from that one pass; under
-torchrun ``evaluate_retrieval`` runs once per score.
+are encoded and the ITC top-k re-scored by ITM once per match rule (``itm`` and ``itm+itc`` share the log-odds
+pass); under torchrun ``evaluate_retrieval`` runs once per score.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from vlp.benchmark.files import BytesImages, read_wds, wds_urls
 from vlp.benchmark.scoring import resolved_precision
@@ -22,7 +23,7 @@ from vlp.collectives import rank_and_world
 from vlp.config.schema import EvalConfig
 from vlp.data.retrieval_split import RetrievalSplit, load_retrieval_split
 from vlp.errors import UserError
-from vlp.eval.rerank import rerank_candidates, reranked_ranks
+from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks, with_itc
 from vlp.eval.retrieval import (
     SCORES,
     RetrievalSplitLike,
@@ -108,10 +109,13 @@ def _columns_one_process(model: Any, split: RetrievalSplitLike, transform: Any, 
         assert encoded.image_out is not None and encoded.text_out is not None
         i2t_sims, i2t_top = chunked_topk(encoded.image_emb, encoded.text_emb, k_test)
         t2i_sims, t2i_top = chunked_topk(encoded.text_emb, encoded.image_emb, k_test)
-        i2t_itm, t2i_itm = rerank_candidates(model, encoded.image_out, encoded.text_out, i2t_top, t2i_top,
-                                             spec.batch_size, autocast, progress)
+        matched: dict[str, tuple[Tensor, Tensor]] = {}  # one re-ranking pass per match rule the scores use
+        for rule in dict.fromkeys(match_rule_for(score) for score in scores):
+            matched[rule] = rerank_candidates(model, encoded.image_out, encoded.text_out, i2t_top, t2i_top,
+                                              spec.batch_size, autocast, progress, match=rule)
         for score in scores:
-            i2t, t2i = (i2t_itm, t2i_itm) if score == "itm" else (i2t_itm + i2t_sims, t2i_itm + t2i_sims)
+            i2t, t2i = matched[match_rule_for(score)]
+            i2t, t2i = with_itc(score, i2t, i2t_sims, model), with_itc(score, t2i, t2i_sims, model)
             columns[score] = recall_metrics(reranked_ranks(i2t_top, i2t, image_positives, txt_ranks),
                                             reranked_ranks(t2i_top, t2i, txt2img[:, None], img_ranks))
     return columns

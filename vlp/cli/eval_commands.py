@@ -196,8 +196,9 @@ def add_eval_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], 
                      "(.csv/.tsv, see --csv-separator)")
     r.add_argument("--k-test", type=int, default=16, metavar="K",
                    help="candidates per query re-ranked by the ITM head of a fused model (default: %(default)s)")
-    r.add_argument("--score", choices=("itm", "itm+itc"), default="itm",
-                   help="re-ranking score: the match logit, or BLIP's match logit + ITC cosine "
+    r.add_argument("--score", choices=("itm", "itm_logit", "itm+itc", "itm+itc_logit"), default="itm",
+                   help="re-ranking score: the ITM head's log-odds (logit 1 - logit 0), its match logit alone "
+                        "(ALBEF/BLIP), the log-odds + ITC cosine (BLIP's sum), or the log-odds + ITC logit "
                         "(default: %(default)s)")
     add_csv_options(r)
     add_common(r)

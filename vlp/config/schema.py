@@ -206,7 +206,7 @@ class TrainConfig:
 class EvalConfig:
     every: int = doc(0, "Run retrieval eval every N steps (and at the end); 0 = only at the end; -1 = never.")
     k_test: int = doc(16, "Candidates re-ranked by ITM per query.")
-    score: str = doc("itm", "Re-rank score: itm (match logit) or itm+itc (BLIP).")
+    score: str = doc("itm", "Re-rank score: itm (the ITM head's log-odds, logit 1 - logit 0), itm_logit (its match logit alone, as ALBEF and BLIP rank) or itm+itc (the log-odds plus the ITC cosine, as BLIP adds the cosine) or itm+itc_logit (the log-odds plus the ITC logit, logit scale x cosine: both heads' evidence).")
     batch_size: int = doc(128, "Encoding batch size.")
     max_images: int = doc(0, "Evaluate on the first N test images only; 0 = all.")
     precision: str = doc(DEFAULT_PRECISION, "auto, fp32 or bf16 for encoding and re-ranking; auto = bf16 on CUDA with bf16 support, fp32 on every CPU (the same results on every CPU; bf16 on a CPU only when set to bf16).")

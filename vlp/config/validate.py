@@ -155,7 +155,7 @@ def validate_config(config: Config) -> None:
     if o.mlm_weight > 0:
         _require(config.model.mlm_head, "objective.mlm_weight", o.mlm_weight, "needs model.mlm_head: true")
     k_test_for_gallery(e.k_test)
-    _choice("eval.score", e.score, ("itm", "itm+itc"))
+    _choice("eval.score", e.score, ("itm", "itm_logit", "itm+itc", "itm+itc_logit"))
     _choice("eval.precision", e.precision, PRECISIONS)
     _choice("eval.weights", e.weights, ("online", "ema", "both"))
     _choice("vqa.head_input", config.vqa.head_input, ("fused", "fused+image"))

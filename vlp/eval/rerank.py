@@ -20,7 +20,45 @@ from tqdm.auto import tqdm
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context
 from vlp.types import EncoderOutput
 
-__all__ = ["FusedRetrievalModel", "itm_pair_scores", "rerank_candidates", "reranked_ranks"]
+__all__ = ["FusedRetrievalModel", "MATCH_RULES", "match_scores", "match_rule_for", "with_itc", "itm_pair_scores",
+           "rerank_candidates", "reranked_ranks"]
+
+# How an ITM head's two logits [n, 2] become one match score per pair:
+# - log_odds (vlp's default): logit 1 - logit 0, the head's log p(match) / p(no match). The cross-entropy
+#   the head is trained with depends on that difference only, so it is everything the head learned.
+# - logit: column 1 alone, as ALBEF's and BLIP's retrieval code ranks. Its other half, (logit 1 + logit 0) / 2,
+#   receives no gradient from the loss: it stays a random projection of the fused state from
+#   initialization and adds pair-dependent noise to the ranking.
+MATCH_RULES = ("log_odds", "logit")
+
+
+def match_scores(logits: Tensor, rule: str = "log_odds") -> Tensor:
+    """One fp32 match score per pair from ITM logits [n, 2] (column 1 = match) under ``rule`` (``MATCH_RULES``)."""
+    if rule == "log_odds":
+        return (logits[:, 1] - logits[:, 0]).float()
+    if rule == "logit":
+        return logits[:, 1].float()
+    raise ValueError(f"unknown match rule {rule!r}; expected one of {', '.join(MATCH_RULES)}")
+
+
+def match_rule_for(score: str) -> str:
+    """The match rule of a retrieval re-rank score: ``itm_logit`` ranks by ALBEF/BLIP's column-1 logit,
+    ``itm`` and ``itm+itc`` by the log-odds."""
+    return "logit" if score == "itm_logit" else "log_odds"
+
+
+def with_itc(score: str, itm: Tensor, cosine: Tensor, model: Any) -> Tensor:
+    """A re-rank score from the candidates' ITM scores and their ITC cosines (same shape):
+    ``itm`` / ``itm_logit``: the ITM score alone; ``itm+itc``: plus the cosine (BLIP's sum);
+    ``itm+itc_logit``: plus the ITC logit, logit scale x cosine. Each term is then a log-likelihood of its
+    head (the match log-odds; the contrastive log-softmax up to a per-query constant), so their sum ranks by
+    the product of the two heads' evidence: it cannot fall far below the better head when the other one is
+    weak, as the raw cosine, tiny beside a logit, does not protect."""
+    if score == "itm+itc":
+        return itm + cosine
+    if score == "itm+itc_logit":
+        return itm + float(model.logit_scale().detach()) * cosine
+    return itm
 
 
 class FusedRetrievalModel(Protocol):
@@ -63,8 +101,9 @@ def autocast_for(precision: str | AutocastFactory, device: torch.device) -> Auto
 def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_out: EncoderOutput,
                     pair_image: Tensor, pair_text: Tensor, batch_size: int = 128,
                     precision: str | AutocastFactory = DEFAULT_PRECISION, progress: bool = False,
-                    image_chunk: int | None = None) -> Tensor:
-    """Match logits (ITM column 1, fp32) of the pairs (image ``pair_image[n]``, text ``pair_text[n]``).
+                    image_chunk: int | None = None, match: str = "log_odds") -> Tensor:
+    """Match scores (fp32, ``match_scores`` under rule ``match``) of the pairs (image ``pair_image[n]``, text
+    ``pair_text[n]``).
 
     image_out / text_out: encoder outputs of the whole gallery / caption set, in any floating dtype (cast to
     the model's parameter dtype as they enter it). ``precision``: auto, fp32 or bf16 (resolved on the
@@ -95,7 +134,7 @@ def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_o
                 with autocast():
                     logits = model.itm_logits_from(as_dtype(select_rows(text_out, pair_text[pairs]), dtype),
                                                    context, pair_image[pairs] - image_start)
-                scores[pairs] = logits[:, 1].float()
+                scores[pairs] = match_scores(logits, match)
                 bar.update(len(pairs))
     return scores
 
@@ -103,9 +142,9 @@ def itm_pair_scores(model: FusedRetrievalModel, image_out: EncoderOutput, text_o
 def rerank_candidates(model: FusedRetrievalModel, image_out: EncoderOutput, text_out: EncoderOutput,
                       i2t_candidates: Tensor, t2i_candidates: Tensor, batch_size: int = 128,
                       precision: str | AutocastFactory = DEFAULT_PRECISION,
-                      progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Match logits of each image's candidate captions [N_img, k] and each caption's candidate images
-    [N_txt, k].
+                      progress: bool = False, match: str = "log_odds") -> tuple[Tensor, Tensor]:
+    """Match scores (rule ``match``) of each image's candidate captions [N_img, k] and each caption's
+    candidate images [N_txt, k].
 
     Both directions share one pass over the images, so each image context is built once. ``precision`` and
     the encoder outputs' dtypes are as for ``itm_pair_scores``.
@@ -118,7 +157,7 @@ def rerank_candidates(model: FusedRetrievalModel, image_out: EncoderOutput, text
     pair_text = torch.cat([i2t_candidates.reshape(-1),
                            torch.arange(num_texts, device=device).repeat_interleave(k_t2i)])
     scores = itm_pair_scores(model, image_out, text_out, pair_image, pair_text, batch_size, precision,
-                             progress)
+                             progress, match=match)
     scores = scores.to(device)
     i2t_scores, t2i_scores = scores.split([num_images * k_i2t, num_texts * k_t2i])
     return i2t_scores.view(num_images, k_i2t), t2i_scores.view(num_texts, k_t2i)

@@ -23,7 +23,7 @@ from vlp.collectives import gather_no_grad, gather_shards, rank_and_world, shard
 from vlp.config.schema import EvalConfig
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import itm_pair_scores, reranked_ranks
+from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.topk import budget_elements, chunked_topk
 from vlp.models.vlp_model import pooled_only_kwargs
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
@@ -35,7 +35,7 @@ __all__ = [
     "autocast_context", "encode_images", "encode_texts",
 ]
 
-SCORES = ("itm", "itm+itc")
+SCORES = ("itm", "itm_logit", "itm+itc", "itm+itc_logit")
 # Anything a DataLoader can index: a torch Dataset or a plain sequence of image tensors.
 ImageDataset = Dataset[Any] | Sequence[Any]
 RECALL_KS = (1, 5, 10)
@@ -367,8 +367,9 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any,
 
     ``config`` gives ``k_test``, ``score``, ``batch_size``, ``max_images`` and ``precision`` (its other
     fields are the trainer's). ITM (ALBEF/BLIP): each query's top ``k_test`` ITC candidates, in both
-    directions, are re-scored by the match logit (``score="itm"``) or the logit plus the ITC cosine
-    (``"itm+itc"``, BLIP). Re-scored candidates rank above all others; the others keep their ITC order, so a
+    directions, are re-scored by the head's log-odds (``score="itm"``; see ``vlp.eval.rerank.MATCH_RULES``),
+    by its match logit alone (``"itm_logit"``, as ALBEF and BLIP rank), or by the log-odds plus the ITC
+    cosine (``"itm+itc"``, BLIP's sum) or logit (``"itm+itc_logit"``; ``vlp.eval.rerank.with_itc``). Re-scored candidates rank above all others; the others keep their ITC order, so a
     ground truth outside the top k keeps its ITC rank. ``precision`` in the result is what ``auto`` resolved to.
 
     In a process group this is a collective (every rank passes the same split and gets the same result):
@@ -464,12 +465,13 @@ class _Ranking:
                                 t2i_top[mine] - image_rows.start])
         pair_text = torch.cat([i2t_top.reshape(-1), mine.nonzero()[:, 0]])
         scores = itm_pair_scores(self.model, image_out, text_all, pair_image, pair_text, self.config.batch_size,
-                                 self.autocast, self.progress).to(device)
+                                 self.autocast, self.progress, match=match_rule_for(self.config.score)).to(device)
         i2t_scores = scores[:i2t_top.numel()].view_as(i2t_top)
         t2i_scores = torch.zeros_like(t2i_sims)
         t2i_scores[mine] = scores[i2t_top.numel():]
         if shards.world > 1:
             dist.all_reduce(t2i_scores)
-        if self.config.score == "itm+itc":
-            i2t_scores, t2i_scores = i2t_scores + i2t_sims, t2i_scores + t2i_sims
+        score = self.config.score
+        i2t_scores = with_itc(score, i2t_scores, i2t_sims, self.model)
+        t2i_scores = with_itc(score, t2i_scores, t2i_sims, self.model)
         return i2t_top, i2t_scores, t2i_top, t2i_scores
