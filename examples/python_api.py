@@ -19,6 +19,7 @@ import torch
 
 import vlp
 from vlp.config import load_config
+from vlp.config.schema import EvalConfig
 from vlp.data.retrieval_split import synthetic_retrieval_split
 from vlp.data.synthetic import SyntheticScenes
 from vlp.eval.retrieval import evaluate_retrieval
@@ -62,7 +63,7 @@ def run(out: Path, checkpoint: Path | None) -> None:
 
     # 4. Retrieval on held-out images: ITC ranking, then ITM re-ranking of each query's top k_test.
     split = synthetic_retrieval_split(scenes)
-    result = evaluate_retrieval(model, split, transform, k_test=4, progress=False)
+    result = evaluate_retrieval(model, split, transform, EvalConfig(k_test=4), progress=False)
     print(f"retrieval on {result['num_images']} images / {result['num_texts']} captions: "
           f"ITC r_mean {result['itc']['r_mean']:.1f}, ITM re-ranked r_mean {result['itm']['r_mean']:.1f}")
     print("python api example: OK")

@@ -28,6 +28,7 @@ from tests.benchmark_cases import (
 )
 from vlp.benchmark import load_suite, run_suite
 from vlp.benchmark.suite import TASK_TYPES
+from vlp.config.schema import EvalConfig
 from vlp.data.retrieval_split import load_retrieval_split
 from vlp.eval.retrieval import evaluate_retrieval
 
@@ -70,7 +71,8 @@ def pair_score(model: Any, transform: Any, image: Image.Image, text: str, score:
 
 
 # ------------------------------------------------------------------------------------------ retrieval
-def test_retrieval_karpathy_and_wds_match_brute_force_and_evaluate_retrieval(checkpoint: Path, tmp_path: Path) -> None:
+def test_retrieval_karpathy_and_wds_match_brute_force_and_evaluate_retrieval(checkpoint: Path,
+                                                                             tmp_path: Path) -> None:
     data = write_karpathy(tmp_path / "flickr")
     wds_root = write_wds_retrieval(tmp_path / "wds_flickr")
     out = run(tmp_path, checkpoint, {
@@ -99,8 +101,8 @@ def test_retrieval_karpathy_and_wds_match_brute_force_and_evaluate_retrieval(che
         assert out["karpathy"]["metrics"][key] == pytest.approx(value), key
     split = load_retrieval_split(data, data.parent)
     for score in ("itm", "itm+itc"):  # the one-pass ITM columns equal evaluate_retrieval run per score
-        reference = evaluate_retrieval(model, split, transform, k_test=3, score=score, progress=False,
-                                       precision="fp32")
+        reference = evaluate_retrieval(model, split, transform, EvalConfig(k_test=3, score=score,
+                                       precision="fp32"), progress=False)
         for key, value in reference["itm"].items():
             assert out["karpathy"]["metrics"][f"{score}/{key}"] == pytest.approx(value), (score, key)
     # the webdataset export of the same split (two shards) gives the same numbers

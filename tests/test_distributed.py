@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from vlp.config import load_config
-from vlp.config.schema import ObjectiveConfig
+from vlp.config.schema import EvalConfig, ObjectiveConfig
 from vlp.data.retrieval_split import synthetic_retrieval_split
 from vlp.data.synthetic import SyntheticScenes
 from vlp.data.vqa_data import synthetic_vqa
@@ -172,7 +172,8 @@ def _worker(rank: int, out_dir: str, data: dict[str, str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         from vlp.data.streaming import HFStreamPairs, WebDatasetStream
-        from vlp.eval.distributed import evaluate_retrieval_sharded, evaluate_vqa_sharded
+        from vlp.eval.distributed import evaluate_vqa_sharded
+        from vlp.eval.retrieval import evaluate_retrieval
         from vlp.train.distributed import DistInfo, wrap_model
 
         info = DistInfo(rank, rank, WORLD, torch.device("cpu"))
@@ -196,8 +197,8 @@ def _worker(rank: int, out_dir: str, data: dict[str, str]) -> None:
 
         model = _model()
         for key, kwargs in RETRIEVAL_CASES.items():
-            results[key] = evaluate_retrieval_sharded(model, _split(), model.image_transform(train=False),
-                                                      progress=False, **kwargs)
+            results[key] = evaluate_retrieval(model, _split(), model.image_transform(train=False),
+                                              EvalConfig(**kwargs), progress=False)
         vqa_model, questions, load_image, vocab = _vqa_setup()
         results["vqa"] = evaluate_vqa_sharded(vqa_model, questions, load_image, vocab, batch_size=16, progress=False)
 
@@ -253,7 +254,7 @@ def test_sharded_retrieval_equals_a_single_process(ranks: list[dict[str, Any]]) 
     model = _model()
     transform = model.image_transform(train=False)
     for key, kwargs in RETRIEVAL_CASES.items():
-        single = evaluate_retrieval(model, _split(), transform, progress=False, **kwargs)
+        single = evaluate_retrieval(model, _split(), transform, EvalConfig(**kwargs), progress=False)
         assert set(single) >= {"itc", "itm", "curves"}
         for result in ranks:
             assert result[key] == single, key

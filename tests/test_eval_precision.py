@@ -98,13 +98,14 @@ def test_auto_on_cuda_is_bf16_where_supported(monkeypatch: pytest.MonkeyPatch, b
 def test_every_evaluation_entry_point_shares_one_default() -> None:
     from vlp.cli.main import build_parser
 
-    functions = [retrieval.encode_split, retrieval.evaluate_retrieval, rerank.rerank_candidates,
+    functions = [retrieval.encode_split, rerank.rerank_candidates,
                  rerank.itm_pair_scores, zeroshot.zeroshot_classifier, zeroshot.evaluate_zeroshot,
-                 vqa.evaluate_vqa, distributed.evaluate_retrieval_sharded, distributed.evaluate_vqa_sharded,
+                 vqa.evaluate_vqa, distributed.evaluate_vqa_sharded,
                  finetune.evaluate_vqa_split]
     for function in functions:
         assert inspect.signature(function).parameters["precision"].default == DEFAULT_PRECISION, function
-    assert EvalConfig().precision == DEFAULT_PRECISION == "auto"
+    # evaluate_retrieval takes the eval config: its default is EvalConfig's
+    assert EvalConfig().precision == retrieval.DEFAULT_EVAL.precision == DEFAULT_PRECISION == "auto"
     from vlp.benchmark.scoring import score_pairs
     from vlp.benchmark.suite import TaskSpec
     from vlp.train.merge import SweepData

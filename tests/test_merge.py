@@ -101,6 +101,7 @@ def test_cli_merge_and_its_errors(pair: tuple[Path, Path], tmp_path: Path, capsy
 
 
 def test_sweep_writes_a_table_a_plot_and_the_endpoint_scores(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from vlp.config.schema import EvalConfig
     from vlp.data.retrieval_split import load_retrieval_split
     from vlp.eval.retrieval import evaluate_retrieval
 
@@ -113,8 +114,8 @@ def test_sweep_writes_a_table_a_plot_and_the_endpoint_scores(pair: tuple[Path, P
     assert {"zeroshot_top1", "itc_img_r1", "itc_txt_r1", "itm_img_r1", "itm_txt_r1"} <= set(rows[0])
     model = VLPModel.from_pretrained(ft)
     direct = evaluate_retrieval(model, load_retrieval_split(files["test"], files["root"]),
-                                model.image_transform(train=False), k_test=4, batch_size=32, precision="fp32",
-                                progress=False)
+                                model.image_transform(train=False), EvalConfig(k_test=4, batch_size=32,
+                                precision="fp32"), progress=False)
     assert rows[-1]["itm_img_r1"] == pytest.approx(direct["itm"]["img_r1"])
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == rows
     table = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()

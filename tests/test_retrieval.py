@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vlp.config.schema import EvalConfig
 from vlp.errors import UserError
 from vlp.eval.plots import plot_recall_curve
 from vlp.eval.rerank import rerank_candidates
@@ -288,8 +289,8 @@ def test_evaluate_retrieval_equals_full_reranked_matrices(score: str) -> None:
     torch.manual_seed(1)
     model, split = TinyFused(), make_split(9, captions_per_image=2, seed=3)
     k = 4
-    result = evaluate_retrieval(model, split, None, k_test=k, score=score, batch_size=5, precision="fp32",
-                                progress=False)
+    result = evaluate_retrieval(model, split, None, EvalConfig(k_test=k, score=score, batch_size=5,
+                                precision="fp32"), progress=False)
     assert model.training  # mode restored
     model.eval()
     with torch.no_grad():
@@ -363,7 +364,8 @@ def test_oracle_itm_moves_recall_at_k_to_recall_at_1(k_test: int) -> None:
     model = OracleFused(txt2img, noise=1.2)
     images = [torch.full((3, 2, 2), float(i)) for i in range(30)]
     split = Split(images, [str(t) for t in range(60)], txt2img)
-    result = evaluate_retrieval(model, split, None, k_test=k_test, batch_size=7, precision="fp32", progress=False)
+    result = evaluate_retrieval(model, split, None, EvalConfig(k_test=k_test, batch_size=7,
+                                precision="fp32"), progress=False)
     itc, itm = result["itc"], result["itm"]
     assert itc["txt_r1"] < itc[f"txt_r{k_test}"] < 100 and itc["img_r1"] < itc[f"img_r{k_test}"] < 100
     assert itm["txt_r1"] == itc[f"txt_r{k_test}"]
@@ -375,9 +377,10 @@ def test_oracle_itm_moves_recall_at_k_to_recall_at_1(k_test: int) -> None:
 def test_dual_encoder_has_no_itm_and_max_images_subsets() -> None:
     torch.manual_seed(2)
     model, split = TinyFused(fused=False), make_split(8, seed=5)
-    result = evaluate_retrieval(model, split, None, k_test=100, progress=False)  # unused without fusion
+    result = evaluate_retrieval(model, split, None, EvalConfig(k_test=100),
+                                progress=False)  # unused without fusion
     assert "itm" not in result and set(result["curves"]) == {"itc"}
-    small = evaluate_retrieval(model, split, None, max_images=3, progress=False)
+    small = evaluate_retrieval(model, split, None, EvalConfig(max_images=3), progress=False)
     first3 = Split(split.images[:3], split.captions[:6], split.txt2img[:6])
     assert small["itc"] == evaluate_retrieval(model, first3, None, progress=False)["itc"]
     assert (small["num_images"], small["num_texts"]) == (3, 6)
@@ -392,7 +395,7 @@ def test_bf16_encoding_is_close_to_fp32_and_returns_fp32() -> None:
         assert half.dtype == torch.float32
         torch.testing.assert_close(half.norm(dim=-1), torch.ones(len(half)))
         torch.testing.assert_close(half, full, atol=0.03, rtol=0.0)
-    result = evaluate_retrieval(model, split, None, k_test=3, precision="bf16", progress=False)
+    result = evaluate_retrieval(model, split, None, EvalConfig(k_test=3, precision="bf16"), progress=False)
     assert set(result["itm"]) == set(result["itc"]) and 0.0 <= result["itm"]["r_mean"] <= 100.0
 
 
@@ -401,11 +404,12 @@ def test_auto_precision_is_fp32_on_cpus_with_and_without_amx(monkeypatch: pytest
                                                               assume_amx: str) -> None:
     monkeypatch.setenv("VLP_ASSUME_AMX", assume_amx)
     model, split = TinyFused().eval(), make_split(4)
-    result = evaluate_retrieval(model, split, None, k_test=2, progress=False)
+    result = evaluate_retrieval(model, split, None, EvalConfig(k_test=2), progress=False)
     assert result["precision"] == "fp32"
-    pinned = evaluate_retrieval(model, split, None, k_test=2, precision="fp32", progress=False)
+    pinned = evaluate_retrieval(model, split, None, EvalConfig(k_test=2, precision="fp32"), progress=False)
     assert result["itc"] == pinned["itc"] and result["itm"] == pinned["itm"]
-    assert evaluate_retrieval(model, split, None, k_test=2, precision="bf16", progress=False)["precision"] == "bf16"
+    assert evaluate_retrieval(model, split, None, EvalConfig(k_test=2, precision="bf16"),
+                              progress=False)["precision"] == "bf16"
 
 
 def test_bf16_tokens_rerank_with_an_fp32_model() -> None:
@@ -432,19 +436,21 @@ def test_bf16_tokens_rerank_with_an_fp32_model() -> None:
 def test_bad_eval_settings_are_user_errors() -> None:
     model, split = TinyFused(), make_split(4)
     with pytest.raises(UserError, match=r"k_test = 0: must be positive"):
-        evaluate_retrieval(model, split, None, k_test=0, progress=False)
-    clamped = evaluate_retrieval(model, split, None, k_test=5, progress=False)  # a small gallery: all re-ranked
+        evaluate_retrieval(model, split, None, EvalConfig(k_test=0), progress=False)
+    clamped = evaluate_retrieval(model, split, None, EvalConfig(k_test=5),
+                                 progress=False)  # a small gallery: all re-ranked
     assert (clamped["k_test"], clamped["k_test_requested"]) == (4, 5)
-    assert clamped["itm"] == evaluate_retrieval(model, split, None, k_test=4, progress=False)["itm"]
+    assert clamped["itm"] == evaluate_retrieval(model, split, None, EvalConfig(k_test=4),
+                                                progress=False)["itm"]
     with pytest.raises(UserError, match=r"eval\.score"):
-        evaluate_retrieval(model, split, None, score="itc", progress=False)
+        evaluate_retrieval(model, split, None, EvalConfig(score="itc"), progress=False)
     with pytest.raises(UserError, match=r"eval\.precision"):
-        evaluate_retrieval(model, split, None, k_test=2, precision="fp16", progress=False)
+        evaluate_retrieval(model, split, None, EvalConfig(k_test=2, precision="fp16"), progress=False)
 
 
 def test_recall_curve_png(tmp_path: Any) -> None:
     model, split = TinyFused(), make_split(5, seed=2)
-    result = evaluate_retrieval(model, split, None, k_test=3, progress=False)
+    result = evaluate_retrieval(model, split, None, EvalConfig(k_test=3), progress=False)
     path = plot_recall_curve(result, tmp_path / "plots" / "recall.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
     assert result["curves"]["itc"]["img"][-1] == 100.0 and len(result["curves"]["itc"]["img"]) == 5
@@ -467,10 +473,12 @@ def test_splits_that_load_images_by_index() -> None:
     torch.manual_seed(4)
     model, split = TinyFused(), make_split(6, seed=4)
     indexed = IndexedSplit(lambda i: split.images[i] * 0.5, 6, split.captions, split.txt2img, split.img2txt)
-    expected = evaluate_retrieval(model, split, lambda image: image * 0.5, k_test=3, progress=False)
-    result = evaluate_retrieval(model, indexed, lambda image: image, k_test=3, progress=False, max_images=4)
+    expected = evaluate_retrieval(model, split, lambda image: image * 0.5, EvalConfig(k_test=3),
+                                  progress=False)
+    result = evaluate_retrieval(model, indexed, lambda image: image, EvalConfig(k_test=3, max_images=4),
+                                progress=False)
     assert result["num_images"] == 4
-    assert evaluate_retrieval(model, indexed, None, k_test=3, progress=False) == expected
+    assert evaluate_retrieval(model, indexed, None, EvalConfig(k_test=3), progress=False) == expected
 
 
 def test_match_score_is_the_log_odds_the_loss_trains() -> None:

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["rank_and_world", "is_main", "barrier", "gather_with_grad", "gather_no_grad", "gather_objects",
-           "all_reduce_mean", "mean_over_ranks", "sync_gradients"]
+           "all_reduce_mean", "mean_over_ranks", "sync_gradients", "shard_rows", "gather_shards"]
 
 
 def _all_gather_single(out: Tensor, x: Tensor) -> None:
@@ -164,3 +165,24 @@ def sync_gradients(parameters: Iterable[nn.Parameter], bucket_elements: int = 1 
             flat /= world
             for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
                 g.copy_(part.view_as(g))
+
+
+def shard_rows(total: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous block of ``range(total)``; block sizes differ by at most one."""
+    return range(rank * total // world, (rank + 1) * total // world)
+
+
+def gather_shards(local: Tensor, total: int) -> Tensor:
+    """Every rank's block (``shard_rows``) of a [total, ...] tensor, concatenated in order (no gradient).
+
+    Blocks are padded to the largest for the all-gather, then the padding is dropped.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return local
+    sizes = [len(shard_rows(total, r, world)) for r in range(world)]
+    if local.shape[0] != sizes[rank]:
+        raise ValueError(f"rank {rank} holds {local.shape[0]} rows; its block of {total} has {sizes[rank]}")
+    padded = F.pad(local, (*([0, 0] * (local.dim() - 1)), 0, max(sizes) - sizes[rank]))
+    gathered = gather_no_grad(padded)
+    return torch.cat([gathered[r * max(sizes):r * max(sizes) + size] for r, size in enumerate(sizes)])

@@ -26,9 +26,8 @@ from vlp.benchmark.files import ImageRefs, image_folder
 from vlp.benchmark.scoring import resolved_precision
 from vlp.benchmark.suite import LinearProbeTask, required_path
 from vlp.benchmark.zeroshot import classification_metrics
-from vlp.collectives import rank_and_world
+from vlp.collectives import gather_shards, rank_and_world, shard_rows
 from vlp.errors import UserError
-from vlp.eval.distributed import gather_shards, shard_rows
 from vlp.eval.retrieval import autocast_context, encode_images, resolve_device
 
 __all__ = ["ProbeData", "load_probe_task", "train_probe", "search_weight_decay", "evaluate_probe_task",

@@ -4,7 +4,7 @@ LAVIS ship, or CLIP_benchmark's webdataset export; ITC, ITM and ITM+ITC columns 
 Every caption of an image is its own text query and any of an image's captions is a hit for the image query
 (the 5-captions-per-image protocol of ALBEF/BLIP and CLIP_benchmark). In one process the images and captions
 are encoded and the ITC top-k re-scored by ITM once per match rule (``itm`` and ``itm+itc`` share the log-odds
-pass); under torchrun ``evaluate_retrieval_sharded`` runs once per score.
+pass); under torchrun ``evaluate_retrieval`` runs once per score.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from vlp.benchmark.files import BytesImages, read_wds, wds_urls
 from vlp.benchmark.scoring import resolved_precision
 from vlp.benchmark.suite import RetrievalTask, required_path
 from vlp.collectives import rank_and_world
+from vlp.config.schema import EvalConfig
 from vlp.data.retrieval_split import RetrievalSplit, load_retrieval_split
 from vlp.errors import UserError
-from vlp.eval.distributed import evaluate_retrieval_sharded
 from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks, with_itc
 from vlp.eval.retrieval import (
     SCORES,
@@ -33,6 +33,7 @@ from vlp.eval.retrieval import (
     chunked_ranks,
     chunked_topk,
     encode_split,
+    evaluate_retrieval,
     recall_metrics,
     resolve_device,
 )
@@ -137,8 +138,9 @@ def evaluate_retrieval_task(split: RetrievalSplitLike, model: Any, transform: An
         else:
             columns = {}
             for score in scores or ("itm",):
-                result = evaluate_retrieval_sharded(model, split, transform, k_test, score, spec.batch_size,
-                                                    spec.precision, target, progress, num_workers=spec.num_workers)
+                config = EvalConfig(k_test=k_test, score=score, batch_size=spec.batch_size, precision=spec.precision)
+                result = evaluate_retrieval(model, split, transform, config, device=target, progress=progress,
+                                            num_workers=spec.num_workers)
                 columns["itc"] = result["itc"]
                 if "itm" in result:
                     columns[score] = result["itm"]

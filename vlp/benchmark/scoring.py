@@ -19,8 +19,7 @@ from torch import Tensor
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from vlp.collectives import rank_and_world
-from vlp.eval.distributed import shard_rows
+from vlp.collectives import rank_and_world, shard_rows
 from vlp.eval.rerank import itm_pair_scores
 from vlp.eval.retrieval import encode_images, encode_texts, resolve_device
 from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ def _image_root(value: str) -> Path:
     return existing_path(value, "directory", "--image-root")
 
 
-def _write(result: dict[str, Any], output: str | None) -> None:
+def _write(result: Mapping[str, Any], output: str | None) -> None:
     text = json.dumps(result, indent=2)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +36,7 @@ def _device(value: str) -> str:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from vlp.config.schema import EvalConfig
     from vlp.config.validate import k_test_for_gallery
     from vlp.data.csv_records import CsvFormat
     from vlp.data.retrieval_split import load_retrieval_split
@@ -48,9 +49,10 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
                                  CsvFormat(args.csv_separator, args.csv_img_key, args.csv_caption_key))
     k_test_for_gallery(args.k_test, name="--k-test")  # before the model loads; a small gallery clamps it
     model = VLPModel.from_pretrained(checkpoint).to(_device(args.device))
-    result = evaluate_retrieval(model, split, model.image_transform(train=False), k_test=args.k_test,
-                                score=args.score, batch_size=args.batch_size, precision=args.precision,
-                                device=_device(args.device), progress=not args.no_progress)
+    config = EvalConfig(k_test=args.k_test, score=args.score, batch_size=args.batch_size, precision=args.precision)
+    result = evaluate_retrieval(model, split, model.image_transform(train=False), config,
+                                device=_device(args.device),
+                                progress=not args.no_progress)
     if args.output:
         plot_recall_curve(result, Path(args.output).with_suffix(".png"))
     _write(result, args.output)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from vlp.data.synthetic import COLORS, SHAPES, ZEROSHOT_TEMPLATES, SceneObject, SyntheticScenes
@@ -27,31 +28,30 @@ def describe(objects: list[SceneObject]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def swapped_colors(objects: list[SceneObject], rng: random.Random) -> list[SceneObject] | None:
-    """The objects with the colors of two of them exchanged, or None when no two differ in color."""
-    pairs = [(a, b) for a in range(len(objects)) for b in range(a + 1, len(objects))
-             if objects[a].color != objects[b].color]
+def _swap_two(objects: list[SceneObject], rng: random.Random, differ: Callable[[SceneObject, SceneObject], bool],
+              exchange: Callable[[SceneObject, SceneObject], SceneObject]) -> list[SceneObject] | None:
+    """Two objects a, b drawn among the pairs that ``differ``, replaced by ``exchange(a, b)`` and
+    ``exchange(b, a)``; None when no pair differs."""
+    pairs = [(a, b) for a in range(len(objects)) for b in range(a + 1, len(objects)) if differ(objects[a], objects[b])]
     if not pairs:
         return None
     a, b = rng.choice(pairs)
     swapped = list(objects)
-    swapped[a] = dataclasses.replace(objects[a], color=objects[b].color)
-    swapped[b] = dataclasses.replace(objects[b], color=objects[a].color)
+    swapped[a], swapped[b] = exchange(objects[a], objects[b]), exchange(objects[b], objects[a])
     return swapped
+
+
+def swapped_colors(objects: list[SceneObject], rng: random.Random) -> list[SceneObject] | None:
+    """The objects with the colors of two of them exchanged, or None when no two differ in color."""
+    return _swap_two(objects, rng, lambda x, y: x.color != y.color,
+                     lambda x, y: dataclasses.replace(x, color=y.color))
 
 
 def swapped_positions(objects: list[SceneObject], rng: random.Random) -> list[SceneObject] | None:
     """The objects with two of them exchanged between their positions (the description keeps its order of
     positions), or None when no two objects differ."""
-    pairs = [(a, b) for a in range(len(objects)) for b in range(a + 1, len(objects))
-             if objects[a].noun != objects[b].noun]
-    if not pairs:
-        return None
-    a, b = rng.choice(pairs)
-    swapped = list(objects)
-    swapped[a] = dataclasses.replace(objects[b], position=objects[a].position, box=objects[a].box)
-    swapped[b] = dataclasses.replace(objects[a], position=objects[b].position, box=objects[b].box)
-    return swapped
+    return _swap_two(objects, rng, lambda x, y: x.noun != y.noun,
+                     lambda x, y: dataclasses.replace(y, position=x.position, box=x.box))
 
 
 def _write_json(path: Path, value: object) -> None:

@@ -8,18 +8,22 @@ Ranks are 0-based: rank r means r gallery items are ranked above the query's bes
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol, cast
+from dataclasses import dataclass
+from typing import Any, NamedTuple, NotRequired, Protocol, TypedDict, cast
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from vlp.collectives import gather_no_grad, gather_shards, rank_and_world, shard_rows
+from vlp.config.schema import EvalConfig
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks, with_itc
+from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.topk import budget_elements, chunked_topk
 from vlp.models.vlp_model import pooled_only_kwargs
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
@@ -314,71 +318,160 @@ class _FirstImages:
 
 
 # ------------------------------------------------------------------------------------------ harness
-def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any, k_test: int = 16,
-                       score: str = "itm", batch_size: int = 128, precision: str = DEFAULT_PRECISION,
-                       device: str | torch.device | None = None, progress: bool = True, max_images: int = 0,
-                       memory_mb: float = 1024, num_workers: int = 0) -> dict[str, Any]:
+DEFAULT_EVAL = EvalConfig()
+
+
+class RetrievalResult(TypedDict):
+    """``evaluate_retrieval``'s result, keys in this order (eval_retrieval.json is its JSON)."""
+
+    itc: dict[str, float]
+    itm: NotRequired[dict[str, float]]
+    curves: dict[str, dict[str, list[float]]]
+    score: str
+    k_test: int
+    num_images: int
+    num_texts: int
+    precision: str
+    k_test_requested: NotRequired[int]
+
+
+@dataclass(frozen=True)
+class _Shards:
+    """This rank's contiguous blocks of the images and the captions; one process is world size 1."""
+
+    rank: int
+    world: int
+
+    def rows(self, total: int) -> range:
+        return shard_rows(total, self.rank, self.world)
+
+    def gather(self, local: Tensor, total: int) -> Tensor:
+        return local if self.world == 1 else gather_shards(local, total)
+
+    def gather_output(self, out: EncoderOutput, total: int) -> EncoderOutput:
+        """Every rank's encoder outputs, padded to the longest sequence of all ranks."""
+        if self.world == 1:
+            return out
+        length = int(gather_no_grad(torch.tensor([out.tokens.shape[1]], device=out.tokens.device)).max())
+        padded = out.padded(length)
+        return EncoderOutput(self.gather(padded.tokens, total), self.gather(padded.mask.to(torch.uint8), total).bool(),
+                             self.gather(out.pooled, total))
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any,
+                       config: EvalConfig = DEFAULT_EVAL, *,
+                       device: str | torch.device | None = None, progress: bool = True, memory_mb: float = 1024,
+                       num_workers: int = 0) -> RetrievalResult:
     """Retrieval metrics of a model on a split: ITC from the full ranking, plus ITM re-ranking when fused.
 
-    ITM (ALBEF/BLIP): each query's top ``k_test`` ITC candidates, in both directions, are re-scored by the
-    head's log-odds (``score="itm"``; see ``vlp.eval.rerank.MATCH_RULES``), by its match logit alone
-    (``"itm_logit"``, as ALBEF and BLIP rank) or by the log-odds plus the ITC cosine (``"itm+itc"``, BLIP's sum). Re-scored
-    candidates rank above all others; the others keep their ITC order, so a ground truth outside the top
-    k keeps its ITC rank. Result: {"itc": metrics, "itm": metrics (fused only), "curves": recall@K lists,
-    "score", "k_test", "num_images", "num_texts", "precision" (what ``auto`` resolved to)}.
+    ``config`` gives ``k_test``, ``score``, ``batch_size``, ``max_images`` and ``precision`` (its other
+    fields are the trainer's). ITM (ALBEF/BLIP): each query's top ``k_test`` ITC candidates, in both
+    directions, are re-scored by the head's log-odds (``score="itm"``; see ``vlp.eval.rerank.MATCH_RULES``),
+    by its match logit alone (``"itm_logit"``, as ALBEF and BLIP rank), or by the log-odds plus the ITC
+    cosine (``"itm+itc"``, BLIP's sum) or logit (``"itm+itc_logit"``; ``vlp.eval.rerank.with_itc``). Re-scored candidates rank above all others; the others keep their ITC order, so a
+    ground truth outside the top k keeps its ITC rank. ``precision`` in the result is what ``auto`` resolved to.
+
+    In a process group this is a collective (every rank passes the same split and gets the same result):
+    rank r encodes block r of the images and of the captions, the embeddings and caption outputs are
+    gathered, each rank ranks its own queries, and each (image, caption) candidate pair is scored by the rank
+    that holds the image, so image tokens never leave their rank. One process is the same path with one
+    block; a split with fewer images or captions than ranks is evaluated whole on every rank.
     """
-    if score not in SCORES:
-        raise UserError(f"eval.score: '{score}' is not one of {', '.join(SCORES)}")
-    if max_images < 0:
-        raise UserError(f"eval.max_images must be >= 0; got {max_images}")
-    target = resolve_device(model, device)
-    precision = resolve_precision(precision, target)
-    autocast = autocast_context(precision, target)
-    if 0 < max_images < split.num_images:
-        split = _FirstImages(split, max_images)
+    if config.score not in SCORES:
+        raise UserError(f"eval.score: '{config.score}' is not one of {', '.join(SCORES)}")
+    if config.max_images < 0:
+        raise UserError(f"eval.max_images must be >= 0; got {config.max_images}")
+    if 0 < config.max_images < split.num_images:
+        split = _FirstImages(split, config.max_images)
     num_images, num_texts = split.num_images, len(split.captions)
     txt2img = _as_index_tensor(split.txt2img, num_images, num_texts)
+    image_positives = _validate_img2txt(split.img2txt, txt2img, num_images)
+    rank, world = rank_and_world()
+    shards = _Shards(rank, world) if min(num_images, num_texts) >= world else _Shards(0, 1)
+    target = resolve_device(model, device)
+    precision = resolve_precision(config.precision, target)
     fused = bool(model.has_fusion)
-    requested = k_test
-    k_test = k_test_for_gallery(k_test, num_images, num_texts, "k_test") if fused else k_test
-
+    k_test = k_test_for_gallery(config.k_test, num_images, num_texts, "k_test") if fused else config.k_test
+    ranking = _Ranking(model, config, autocast_context(precision, target), memory_mb, progress and rank == 0)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            encoded = encode_split(model, split, transform, batch_size, precision, target, progress,
-                                   num_workers=num_workers)
-            image_positives = _validate_img2txt(split.img2txt, txt2img, num_images)
-            result = _score_encoded(model, encoded, image_positives, txt2img[:, None], k_test if fused else 0,
-                                    score, batch_size, autocast, progress, memory_mb)
+        images = Subset(split_images(split, transform), shards.rows(num_images))  # type: ignore[arg-type]
+        recalls, curves = ranking.run(images, list(split.captions), image_positives, txt2img,
+                                      k_test if fused else 0, shards, target, num_workers)
     finally:
         model.train(was_training)
-    result.update(score=score, k_test=k_test, num_images=num_images, num_texts=num_texts, precision=precision)
-    if k_test != requested:  # clamped to a small gallery
-        result["k_test_requested"] = requested
-    return result
+    result = {**recalls, "curves": curves, "score": config.score, "k_test": k_test, "num_images": num_images,
+              "num_texts": num_texts, "precision": precision}
+    if k_test != config.k_test:  # clamped to a small gallery
+        result["k_test_requested"] = config.k_test
+    return cast(RetrievalResult, result)
 
 
-def _score_encoded(model: Any, encoded: EncodedSplit, image_positives: Tensor, text_positives: Tensor,
-                   k_test: int, score: str, batch_size: int, autocast: AutocastFactory, progress: bool,
-                   memory_mb: float) -> dict[str, Any]:
-    """ITC metrics, and ITM re-ranked metrics when ``k_test`` > 0, with their recall curves."""
-    num_images, num_texts = len(encoded.image_emb), len(encoded.text_emb)
-    txt_ranks = chunked_ranks(encoded.image_emb, encoded.text_emb, image_positives, memory_mb)
-    img_ranks = chunked_ranks(encoded.text_emb, encoded.image_emb, text_positives, memory_mb)
-    result: dict[str, Any] = {"itc": recall_metrics(txt_ranks, img_ranks)}
-    curves = {"itc": recall_curves(txt_ranks, img_ranks, num_images, num_texts)}
-    if k_test > 0:
-        assert encoded.image_out is not None and encoded.text_out is not None
-        i2t_sims, i2t_top = chunked_topk(encoded.image_emb, encoded.text_emb, k_test, memory_mb=memory_mb)
-        t2i_sims, t2i_top = chunked_topk(encoded.text_emb, encoded.image_emb, k_test, memory_mb=memory_mb)
-        i2t_scores, t2i_scores = rerank_candidates(model, encoded.image_out, encoded.text_out, i2t_top,
-                                                   t2i_top, batch_size, autocast, progress,
-                                                   match=match_rule_for(score))
-        i2t_scores, t2i_scores = with_itc(score, i2t_scores, i2t_sims, model), with_itc(score, t2i_scores, t2i_sims, model)
-        itm_txt = reranked_ranks(i2t_top, i2t_scores, image_positives, txt_ranks)
-        itm_img = reranked_ranks(t2i_top, t2i_scores, text_positives, img_ranks)
-        result["itm"] = recall_metrics(itm_txt, itm_img)
-        curves["itm"] = recall_curves(itm_txt, itm_img, num_images, num_texts)
-    result["curves"] = curves
-    return result
+@dataclass
+class _Ranking:
+    """ITC ranks of every query and, with ``k`` > 0, their ITM re-ranking, over one rank's blocks."""
+
+    model: Any
+    config: EvalConfig
+    autocast: AutocastFactory
+    memory_mb: float
+    progress: bool
+
+    def run(self, images: ImageDataset, captions: list[str], image_positives: Tensor, txt2img: Tensor, k: int,
+            shards: _Shards, device: torch.device, num_workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """({"itc": metrics, "itm": metrics when k > 0}, the matching recall curves)."""
+        num_images, num_texts = len(image_positives), len(captions)
+        image_rows, text_rows = shards.rows(num_images), shards.rows(num_texts)
+        batch_size = self.config.batch_size
+        image_local, image_out = encode_images(self.model, images, batch_size, num_workers, device, self.autocast,
+                                               k > 0, self.progress)
+        text_local, text_out = encode_texts(self.model, captions[text_rows.start:text_rows.stop], batch_size,
+                                            device, self.autocast, k > 0, self.progress)
+        image_emb, text_emb = shards.gather(image_local, num_images), shards.gather(text_local, num_texts)
+        local_positives = image_positives[image_rows.start:image_rows.stop]
+        txt_local = chunked_ranks(image_local, text_emb, local_positives, self.memory_mb)
+        img_local = chunked_ranks(text_local, image_emb, txt2img[text_rows.start:text_rows.stop, None], self.memory_mb)
+        txt_ranks = shards.gather(txt_local.to(device), num_images).cpu()
+        img_ranks = shards.gather(img_local.to(device), num_texts).cpu()
+        recalls: dict[str, Any] = {"itc": recall_metrics(txt_ranks, img_ranks)}
+        curves = {"itc": recall_curves(txt_ranks, img_ranks, num_images, num_texts)}
+        if k > 0:
+            assert image_out is not None and text_out is not None
+            text_all = shards.gather_output(text_out, num_texts)
+            i2t_top, i2t_scores, t2i_top, t2i_scores = self._rerank(image_out, image_local, text_local, image_emb,
+                                                                    text_emb, text_all, image_rows, shards, k)
+            itm_txt_local = reranked_ranks(i2t_top, i2t_scores, local_positives, txt_local)
+            itm_txt = shards.gather(itm_txt_local.to(device), num_images).cpu()
+            itm_img = reranked_ranks(t2i_top, t2i_scores, txt2img[:, None], img_ranks)
+            recalls["itm"] = recall_metrics(itm_txt, itm_img)
+            curves["itm"] = recall_curves(itm_txt, itm_img, num_images, num_texts)
+        return recalls, curves
+
+    def _rerank(self, image_out: EncoderOutput, image_local: Tensor, text_local: Tensor, image_emb: Tensor,
+                text_emb: Tensor, text_all: EncoderOutput, image_rows: range, shards: _Shards,
+                k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The candidates and re-scores of this rank's image queries [q_local, k] and of every text query [N_txt, k].
+
+        This rank scores its images' candidate captions and every text query's candidates that are its
+        images; the text side's scores are then summed over the ranks (each entry comes from one)."""
+        device, num_texts = image_local.device, len(text_emb)
+        i2t_sims, i2t_top = chunked_topk(image_local, text_emb, k, memory_mb=self.memory_mb)  # [q_local, k]
+        t2i_sims_local, t2i_top_local = chunked_topk(text_local, image_emb, k, memory_mb=self.memory_mb)
+        t2i_sims, t2i_top = shards.gather(t2i_sims_local, num_texts), shards.gather(t2i_top_local, num_texts)
+        mine = (t2i_top >= image_rows.start) & (t2i_top < image_rows.stop)  # [N_txt, k]
+        pair_image = torch.cat([torch.arange(len(image_rows), device=device).repeat_interleave(k),
+                                t2i_top[mine] - image_rows.start])
+        pair_text = torch.cat([i2t_top.reshape(-1), mine.nonzero()[:, 0]])
+        scores = itm_pair_scores(self.model, image_out, text_all, pair_image, pair_text, self.config.batch_size,
+                                 self.autocast, self.progress, match=match_rule_for(self.config.score)).to(device)
+        i2t_scores = scores[:i2t_top.numel()].view_as(i2t_top)
+        t2i_scores = torch.zeros_like(t2i_sims)
+        t2i_scores[mine] = scores[i2t_top.numel():]
+        if shards.world > 1:
+            dist.all_reduce(t2i_scores)
+        score = self.config.score
+        i2t_scores = with_itc(score, i2t_scores, i2t_sims, self.model)
+        t2i_scores = with_itc(score, t2i_scores, t2i_sims, self.model)
+        return i2t_top, i2t_scores, t2i_top, t2i_scores

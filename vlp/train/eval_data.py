@@ -7,6 +7,7 @@ due (retrieval every ``eval.every`` steps, zero-shot every ``eval.zeroshot_every
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -104,25 +105,24 @@ def run_evaluator(config: Config, model: VLPModel, run_dir: Path,
 def _retrieval(config: Config, model: VLPModel, run_dir: Path, dist: DistInfo, final: bool,
                k_test: int) -> dict[str, float]:
     """Retrieval on the run's held-out split; flat ``eval/{itc,itm}/...`` metrics."""
-    from vlp.eval.distributed import evaluate_retrieval_sharded
     from vlp.eval.plots import plot_recall_curve
+    from vlp.eval.retrieval import evaluate_retrieval
 
     split = retrieval_split_for(config, model.image_encoder.image_size)
     if split is None:
         return {}
     e = config.eval
     model.eval()
-    # every rank encodes and ranks its shard; all get the same result (one process: evaluate_retrieval)
-    result = evaluate_retrieval_sharded(model, split, model.image_transform(train=False), k_test=k_test,
-                                        score=e.score, batch_size=e.batch_size, precision=e.precision,
-                                        device=str(dist.device), progress=config.train.progress,
-                                        max_images=e.max_images)
+    # every rank encodes and ranks its shard; all get the same result
+    result = evaluate_retrieval(model, split, model.image_transform(train=False), dataclasses.replace(e,
+                                k_test=k_test),
+                                device=str(dist.device), progress=config.train.progress)
     model.train()
     if final and dist.rank == 0:
         (run_dir / "eval_retrieval.json").write_text(json.dumps(result, indent=2))
         plot_recall_curve(result, run_dir / "plots" / "recall_at_k.png")
-    return {f"eval/{kind}/{name}": float(value) for kind in ("itc", "itm") if kind in result
-            for name, value in result[kind].items()}
+    return {f"eval/{kind}/{name}": float(value) for kind, values in (("itc", result["itc"]), ("itm", result.get("itm")))
+            if values is not None for name, value in values.items()}
 
 
 def _zeroshot(config: Config, model: VLPModel, split: Any, templates: list[str], run_dir: Path, dist: DistInfo,

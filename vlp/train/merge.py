@@ -146,17 +146,19 @@ def _evaluate(checkpoint: Path, data: SweepData) -> dict[str, float]:
                                    progress=False)
         scores["zeroshot_top1"] = float(result["itc_top1"])
     if data.retrieval is not None:
+        from vlp.config.schema import EvalConfig
         from vlp.data.retrieval_split import load_retrieval_split
         from vlp.eval.retrieval import evaluate_retrieval
 
         pairs = load_retrieval_split(data.retrieval, data.image_root)
-        result = evaluate_retrieval(model, pairs, model.image_transform(train=False), k_test=data.k_test,
-                                    batch_size=data.batch_size, precision=data.precision, device=data.device,
-                                    progress=False)
-        for kind in ("itc", "itm"):
-            if kind in result:
-                scores[f"{kind}_img_r1"] = float(result[kind]["img_r1"])  # text -> image
-                scores[f"{kind}_txt_r1"] = float(result[kind]["txt_r1"])  # image -> text
+        config = EvalConfig(k_test=data.k_test, batch_size=data.batch_size, precision=data.precision)
+        retrieval = evaluate_retrieval(model, pairs, model.image_transform(train=False), config,
+                                       device=data.device,
+                                       progress=False)
+        for kind, recalls in (("itc", retrieval["itc"]), ("itm", retrieval.get("itm"))):
+            if recalls is not None:
+                scores[f"{kind}_img_r1"] = float(recalls["img_r1"])  # text -> image
+                scores[f"{kind}_txt_r1"] = float(recalls["txt_r1"])  # image -> text
     if data.vqa is not None:
         from vlp.data.retrieval_split import load_image_file
         from vlp.data.vqa_data import load_vqa
