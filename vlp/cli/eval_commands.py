@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vlp.cli.arguments import add_overwrite, checkpoint_dir, existing_path
+from vlp.config.schema import RERANK_SCORES
 from vlp.errors import UserError
 from vlp.precision import DEFAULT_PRECISION, PRECISIONS
 
@@ -196,7 +197,7 @@ def add_eval_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], 
                      "(.csv/.tsv, see --csv-separator)")
     r.add_argument("--k-test", type=int, default=16, metavar="K",
                    help="candidates per query re-ranked by the ITM head of a fused model (default: %(default)s)")
-    r.add_argument("--score", choices=("itm", "itm_logit", "itm+itc", "itm+itc_logit"), default="itm",
+    r.add_argument("--score", choices=RERANK_SCORES, default="itm",
                    help="re-ranking score: the ITM head's log-odds (logit 1 - logit 0), its match logit alone "
                         "(ALBEF/BLIP), the log-odds + ITC cosine (BLIP's sum), or the log-odds + ITC logit "
                         "(default: %(default)s)")

@@ -202,6 +202,10 @@ class TrainConfig:
     ema_min_decay: float = doc(0.0, "Lower bound of the warmed-up EMA decay (timm's min_decay).")
 
 
+# eval.score's values, in one place for the config check, the CLI and the evaluation (vlp.eval.rerank.with_itc)
+RERANK_SCORES = ("itm", "itm_logit", "itm+itc", "itm+itc_logit")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = doc(0, "Run retrieval eval every N steps (and at the end); 0 = only at the end; -1 = never.")

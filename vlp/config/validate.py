@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from vlp.config.schema import Config, ModelConfig
+from vlp.config.schema import RERANK_SCORES, Config, ModelConfig
 from vlp.errors import ConfigError
 from vlp.precision import PRECISIONS
 
@@ -155,7 +155,7 @@ def validate_config(config: Config) -> None:
     if o.mlm_weight > 0:
         _require(config.model.mlm_head, "objective.mlm_weight", o.mlm_weight, "needs model.mlm_head: true")
     k_test_for_gallery(e.k_test)
-    _choice("eval.score", e.score, ("itm", "itm_logit", "itm+itc", "itm+itc_logit"))
+    _choice("eval.score", e.score, RERANK_SCORES)
     _choice("eval.precision", e.precision, PRECISIONS)
     _choice("eval.weights", e.weights, ("online", "ema", "both"))
     _choice("vqa.head_input", config.vqa.head_input, ("fused", "fused+image"))

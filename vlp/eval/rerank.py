@@ -52,8 +52,8 @@ def with_itc(score: str, itm: Tensor, cosine: Tensor, model: Any) -> Tensor:
     ``itm`` / ``itm_logit``: the ITM score alone; ``itm+itc``: plus the cosine (BLIP's sum);
     ``itm+itc_logit``: plus the ITC logit, logit scale x cosine. Each term is then a log-likelihood of its
     head (the match log-odds; the contrastive log-softmax up to a per-query constant), so their sum ranks by
-    the product of the two heads' evidence: it cannot fall far below the better head when the other one is
-    weak, as the raw cosine, tiny beside a logit, does not protect."""
+    both heads' evidence, where the raw cosine is tiny beside a logit. It does not guarantee a ranking at or
+    above ITC: a match head that is confidently wrong still pulls it down."""
     if score == "itm+itc":
         return itm + cosine
     if score == "itm+itc_logit":
