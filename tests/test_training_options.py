@@ -93,3 +93,23 @@ def test_tensorboard_without_the_package_is_one_error(tmp_path: Path, monkeypatc
     with pytest.raises(UserError, match=r"train.tensorboard: the tensorboard package is not installed; "
                                         r"pip install 'vlp\[tensorboard\]'"):
         pretrain(load_config(DEMO, ["train.max_steps=1", "train.tensorboard=true"]), output_dir=tmp_path / "run")
+
+
+def test_gradient_norm_and_clipping_are_logged_and_coupled_clipping_is_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert load_config(DEMO).optim.grad_clip == 0.0  # no clipping by default, as ALBEF, BLIP and open_clip
+    with caplog.at_level("WARNING", logger="vlp"):
+        run = pretrain(load_config(DEMO), output_dir=tmp_path / "free")
+    steps = [r for r in _records(run) if "loss" in r]
+    assert all(r["grad_norm"] > 0 and r["grad_clipped_fraction"] == 0.0 for r in steps)
+    assert "optim.grad_clip" not in caplog.text
+    with caplog.at_level("WARNING", logger="vlp"):
+        run = pretrain(load_config(DEMO, ["optim.grad_clip=1e-6"]), output_dir=tmp_path / "clipped")
+    steps = [r for r in _records(run) if "loss" in r]
+    assert all(r["grad_norm"] > 1e-6 and r["grad_clipped_fraction"] == 1.0 for r in steps)
+    assert "optim.grad_clip 1e-06 clips the global gradient norm" in caplog.text  # ITC + ITM: the warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlp"):
+        pretrain(load_config(DEMO, ["optim.grad_clip=1e-6", "objective.itm_weight=0"]),
+                 output_dir=tmp_path / "itc_only")
+    assert "optim.grad_clip" not in caplog.text  # one loss: clipping couples nothing

@@ -156,7 +156,7 @@ class OptimConfig:
     weight_decay: float = doc(0.02, "AdamW weight decay (not applied to norms, biases, embeddings, temperature).")
     betas: tuple[float, ...] = doc((0.9, 0.98), "AdamW betas.")
     eps: float = doc(1e-6, "AdamW epsilon.")
-    grad_clip: float = doc(1.0, "Clip the global gradient norm to this value; 0 disables.")
+    grad_clip: float = doc(0.0, "Clip the global gradient norm to this value; 0 disables (as ALBEF, BLIP and open_clip pretrain). With ITM beside a contrastive loss, clipping the global norm also shrinks the steps of the parts only ITM trains (fusion, ITM head) whenever the contrastive gradient is large; grad_norm and grad_clipped_fraction are logged.")
     image_layer_decay: float = doc(1.0, "Layer-wise lr decay of the image tower (BEiT; timm's param_groups_layer_decay): a parameter of layer l gets lr x decay^(max_layer - l), the stem being layer 0, block i layer i + 1 and the final norm part of the last block (max_layer = depth; timm's grouping for timm towers); vlp's projections, the fusion and the heads keep the full lr. 1 = off.")
     text_layer_decay: float = doc(1.0, "Layer-wise lr decay of the text tower, as image_layer_decay. 1 = off.")
     fusion_lr_scale: float = doc(1.0, "Learning-rate multiplier of the cross-modal part: fusion block, image-to-fusion projection and the ITM/MLM/VQA heads (METER trains its cross-modal layers and heads at 5x the towers' lr). 1 = one lr for all.")

@@ -243,6 +243,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=config.train.tensorboard)
     if main:
         log.info(lr_summary(config.optim, effective, lr))
+        _warn_coupled_clipping(config, job.objective)
     if main and state.step == 0:
         metrics.log({"step": 0, "lr_scaled": lr, "lr_given": config.optim.lr, "effective_batch_size": effective,
                      **layer_decay.decay_record(config.optim, optimizer)})
@@ -289,7 +290,8 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                 record = {"step": state.step, "epoch": state.epoch,
                           "lr": scheduler.get_last_lr()[layer_decay.full_lr_index(optimizer)],
                           "samples_per_s": window_samples / max(elapsed, 1e-9),
-                          **faults.data_counts(state, dist), "nonfinite_steps": state.nonfinite_total, **terms_sum}
+                          **faults.data_counts(state, dist), "nonfinite_steps": state.nonfinite_total,
+                          **_gradient_record(state), **terms_sum}
                 if ema is not None:
                     record["ema_decay"] = ema.last_decay
                 metrics.log(record)
@@ -340,5 +342,29 @@ def _optimizer_step(config: Config, model: nn.Module, optimizer: torch.optim.Opt
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
     if not faults.step_is_finite(state, norm):
         return False
+    value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+    state.window_grad_norm += value
+    state.window_clipped += int(value > clip)
+    state.window_steps += 1
     optimizer.step()
     return True
+
+
+def _warn_coupled_clipping(config: Config, objective: Any) -> None:
+    """Global-norm clipping with ITM beside a contrastive loss: say what it does to the ITM-only parts."""
+    if config.optim.grad_clip > 0 and getattr(objective, "use_itm", False) and config.objective.itc_weight > 0:
+        log.warning("optim.grad_clip %g clips the global gradient norm: once the contrastive gradient's norm is "
+                    "far above it, the fusion and ITM head (trained by ITM alone) take steps shrunk by the same "
+                    "factor and ITM can stay at its label prior (ALBEF and BLIP pretrain without clipping: "
+                    "optim.grad_clip 0); grad_norm and grad_clipped_fraction are in metrics.jsonl",
+                    config.optim.grad_clip)
+
+
+def _gradient_record(state: TrainState) -> dict[str, float]:
+    """The logging window's mean pre-clip gradient norm and the fraction of its steps that were clipped;
+    resets the window. Global-norm clipping scales every parameter's step by the same factor, so a large
+    contrastive gradient also shrinks the steps of the parts only ITM trains (fusion, ITM head)."""
+    steps = max(state.window_steps, 1)
+    record = {"grad_norm": state.window_grad_norm / steps, "grad_clipped_fraction": state.window_clipped / steps}
+    state.window_grad_norm, state.window_clipped, state.window_steps = 0.0, 0, 0
+    return record

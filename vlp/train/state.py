@@ -38,6 +38,10 @@ class TrainState:
     bad_examples: list[str] = field(default_factory=list)  # a few paths for the error message
     logged_bad: set[str] = field(default_factory=set)
     samples_seen: int = 0
+    # the logging window's optimizer steps: sum of pre-clip gradient norms, steps whose norm was clipped
+    window_grad_norm: float = 0.0
+    window_clipped: int = 0
+    window_steps: int = 0
 
 
 @dataclass
