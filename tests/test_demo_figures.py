@@ -32,6 +32,23 @@ def test_demo_retrieval_far_above_chance() -> None:
     assert result["itm"]["img_r1"] > 20 * chance
 
 
+def test_demo_match_head_trains_and_re_ranking_beats_itc() -> None:
+    """Issue targets on the demo: ITM leaves its label prior early and ends low, recognises positives, and
+    its re-ranking (the config's eval.score) is at or above the contrastive ranking in both directions."""
+    rows = [json.loads(line) for line in (DEMO / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = {row["step"]: row for row in rows if "itm" in row}
+    early = min(train[step]["itm"] for step in train if step <= 150)
+    result = _retrieval(DEMO)
+    curve = ", ".join(f"{step}: {train[step]['itm']:.3f}" for step in sorted(train) if step % 100 == 0 or step == 140)
+    print(f"demo ITM loss by step: {curve}; itm_acc_pos {train[max(train)]['itm_acc_pos']:.2f}, "
+          f"itm_acc_neg {train[max(train)]['itm_acc_neg']:.2f} at the end")
+    assert early < 0.60
+    assert train[max(train)]["itm"] <= 0.30
+    assert train[max(train)]["itm_acc_pos"] >= 0.8
+    assert result["itm"]["img_r1"] >= result["itc"]["img_r1"]
+    assert result["itm"]["txt_r1"] >= result["itc"]["txt_r1"]
+
+
 def test_vqa_finetune_uses_the_image(tmp_path: Path) -> None:
     """The fine-tuned model beats what the question alone gives on every answer type (the baselines that
     fine-tuning writes beside the score, fitted on the training questions)."""
