@@ -204,7 +204,41 @@ def test_siglip_module_init_and_registry() -> None:
     assert set(out.terms) == {"siglip", "temperature", "bias"}
     out.total.backward()
     assert module.bias.grad is not None and module.log_scale.grad is not None
-    assert losses.get("itc") is ContrastiveLoss and losses.get("siglip") is SigLipLoss
+
+
+def test_losses_registry_holds_functions_of_the_embeddings_scale_and_bias() -> None:
+    image, text = _pair()
+    ids = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6][: image.shape[0]])
+    assert losses.names() == ["itc", "siglip"]
+    assert torch.equal(losses.get("itc")(image, text, 14.0, image_ids=ids), contrastive_loss(image, text, 14.0, image_ids=ids))
+    assert torch.equal(losses.get("siglip")(image, text, 10.0, torch.tensor(-10.0), image_ids=ids),
+                       siglip_loss(image, text, 10.0, -10.0, image_ids=ids))
+    with pytest.raises(ValueError, match="takes no logit bias"):
+        losses.get("itc")(image, text, 14.0, torch.tensor(0.0))
+    with pytest.raises(ValueError, match="needs the model's logit bias"):
+        losses.get("siglip")(image, text, 10.0)
+
+
+@pytest.mark.parametrize("contrastive", ["itc", "siglip"])
+def test_model_owns_its_logit_scale_and_bias_under_the_old_state_dict_keys(contrastive: str) -> None:
+    from vlp.config.io import from_dict
+    from vlp.config.schema import ModelConfig
+    from vlp.layers.logit_scale import LogitScale
+    from vlp.models import build_model
+
+    model = build_model(from_dict(ModelConfig, {
+        "contrastive": contrastive, "temperature": 0.07, "siglip_bias": -10.0, "embed_dim": 16,
+        "image": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 2},
+        "text": {"tokenizer": "synthetic", "width": 32, "depth": 1, "num_heads": 2}, "fusion": {"type": "none"}}))
+    assert isinstance(model.temperature, LogitScale) and model.contrastive == contrastive
+    keys = {k for k in model.state_dict() if k.startswith("temperature.")}
+    assert keys == ({"temperature.log_scale", "temperature.bias"} if contrastive == "siglip"
+                    else {"temperature.log_scale"})
+    assert model.logit_scale().item() == pytest.approx(1 / 0.07)
+    bias = model.logit_bias()
+    assert (bias is None) == (contrastive == "itc")
+    if bias is not None:
+        assert bias.item() == -10.0
 
 
 # ---------------------------------------------------------------- ITM

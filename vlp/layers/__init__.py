@@ -7,6 +7,7 @@ from vlp.layers.blocks import (
     init_cross_modal_weights,
     init_transformer_weights,
 )
+from vlp.layers.logit_scale import LogitScale
 from vlp.layers.mlp import MLP
 
-__all__ = ["Attention", "attention", "attention_by_context", "key_padding_bias", "MLP", "TransformerBlock", "init_transformer_weights", "init_cross_modal_weights", "FUSION_INITS"]
+__all__ = ["Attention", "attention", "attention_by_context", "key_padding_bias", "MLP", "TransformerBlock", "init_transformer_weights", "init_cross_modal_weights", "FUSION_INITS", "LogitScale"]

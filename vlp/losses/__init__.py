@@ -1,7 +1,14 @@
 """Losses: contrastive (ITC, SigLIP), matching (ITM), MLM, momentum distillation (their
 cross-rank gathers are in ``vlp.collectives``)."""
 
-from vlp.losses.contrastive import ContrastiveLoss, SigLipLoss, contrastive_loss, siglip_loss
+from vlp.losses.contrastive import (
+    ContrastiveLoss,
+    SigLipLoss,
+    contrastive_loss,
+    itc_loss,
+    siglip_loss,
+    sigmoid_loss,
+)
 from vlp.losses.distill import FeatureQueue, soft_cross_entropy, soft_targets
 from vlp.losses.matching import (
     NegativeDraw,
@@ -18,6 +25,8 @@ from vlp.losses.vqa import vqa_loss
 __all__ = [
     "contrastive_loss",
     "siglip_loss",
+    "itc_loss",
+    "sigmoid_loss",
     "ContrastiveLoss",
     "SigLipLoss",
     "sample_hard_negatives",

@@ -6,19 +6,17 @@ group they all-gather with gradient; all ranks must hold the same batch size.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlp.collectives import gather_no_grad, gather_with_grad, rank_and_world
-from vlp.errors import UserError
+from vlp.layers.logit_scale import LogitScale
 from vlp.losses.negatives import positive_mask
 from vlp.registry import losses
 from vlp.types import LossOutput
 
-__all__ = ["contrastive_loss", "siglip_loss", "ContrastiveLoss", "SigLipLoss"]
+__all__ = ["contrastive_loss", "siglip_loss", "itc_loss", "sigmoid_loss", "ContrastiveLoss", "SigLipLoss"]
 
 
 def _fp32_unit(x: Tensor) -> Tensor:
@@ -137,42 +135,7 @@ def siglip_loss(
         return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
 
-def _check_temperature(temperature: float, temperature_min: float, temperature_max: float) -> None:
-    if not 0 < temperature_min <= temperature <= temperature_max:
-        raise UserError(
-            f"temperature {temperature} must satisfy 0 < temperature_min ({temperature_min})"
-            f" <= temperature <= temperature_max ({temperature_max})"
-        )
-
-
-class _LogScale(nn.Module):
-    """A log logit scale (= -log temperature) kept within [1/temperature_max, 1/temperature_min]."""
-
-    def __init__(self, temperature: float, temperature_min: float, temperature_max: float, learnable: bool) -> None:
-        super().__init__()
-        _check_temperature(temperature, temperature_min, temperature_max)
-        self.min_log_scale = -math.log(temperature_max)
-        self.max_log_scale = -math.log(temperature_min)
-        value = torch.tensor(-math.log(temperature))
-        if learnable:
-            self.log_scale = nn.Parameter(value)
-        else:
-            self.register_buffer("log_scale", value)
-
-    def logit_scale(self) -> Tensor:
-        """exp of the clamped log scale, i.e. 1/temperature.
-
-        The stored value itself is clamped (as open_clip does after each optimizer step and ALBEF
-        at the start of forward), so an optimizer that overshoots the bound still gets gradients and
-        can move back. Only ``exp`` reads the parameter and it saves its output, not its input, so
-        this in-place clamp is safe even when called several times before one backward.
-        """
-        with torch.no_grad():
-            self.log_scale.clamp_(self.min_log_scale, self.max_log_scale)
-        return self.log_scale.float().exp()
-
-
-class ContrastiveLoss(_LogScale):
+class ContrastiveLoss(LogitScale):
     """Softmax image-text contrastive loss (ITC) with a learnable temperature.
 
     Defaults follow open_clip (temperature 0.07, scale <= 100); ALBEF uses temperature in
@@ -196,7 +159,7 @@ class ContrastiveLoss(_LogScale):
         return LossOutput(loss, {"itc": loss, "temperature": (1 / scale).detach()})
 
 
-class SigLipLoss(_LogScale):
+class SigLipLoss(LogitScale):
     """Sigmoid image-text loss with a learnable temperature and bias.
 
     Defaults follow the SigLIP paper's initialization: log scale ln 10 (temperature 0.1), bias -10.
@@ -210,15 +173,11 @@ class SigLipLoss(_LogScale):
         temperature_max: float = 100.0,
         learnable: bool = True,
     ) -> None:
-        super().__init__(temperature, temperature_min, temperature_max, learnable)
-        value = torch.tensor(float(bias))
-        if learnable:
-            self.bias = nn.Parameter(value)
-        else:
-            self.register_buffer("bias", value)
+        super().__init__(temperature, temperature_min, temperature_max, learnable, bias=bias)
 
     def logit_bias(self) -> Tensor:
         """The learned bias added to every scaled similarity, in fp32."""
+        assert self.bias is not None
         return self.bias.float()
 
     def forward(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None = None) -> LossOutput:
@@ -228,5 +187,25 @@ class SigLipLoss(_LogScale):
         return LossOutput(loss, terms)
 
 
-losses.register("itc")(ContrastiveLoss)
-losses.register("siglip")(SigLipLoss)
+# The ``losses`` registry: a model's ``contrastive`` name -> its loss, a function of the embeddings and the
+# model's logit scale and bias, with one signature for every entry.
+
+
+@losses.register("itc")
+def itc_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | None = None, *,
+             image_ids: Tensor | None = None, text_keys: Tensor | None = None, local_loss: bool = False) -> Tensor:
+    """``contrastive_loss`` under the registry's signature; the softmax ITC has no bias."""
+    if logit_bias is not None:
+        raise ValueError("the softmax ITC loss takes no logit bias (a model with one is a SigLIP model)")
+    return contrastive_loss(image_emb, text_emb, logit_scale, local_loss=local_loss, image_ids=image_ids,
+                            text_keys=text_keys)
+
+
+@losses.register("siglip")
+def sigmoid_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | None = None,
+                 *, image_ids: Tensor | None = None, text_keys: Tensor | None = None,
+                 local_loss: bool = False) -> Tensor:
+    """``siglip_loss`` under the registry's signature (it is always a rank's local share: ``local_loss`` is moot)."""
+    if logit_bias is None:
+        raise ValueError("the SigLIP loss needs the model's logit bias")
+    return siglip_loss(image_emb, text_emb, logit_scale, logit_bias, image_ids=image_ids, text_keys=text_keys)

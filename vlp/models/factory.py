@@ -12,6 +12,7 @@ from vlp.config.io import _read_yaml, from_dict, load_model_dict
 from vlp.config.schema import ModelConfig
 from vlp.config.validate import validate_model_config
 from vlp.errors import ConfigError
+from vlp.layers.logit_scale import LogitScale
 from vlp.models.vlp_model import VLPModel
 from vlp.registry import fusions, image_encoders, text_encoders
 
@@ -38,19 +39,12 @@ def model_config_from(source: str | Path | dict[str, Any] | ModelConfig) -> Mode
     return config
 
 
-def build_temperature(config: ModelConfig) -> nn.Module:
-    """The learnable logit scale (and SigLIP bias) lives with the model so checkpoints carry it."""
-    from vlp.losses import ContrastiveLoss, SigLipLoss
-
-    if config.contrastive == "siglip":
-        return SigLipLoss(temperature=config.temperature, bias=config.siglip_bias, temperature_min=config.temperature_min,
-                          temperature_max=config.temperature_max, learnable=config.learn_temperature)
-    return ContrastiveLoss(
-        temperature=config.temperature,
-        temperature_min=config.temperature_min,
-        temperature_max=config.temperature_max,
-        learnable=config.learn_temperature,
-    )
+def build_temperature(config: ModelConfig) -> LogitScale:
+    """The logit scale (and, for SigLIP, the bias) the model owns, so checkpoints carry them
+    (state-dict keys ``temperature.log_scale``, ``temperature.bias``)."""
+    return LogitScale(temperature=config.temperature, temperature_min=config.temperature_min,
+                      temperature_max=config.temperature_max, learnable=config.learn_temperature,
+                      bias=config.siglip_bias if config.contrastive == "siglip" else None)
 
 
 def _share_text_layers(text_encoder: nn.Module, fusion: nn.Module | None) -> None:

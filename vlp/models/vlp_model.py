@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.encoders.base import ImageEncoder, TextEncoder
+from vlp.layers.logit_scale import LogitScale
 from vlp.models.heads import ITMHead, MLMHead
 from vlp.types import EncoderOutput, FusionOutput
 
@@ -75,7 +76,7 @@ class VLPModel(nn.Module):
         image_encoder: ImageEncoder,
         text_encoder: TextEncoder,
         fusion: nn.Module | None,
-        temperature: nn.Module,
+        temperature: LogitScale,
         embed_dim: int = 256,
         itm_head: bool = True,
         mlm_head: bool = False,
@@ -132,12 +133,17 @@ class VLPModel(nn.Module):
         return self.text_features(input_ids, attention_mask)[1]
 
     def logit_scale(self) -> Tensor:
-        return self.temperature.logit_scale()  # type: ignore[operator,no-any-return]
+        """exp of the learned log scale (1/temperature), fp32."""
+        return self.temperature.logit_scale()
 
     def logit_bias(self) -> Tensor | None:
         """SigLIP's learned bias added to every scaled similarity (fp32); None for the softmax ITC, which has none."""
-        bias = getattr(self.temperature, "logit_bias", None)
-        return bias() if callable(bias) else None  # type: ignore[no-any-return]
+        return self.temperature.logit_bias()
+
+    @property
+    def contrastive(self) -> str:
+        """The ``vlp.registry.losses`` name of this model's contrastive loss: siglip when it owns a bias."""
+        return "itc" if self.temperature.bias is None else "siglip"
 
     def forward(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> VLPOutput:

@@ -25,14 +25,12 @@ from vlp.encoders.patch_dropout import set_patch_dropout
 from vlp.losses import (
     FeatureQueue,
     NegativeDraw,
-    contrastive_loss,
     draw_negatives,
     itm_labels,
     itm_loss,
     itm_pair_weights,
     mask_tokens,
     mlm_loss,
-    siglip_loss,
     soft_cross_entropy,
     text_keys,
 )
@@ -48,6 +46,7 @@ from vlp.objectives.gradcache import (
 from vlp.objectives.itm_stats import ItmStats
 from vlp.objectives.itm_stats import draw_rows as _draw_rows
 from vlp.objectives.teacher import Teacher, load_teacher
+from vlp.registry import losses
 from vlp.types import EncoderOutput, FusionOutput, LossOutput
 
 __all__ = ["PretrainObjective"]
@@ -262,13 +261,10 @@ class PretrainObjective(Objective):
                      momentum: tuple[Tensor, Tensor] | None, keys: Tensor | None = None) -> Tensor:
         model, cfg = self.model, self.config
         keys = keys if cfg.itc_text_positives else None
-        if model.config is not None and model.config.contrastive == "siglip":
-            return siglip_loss(image_emb, text_emb, model.logit_scale(), model.temperature.logit_bias(),  # type: ignore[operator]
-                               image_ids=image_ids, text_keys=keys)
-        if momentum is None:
+        if momentum is None or model.contrastive != "itc":
             # captions of one image are all positives (ALBEF's retrieval fine-tuning uses the same targets)
-            return contrastive_loss(image_emb, text_emb, model.logit_scale(), local_loss=cfg.local_loss,
-                                    image_ids=image_ids, text_keys=keys)
+            return losses.get(model.contrastive)(image_emb, text_emb, model.logit_scale(), model.logit_bias(),
+                                                 image_ids=image_ids, text_keys=keys, local_loss=cfg.local_loss)
         return self._distilled_contrastive(image_emb, text_emb, *momentum, image_ids)
 
     def _distill(self, image_emb: Tensor, text_emb: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:

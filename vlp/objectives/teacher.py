@@ -82,7 +82,7 @@ class Teacher(nn.Module):
 
 def load_teacher(path: str, student: VLPModel) -> Teacher:
     """The teacher checkpoint ``path`` for ``student``; a SigLIP student or teacher is one ConfigError line."""
-    if student.config is not None and student.config.contrastive == "siglip":
+    if student.contrastive == "siglip":
         raise ConfigError("objective.distill_from needs a softmax-ITC student (model.contrastive: itc); "
                           "distilling a SigLIP (sigmoid) model is not supported")
     if not Path(path).is_dir():
@@ -91,7 +91,7 @@ def load_teacher(path: str, student: VLPModel) -> Teacher:
         teacher = VLPModel.from_pretrained(path)
     except UserError as error:
         raise UserError(f"objective.distill_from {path}: {error}") from None
-    if teacher.config.contrastive == "siglip":
+    if teacher.contrastive == "siglip":
         raise ConfigError(f"objective.distill_from {path}: the teacher is a SigLIP model (sigmoid loss); "
                           "distillation needs a softmax-ITC teacher (model.contrastive: itc)")
     encoder = student.image_encoder
