@@ -425,3 +425,72 @@ def test_open_clip_text_pools_at_the_closing_token(tokenizer: Tokenizer) -> None
     last = batch["attention_mask"].sum(1) - 1
     assert batch["input_ids"][torch.arange(3), last].tolist() == [sep] * 3
     torch.testing.assert_close(out.tokens[torch.arange(3), last] @ encoder.text.text_projection, out.pooled)
+
+
+def test_vit_conv_stem_is_timms_conv_stem_with_the_patch_grid() -> None:
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    cfg = ImageEncoderConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, patch_embed="conv_stem")
+    encoder = build_image_encoder(cfg)
+    reference = ConvStem(3, depth=3, channels=(8, 16, 32), stride=(2, 2, 2))
+    reference.load_state_dict(encoder.patch_embed.state_dict())  # same layout, same keys
+    images = torch.randn(4, 3, 32, 32)
+    encoder.eval(), reference.eval()
+    torch.testing.assert_close(encoder.patch_embed(images), reference(images), rtol=0, atol=0)
+    assert encoder(images).tokens.shape == (4, 1 + 16, 32)  # the grid of patch_size 8
+    convs = [m for m in encoder.patch_embed.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.stride, c.kernel_size) for c in convs] == [(8, (2, 2), (3, 3)), (16, (2, 2), (3, 3)),
+                                                                            (32, (2, 2), (3, 3))]
+    encoder.train()
+    _image_loss(encoder, images).backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"patch_size": 6, "image_size": 36}, r"model\.image\.patch_size.*power of 2"),
+    ({"patch_size": 2}, r"model\.image\.patch_size.*power of 2"),
+    ({"width": 34, "num_heads": 2}, r"model\.image\.width.*divisible by patch_size / 2 = 4"),
+    ({"patch_embed": "convs"}, r"model\.image\.patch_embed"),
+    ({"type": "timm", "name": "vit_tiny_patch16_224"}, r"model\.image\.patch_embed.*native vit"),
+])
+def test_vit_conv_stem_config_errors_name_the_key(changes: dict[str, Any], message: str) -> None:
+    from vlp.config.schema import ModelConfig
+    from vlp.config.validate import validate_model_config
+
+    image = {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 2, "patch_embed": "conv_stem"}
+    with pytest.raises(ConfigError, match=message):
+        validate_model_config(ModelConfig(image=ImageEncoderConfig(**{**image, **changes})))
+
+
+def _small_shapes(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """32x32 images holding one 5-pixel square (label 0) or plus sign (1), placed anywhere: smaller than a patch."""
+    images = torch.zeros(count, 3, 32, 32)
+    labels = torch.randint(0, 2, (count,), generator=generator)
+    corners = torch.randint(0, 27, (count, 2), generator=generator).tolist()
+    for image, label, (y, x) in zip(images, labels.tolist(), corners):
+        if label == 0:
+            image[:, y:y + 5, x:x + 5] = 1.0
+        else:
+            image[:, y + 2, x:x + 5] = 1.0
+            image[:, y:y + 5, x + 2] = 1.0
+    return images, labels
+
+
+def test_vit_conv_stem_learns_shapes_smaller_than_a_patch() -> None:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    cfg = ImageEncoderConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, patch_embed="conv_stem")
+    encoder = build_image_encoder(cfg)
+    head = nn.Linear(32, 2)
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=2e-3)
+    for _ in range(150):
+        images, labels = _small_shapes(32, generator)
+        loss = F.cross_entropy(head(encoder(images).pooled), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    encoder.eval()
+    images, labels = _small_shapes(400, generator)
+    with torch.no_grad():
+        accuracy = (head(encoder(images).pooled).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.9  # chance 0.5

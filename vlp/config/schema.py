@@ -45,6 +45,7 @@ class ImageEncoderConfig:
     weights: str = doc("", "Local weights file (.safetensors, .pt, .bin); empty = random init. Never downloads.")
     image_size: int = doc(224, "Input resolution (square).")
     patch_size: int = doc(16, "Patch size (native ViT; passed to timm/open_clip when they accept it).")
+    patch_embed: str = doc("patch", "Native ViT patch embedding: patch (one convolution, kernel = stride = patch_size, as ViT) or conv_stem (log2(patch_size) 3x3 stride-2 convolutions, channels doubling up to width, BatchNorm and ReLU between them: timm's ConvStem, after Xiao et al. 2021, 'Early convolutions help transformers see better'; patch_size a power of 2, at least 4).")
     width: int = doc(768, "Token width of the native ViT.")
     depth: int = doc(12, "Number of transformer blocks of the native ViT.")
     num_heads: int = doc(12, "Attention heads of the native ViT.")

@@ -65,6 +65,16 @@ def validate_model_config(model: ModelConfig, prefix: str = "model") -> None:
                  f"image width {img.width} is not divisible by it")
         _require(img.image_size % img.patch_size == 0, f"{prefix}.image.patch_size", img.patch_size,
                  f"image_size {img.image_size} is not divisible by it")
+        _choice(f"{prefix}.image.patch_embed", img.patch_embed, ("patch", "conv_stem"))  # vlp.encoders.vit
+        if img.patch_embed == "conv_stem":
+            power_of_2 = (img.patch_size & (img.patch_size - 1)) == 0
+            _require(img.patch_size >= 4 and power_of_2, f"{prefix}.image.patch_size", img.patch_size,
+                     "conv_stem needs a power of 2, at least 4")
+            _require(img.width % max(img.patch_size // 2, 1) == 0, f"{prefix}.image.width", img.width,
+                     f"conv_stem needs it divisible by patch_size / 2 = {img.patch_size // 2}")
+    else:
+        _require(img.patch_embed == "patch", f"{prefix}.image.patch_embed", img.patch_embed,
+                 "applies to the native vit encoder only")
     if txt.type == "transformer":
         _require(txt.width % txt.num_heads == 0, f"{prefix}.text.num_heads", txt.num_heads,
                  f"text width {txt.width} is not divisible by it")

@@ -17,7 +17,7 @@ from vlp.layers import TransformerBlock
 from vlp.registry import image_encoders
 from vlp.types import EncoderOutput
 
-__all__ = ["VisionTransformer", "build_vit"]
+__all__ = ["PATCH_EMBEDDINGS", "VisionTransformer", "build_vit", "patch_embedding"]
 
 
 def init_transformer_weights(module: nn.Module) -> None:
@@ -28,12 +28,35 @@ def init_transformer_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+PATCH_EMBEDDINGS = ("patch", "conv_stem")
+
+
+def patch_embedding(kind: str, patch_size: int, width: int) -> nn.Module:
+    """images [b, 3, H, W] -> [b, width, H/p, W/p]: ViT's one strided convolution (``patch``), or a
+    convolutional stem (``conv_stem``, Xiao et al. 2021): log2(p) 3x3 stride-2 convolutions whose channels
+    double up to ``width``, BatchNorm + ReLU between them and none after the last (timm's ConvStem). The
+    stem costs a few percent of a small ViT's step and lets it see shapes smaller than a patch."""
+    if kind == "patch":
+        return nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+    if kind != "conv_stem":
+        raise ValueError(f"unknown patch embedding {kind!r}; choose from {', '.join(PATCH_EMBEDDINGS)}")
+    depth = patch_size.bit_length() - 1
+    if patch_size < 4 or patch_size != 1 << depth or width % (patch_size // 2):
+        raise ValueError(f"conv_stem needs a power-of-2 patch_size >= 4 and a width divisible by patch_size / 2; "
+                         f"got patch_size {patch_size}, width {width}")
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    channels = tuple(width >> (depth - 1 - i) for i in range(depth))
+    return ConvStem(3, depth=depth, channels=channels, stride=(2,) * depth)
+
+
 class VisionTransformer(ImageEncoder):
     """images [b, 3, H, W] -> tokens [b, 1 + (H/p)(W/p), width] (CLS first, after the final norm); pooled = CLS."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD, eps: float = 1e-6) -> None:
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD, eps: float = 1e-6,
+                 patch_embed: str = "patch") -> None:
         super().__init__()
         if image_size % patch_size != 0:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
@@ -41,7 +64,7 @@ class VisionTransformer(ImageEncoder):
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
         num_patches = (image_size // patch_size) ** 2
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = patch_embedding(patch_embed, patch_size, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, width))
         self.drop = nn.Dropout(dropout)
@@ -86,9 +109,12 @@ def build_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
         raise ConfigError(f"image.width {cfg.width} is not divisible by image.num_heads {cfg.num_heads}")
     if cfg.options:
         raise ConfigError(f"image.options {sorted(cfg.options)} are not used by the native vit encoder")
-    encoder = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads,
-                                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, mean=cfg.mean, std=cfg.std,
-                                eps=cfg.layer_norm_eps)
+    try:
+        encoder = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads,
+                                    mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, mean=cfg.mean, std=cfg.std,
+                                    eps=cfg.layer_norm_eps, patch_embed=cfg.patch_embed)
+    except ValueError as error:  # the size checks above leave only the patch embedding's
+        raise ConfigError(f"image.patch_embed: {error}") from None
     if cfg.weights:
         from vlp.encoders.timm_encoder import load_weights, read_weights
 
