@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from vlp.layers import MLP, Attention, TransformerBlock, attention, init_transformer_weights, key_padding_bias
+from vlp.layers import (
+    MLP,
+    Attention,
+    Rows,
+    SharedContext,
+    TransformerBlock,
+    attention,
+    init_transformer_weights,
+    key_padding_bias,
+)
 
 B, H, N, M, D = 3, 4, 6, 9, 8
 
@@ -104,7 +113,7 @@ def test_attention_cached_key_value_equals_context() -> None:
     x, context = torch.randn(B, N, 16), torch.randn(B, M, 12)
     keys, values = module.key_value(context)
     assert keys.shape == (B, 4, M, 4)
-    torch.testing.assert_close(module(x, kv=(keys, values))[0], module(x, context=context)[0])
+    torch.testing.assert_close(module(x, shared=SharedContext(kv=(keys, values)))[0], module(x, context=context)[0])
 
 
 def test_attention_rejects_indivisible_width() -> None:
@@ -137,7 +146,7 @@ def test_block_weights_path_and_cached_kv_equal_plain_forward(pre_norm: bool) ->
     assert weights["self"].shape == (B, 4, N, N) and weights["cross"].shape == (B, 4, N, M)
     torch.testing.assert_close(weights["cross"].sum(-1), torch.ones(B, 4, N))
     assert block.cross_attn is not None
-    cached = block(x, mask, context_mask=context_mask, context_kv=block.cross_attn.key_value(context))
+    cached = block(x, mask, context_mask=context_mask, shared=SharedContext(kv=block.cross_attn.key_value(context)))
     torch.testing.assert_close(cached, plain)
 
 
@@ -229,15 +238,15 @@ def test_block_first_only_equals_first_row_of_full_forward(pre_norm: bool) -> No
     x, context = torch.randn(3, 6, 16, generator=gen), torch.randn(3, 5, 16, generator=gen)
     mask, context_mask = _key_mask([6, 3, 1], 6), _key_mask([5, 2, 4], 5)
     full = block(x, mask, context, context_mask)
-    first = block(x, mask, context, context_mask, first_only=True)
+    first = block(x, mask, context, context_mask, rows=Rows.first())
     assert first.shape == (3, 1, 16)
     torch.testing.assert_close(first[:, 0], full[:, 0], atol=1e-5, rtol=1e-5)
     # the first row still attends to the others: changing the later real tokens changes it
     x2 = x.clone()
     x2[0, 1:] = torch.randn(5, 16, generator=gen)
-    assert (block(x2, mask, context, context_mask, first_only=True) - first).abs().max() > 1e-4
+    assert (block(x2, mask, context, context_mask, rows=Rows.first()) - first).abs().max() > 1e-4
     with pytest.raises(ValueError, match="causal"):
-        block(x, mask, causal=True, first_only=True)
+        block(x, mask, causal=True, rows=Rows.first())
 
 
 def test_attention_by_context_equals_per_row_copies_with_gradients() -> None:
@@ -263,6 +272,6 @@ def test_attention_by_context_equals_per_row_copies_with_gradients() -> None:
         torch.testing.assert_close(shared, reference, atol=1e-6, rtol=1e-5)
     block = Attention(16, 2)
     with pytest.raises(ValueError, match="indexed"):
-        block(torch.randn(7, 3, 16), kv=(keys, values), context_index=index, return_weights=True)
+        block(torch.randn(7, 3, 16), shared=SharedContext(kv=(keys, values), index=index), return_weights=True)
     with pytest.raises(ValueError, match="needs a context"):
-        block(torch.randn(7, 3, 16), context_index=index)
+        block(torch.randn(7, 3, 16), shared=SharedContext(index=index))

@@ -33,7 +33,7 @@ from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, reranked_ranks
 from vlp.eval.retrieval import autocast_context, encode_texts, resolve_device
 from vlp.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classifier
-from vlp.models.vlp_model import pooled_only_kwargs
+from vlp.models.vlp_model import image_features_of
 
 __all__ = ["ZeroShotData", "load_zeroshot_task", "evaluate_zeroshot_task", "classification_metrics"]
 
@@ -186,8 +186,7 @@ def evaluate_zeroshot_task(data: ZeroShotData, model: Any, transform: Any, spec:
             if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
                 raise UserError(f"a label is outside the {num_classes} classes ({data.prompts['classnames']})")
             with autocast():
-                image_out, emb = model.image_features(batch["image"].to(target),
-                                                      **pooled_only_kwargs(model.image_features, not rerank_k))
+                image_out, emb = image_features_of(model, batch["image"].to(target), pooled_only=not rerank_k)
             scores = F.normalize(emb.float(), dim=-1) @ classifier.T  # [b, c]
             truth = labels.to(target)[:, None]
             ranks = ((scores >= scores.gather(1, truth)).sum(dim=1) - 1).cpu()  # ties: pessimistic

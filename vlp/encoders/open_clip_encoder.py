@@ -40,6 +40,12 @@ from torch import Tensor, nn
 from vlp.config.schema import ImageEncoderConfig, TextEncoderConfig
 from vlp.data.tokenizers import Tokenizer
 from vlp.encoders.base import ImageEncoder, TextEncoder
+from vlp.encoders.open_clip_rows import (
+    image_pooled_row,
+    image_row_supported,
+    text_pooled_row,
+    text_row_supported,
+)
 from vlp.encoders.timm_encoder import feature_tokens, load_weights, read_weights
 from vlp.errors import ConfigError, UserError, one_line
 from vlp.registry import image_encoders, text_encoders
@@ -141,56 +147,11 @@ def _end_token_pooling(tokenizer: Tokenizer) -> dict[str, Any]:
     return {"pool_type": "eos", "eos_id": end_id}
 
 
-def _plain_blocks(transformer: Any) -> bool:
-    """Whether an open_clip Transformer is batch-first plain ResidualAttentionBlocks (self-attention only),
-    the form ``_run_to_rows`` reproduces."""
-    from open_clip.transformer import ResidualAttentionBlock
-
-    blocks = list(transformer.resblocks)
-    return bool(blocks) and bool(getattr(transformer, "batch_first", False)) and all(
-        type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv") for block in blocks)
-
-
-def _run_to_rows(transformer: Any, x: Tensor, rows: Tensor, causal: bool) -> Tensor:
-    """open_clip's Transformer over x [b, n, d] whose last block computes only row ``rows[b]`` of each
-    sequence -> [b, 1, d] (its attention still reads every key; ``causal``: the keys up to that row).
-    The same operations as ResidualAttentionBlock.forward, for the rows a pooled embedding reads."""
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = list(transformer.resblocks)
-    steps = x.shape[1]
-    full_mask = None
-    if causal:  # open_clip's additive causal mask, built as in TextTransformer.build_causal_mask
-        full_mask = torch.full((steps, steps), float("-inf"), device=x.device).triu(1)
-    for block in blocks[:-1]:
-        if transformer.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block, x, None, None, full_mask, use_reentrant=False)
-        else:
-            x = block(x, attn_mask=full_mask)
-    last = blocks[-1]
-    row_mask = None
-    if causal:  # [b * heads, 1, n]: each query row sees the keys up to its position
-        hidden = torch.arange(steps, device=x.device)[None, :] > rows[:, None]
-        row_mask = torch.zeros(hidden.shape, device=x.device).masked_fill(hidden, float("-inf"))
-        row_mask = row_mask.repeat_interleave(last.attn.num_heads, dim=0)[:, None, :]
-
-    def last_block(x: Tensor) -> Tensor:
-        batch = torch.arange(x.shape[0], device=x.device)
-        normed = last.ln_1(x)
-        query = normed[batch, rows].unsqueeze(1)
-        out = x[batch, rows].unsqueeze(1) + last.ls_1(last.attention(q_x=query, k_x=normed, v_x=normed,
-                                                                     attn_mask=row_mask))
-        return out + last.ls_2(last.mlp(last.ln_2(out)))  # type: ignore[no-any-return]
-
-    if transformer.grad_checkpointing and torch.is_grad_enabled():
-        return checkpoint(last_block, x, use_reentrant=False)  # type: ignore[no-any-return]
-    return last_block(x)
-
-
 class OpenClipImageEncoder(ImageEncoder):
     """An open_clip visual tower (VisionTransformer, TimmModel or ModifiedResNet) kept as ``self.visual``."""
 
     visual: Any  # open_clip modules are untyped
+    computes_pooled_only = True  # ViT towers pooling the class token (vlp.encoders.open_clip_rows)
 
     def __init__(self, visual: Any, embed_dim: int, image_size: int,
                  mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -220,11 +181,8 @@ class OpenClipImageEncoder(ImageEncoder):
         """``pooled_only`` (ViT towers pooling the class token): the last block computes only that row (a dual
         encoder's ITC reads nothing else); ``tokens`` then hold it [b, 1, width]."""
         visual = self.visual
-        if (pooled_only and self.kind == "vit" and visual.attn_pool is None and not visual.final_ln_after_pool
-                and visual.pool_type == "tok" and _plain_blocks(visual.transformer)):
-            x = visual._embeds(images)
-            tokens = visual.ln_post(_run_to_rows(visual.transformer, x, x.new_zeros(x.shape[0], dtype=torch.long),
-                                                 causal=False))
+        if pooled_only and image_row_supported(visual):
+            tokens = image_pooled_row(visual, images)
             pooled = tokens[:, 0] if visual.proj is None else tokens[:, 0] @ visual.proj
             return EncoderOutput(tokens, tokens.new_ones(tokens.shape[:2], dtype=torch.bool), pooled)
         if self.kind == "vit":
@@ -257,6 +215,7 @@ class OpenClipTextEncoder(TextEncoder):
     """An open_clip ``TextTransformer`` kept as ``self.text`` (state-dict keys ``text.*`` as in CustomTextCLIP)."""
 
     text: Any  # open_clip modules are untyped
+    computes_pooled_only = True  # causal towers pooling at one token (vlp.encoders.open_clip_rows)
 
     def __init__(self, text: Any) -> None:
         super().__init__()
@@ -286,9 +245,10 @@ class OpenClipTextEncoder(TextEncoder):
         length = input_ids.shape[1]
         if length > text.context_length:
             raise ValueError(f"{length} tokens exceed the open_clip context length {text.context_length}")
-        if (pooled_only and not self.bidirectional and text.pool_type in ("argmax", "eos", "first")
-                and _plain_blocks(text.transformer)):
-            return self._pooled_row(input_ids)
+        if pooled_only and text_row_supported(text):
+            tokens = text_pooled_row(text, input_ids)
+            pooled = self._project(tokens[:, 0])
+            return EncoderOutput(tokens, tokens.new_ones(tokens.shape[:2], dtype=torch.bool), pooled)
         ids = input_ids
         if self.full_context and length < text.context_length:
             ids = F.pad(input_ids, (0, text.context_length - length), value=text.pad_id)
@@ -299,31 +259,14 @@ class OpenClipTextEncoder(TextEncoder):
         causal = None if text.attn_mask is None else text.attn_mask[:steps, :steps].to(x.dtype)
         x = text.ln_final(text.transformer(x, attn_mask=causal))
         pooled = text_global_pool(x, ids, text.pool_type, eos_token_id=text.eos_id)
-        if isinstance(text.text_projection, nn.Linear):
-            pooled = text.text_projection(pooled)
-        elif text.text_projection is not None:
-            pooled = pooled @ text.text_projection
-        return EncoderOutput(tokens=x[:, :length], mask=mask, pooled=pooled)
+        return EncoderOutput(tokens=x[:, :length], mask=mask, pooled=self._project(pooled))
 
-    def _pooled_row(self, ids: Tensor) -> EncoderOutput:
-        text = self.text
-        if text.pool_type == "argmax":  # CLIP's BPE: EOT is the largest id
-            rows = ids.argmax(dim=-1)
-        elif text.pool_type == "eos":
-            rows = (ids == text.eos_id).int().argmax(dim=-1)
-        else:
-            rows = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-        steps = int(rows.max()) + 1  # causal: later positions cannot reach any pooled row
-        ids = ids[:, :steps]
-        cast_dtype = text.transformer.get_cast_dtype()
-        x = text.token_embedding(ids).to(cast_dtype) + text.positional_embedding[:steps].to(cast_dtype)
-        tokens = text.ln_final(_run_to_rows(text.transformer, x, rows, causal=True))
-        pooled = tokens[:, 0]
-        if isinstance(text.text_projection, nn.Linear):
-            pooled = text.text_projection(pooled)
-        elif text.text_projection is not None:
-            pooled = pooled @ text.text_projection
-        return EncoderOutput(tokens, tokens.new_ones(tokens.shape[:2], dtype=torch.bool), pooled)
+    def _project(self, pooled: Tensor) -> Tensor:
+        """The tower's text projection (a Linear or a matrix), if any."""
+        projection = self.text.text_projection
+        if isinstance(projection, nn.Linear):
+            return projection(pooled)  # type: ignore[no-any-return]
+        return pooled if projection is None else pooled @ projection
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.set_grad_checkpointing(enable)

@@ -27,7 +27,7 @@ from vlp.data.tokenizers import Tokenizer
 from vlp.encoders.base import TextEncoder
 from vlp.encoders.vit import init_transformer_weights
 from vlp.errors import ConfigError
-from vlp.layers import TransformerBlock
+from vlp.layers import Rows, TransformerBlock
 from vlp.registry import text_encoders
 from vlp.types import EncoderOutput
 
@@ -55,6 +55,8 @@ def pool_tokens(tokens: Tensor, mask: Tensor, pooling: str) -> Tensor:
 
 class TextTransformer(TextEncoder):
     """input_ids [b, t], attention_mask [b, t] -> tokens [b, t, width], pooled [b, width]."""
+
+    computes_pooled_only = True
 
     def __init__(self, vocab_size: int, max_length: int, width: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False, pooling: str = "cls",
@@ -105,7 +107,7 @@ class TextTransformer(TextEncoder):
         if length > self.max_length:
             raise ValueError(f"{length} tokens exceed the encoder's max_length {self.max_length}")
         mask = attention_mask.bool()
-        only_rows = None
+        pooled_rows = None
         if (pooled_only and self.pooling != "mean" and self.fusion_layers is None and self.fusion_first_token is None
                 and len(self.blocks)):
             # Columns after every row's last real token (fixed-length padding, e.g. CLIP's 77) can reach no
@@ -114,15 +116,15 @@ class TextTransformer(TextEncoder):
             if len(real_columns):
                 keep = int(real_columns.max()) + 1
                 input_ids, mask = input_ids[:, :keep], mask[:, :keep]
-            only_rows = _pooled_position(mask, self.pooling)
+            pooled_rows = Rows.at(_pooled_position(mask, self.pooling))
         x = self._embed(input_ids)
         for index, block in enumerate(self.blocks):
-            rows = only_rows if index == len(self.blocks) - 1 else None
+            rows = pooled_rows if index == len(self.blocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, causal=self.causal, only_rows=rows, use_reentrant=False)
+                x = checkpoint(block, x, mask, causal=self.causal, rows=rows, use_reentrant=False)
             else:
-                x = block(x, mask, causal=self.causal, only_rows=rows)
-        if only_rows is not None:
+                x = block(x, mask, causal=self.causal, rows=rows)
+        if pooled_rows is not None:
             tokens = self.final_norm(x)
             return EncoderOutput(tokens=tokens, mask=tokens.new_ones(tokens.shape[:2], dtype=torch.bool),
                                  pooled=tokens[:, 0])

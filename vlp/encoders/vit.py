@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from vlp.config.schema import CLIP_MEAN, CLIP_STD, ImageEncoderConfig
 from vlp.encoders.base import ImageEncoder
 from vlp.errors import ConfigError
-from vlp.layers import TransformerBlock
+from vlp.layers import Rows, TransformerBlock
 from vlp.registry import image_encoders
 from vlp.types import EncoderOutput
 
@@ -53,6 +53,8 @@ def patch_embedding(kind: str, patch_size: int, width: int) -> nn.Module:
 class VisionTransformer(ImageEncoder):
     """images [b, 3, H, W] -> tokens [b, 1 + (H/p)(W/p), width] (CLS first, after the final norm); pooled = CLS."""
 
+    computes_pooled_only = True
+
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.0,
                  mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD, eps: float = 1e-6,
@@ -88,11 +90,11 @@ class VisionTransformer(ImageEncoder):
         cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
         x = self.patch_drop(self.drop(torch.cat([cls, patches], dim=1) + self.pos_embed))
         for index, block in enumerate(self.blocks):
-            first_only = pooled_only and index == len(self.blocks) - 1
+            rows = Rows.first() if pooled_only and index == len(self.blocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, first_only=first_only, use_reentrant=False)
+                x = checkpoint(block, x, rows=rows, use_reentrant=False)
             else:
-                x = block(x, first_only=first_only)
+                x = block(x, rows=rows)
         tokens = self.norm(x)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return EncoderOutput(tokens=tokens, mask=mask, pooled=tokens[:, 0])

@@ -25,7 +25,7 @@ from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
 from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.topk import budget_elements, chunked_topk
-from vlp.models.vlp_model import pooled_only_kwargs
+from vlp.models.vlp_model import image_features_of, text_features_of
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
 
@@ -257,8 +257,7 @@ def encode_images(model: Any, dataset: Any, batch_size: int, num_workers: int, d
     for images in tqdm(image_loader(dataset, batch_size, num_workers, device), desc="encode images",
                        disable=not progress):
         with autocast():
-            out, emb = model.image_features(images.to(device, non_blocking=True),
-                                            **pooled_only_kwargs(model.image_features, not keep))
+            out, emb = image_features_of(model, images.to(device, non_blocking=True), pooled_only=not keep)
         # Cosine similarity is what ITC ranks by, whatever the model returns.
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
@@ -274,8 +273,8 @@ def encode_texts(model: Any, captions: Sequence[str], batch_size: int, device: t
     for start in tqdm(range(0, len(captions), batch_size), desc="encode texts", disable=not progress):
         batch = model.tokenizer(list(captions[start:start + batch_size]), max_length=max_text_length(model))
         with autocast():
-            out, emb = model.text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                           **pooled_only_kwargs(model.text_features, not keep))
+            out, emb = text_features_of(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                        pooled_only=not keep)
         embs.append(F.normalize(emb.float(), dim=-1))
         if keep:
             outs.append(out)

@@ -2,7 +2,8 @@
 
 Registered in ``vlp.registry.fusions`` as ``builder(cfg: FusionConfig, dim: int) -> nn.Module | None``:
 ``none`` (dual encoder, returns None), ``single_stream`` (ViLT), ``dual_stream`` (ALBEF one-way when
-``cfg.update_image`` is False, METER co-attention when True).
+``cfg.update_image`` is False, METER co-attention when True). Both blocks are ``Fusion`` subclasses, which
+declare their speed-only abilities (``vlp.fusion.base``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from torch import nn
 
 from vlp.config.schema import FusionConfig
 from vlp.errors import ConfigError
+from vlp.fusion.base import Fusion
 from vlp.fusion.dual_stream import DualStreamFusion
 from vlp.fusion.none import build_no_fusion
 from vlp.fusion.single_stream import SingleStreamFusion
 from vlp.registry import fusions
 
-__all__ = ["SingleStreamFusion", "DualStreamFusion", "build_fusion"]
+__all__ = ["Fusion", "SingleStreamFusion", "DualStreamFusion", "build_fusion"]
 
 
 def _check_shape(cfg: FusionConfig, dim: int) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlp.fusion.single_stream import LAYER_NORM_EPS, as_bool_mask, check_fusion_inputs, transformer_blocks
-from vlp.layers import Attention, TransformerBlock, init_cross_modal_weights
+from vlp.fusion.base import LAYER_NORM_EPS, Fusion, as_bool_mask, check_fusion_inputs, transformer_blocks
+from vlp.layers import Attention, Rows, SharedContext, TransformerBlock, init_cross_modal_weights
 from vlp.types import FusionOutput
 
 __all__ = ["DualStreamFusion"]
@@ -21,7 +21,7 @@ def _cross_attention(layer: TransformerBlock) -> Attention:
     return layer.cross_attn
 
 
-class DualStreamFusion(nn.Module):
+class DualStreamFusion(Fusion):
     """Post-norm BERT layers: self-attention, cross-attention to the other stream, FFN.
 
     ``update_image=True`` (METER co-attention): both streams have layers, and each layer's cross-attention
@@ -31,7 +31,10 @@ class DualStreamFusion(nn.Module):
     tokens, which are returned unchanged; ``pooled`` = the text [CLS] state, ``out_dim`` = ``dim``.
     ``image_dim`` (one-way only): the image tokens' width when it differs from ``dim``; the cross-attention
     keys and values then project from it directly, as BLIP's (vision 1024, text 768 in its large models).
+    Declares ``computes_pooled_only``, and ``shares_image_context()`` in the one-way form only.
     """
+
+    computes_pooled_only = True
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  update_image: bool = True, image_dim: int | None = None, init: str = "xavier") -> None:
@@ -60,13 +63,17 @@ class DualStreamFusion(nn.Module):
         for layer in transformer_blocks(self.text_layers) + transformer_blocks(self.image_layers):
             layer.grad_checkpointing = enable
 
+    def shares_image_context(self) -> bool:
+        """One-way only: co-attention changes the image states in every layer."""
+        return not self.update_image
+
     def image_kv(self, image: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Each text layer's cross-attention keys and values [b, h, i, d] for image tokens [b, i, dim].
 
         Computed once per image, they are passed as ``forward(image_kv=...)``, with ``image_index`` naming each
         text row's image.
         """
-        if self.update_image:
+        if not self.shares_image_context():
             raise ValueError("image_kv needs DualStreamFusion(update_image=False): co-attention changes the "
                              "image states in every layer")
         return [_cross_attention(layer).key_value(image) for layer in transformer_blocks(self.text_layers)]
@@ -86,7 +93,7 @@ class DualStreamFusion(nn.Module):
         """
         check_fusion_inputs(self.dim, text, image, text_mask, image_mask, self.image_dim, image_index)
         text_mask, image_mask = as_bool_mask(text_mask), as_bool_mask(image_mask)
-        if (image_kv is not None or image_index is not None) and self.update_image:
+        if (image_kv is not None or image_index is not None) and not self.shares_image_context():
             raise ValueError("image_kv and image_index need DualStreamFusion(update_image=False): co-attention "
                              "changes the image states in every layer")
         if image_kv is not None:
@@ -97,11 +104,12 @@ class DualStreamFusion(nn.Module):
         attentions: list[dict[str, Tensor]] = []
         layers = transformer_blocks(self.text_layers)
         for index, layer in enumerate(layers):
-            kv = image_kv[index] if image_kv is not None else None
+            shared = None
+            if image_kv is not None or image_index is not None:
+                shared = SharedContext(kv=None if image_kv is None else image_kv[index], index=image_index)
+            rows = Rows.first() if pooled_only and index == len(layers) - 1 else None
             text, weights = layer.forward_with_weights(text, text_mask, context=image, context_mask=image_mask,
-                                                       return_weights=return_attention, context_kv=kv,
-                                                       first_only=pooled_only and index == len(layers) - 1,
-                                                       context_index=image_index)
+                                                       return_weights=return_attention, rows=rows, shared=shared)
             if return_attention:
                 attentions.append({"text_self": weights["self"], "text_to_image": weights["cross"]})
         return FusionOutput(text=text, image=image, pooled=text[:, 0],
@@ -121,13 +129,11 @@ class DualStreamFusion(nn.Module):
         pairs = list(zip(transformer_blocks(self.text_layers), transformer_blocks(self.image_layers)))
         for index, (text_layer, image_layer) in enumerate(pairs):
             # Both streams read the other's states from the previous layer, as in METER.
-            first_only = pooled_only and index == len(pairs) - 1
+            rows = Rows.first() if pooled_only and index == len(pairs) - 1 else None
             new_text, text_weights = text_layer.forward_with_weights(
-                text, text_mask, context=image, context_mask=image_mask, return_weights=return_attention,
-                first_only=first_only)
+                text, text_mask, context=image, context_mask=image_mask, return_weights=return_attention, rows=rows)
             new_image, image_weights = image_layer.forward_with_weights(
-                image, image_mask, context=text, context_mask=text_mask, return_weights=return_attention,
-                first_only=first_only)
+                image, image_mask, context=text, context_mask=text_mask, return_weights=return_attention, rows=rows)
             text, image = new_text, new_image
             if return_attention:
                 attentions.append({

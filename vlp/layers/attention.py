@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vlp.layers.options import SharedContext
+
 __all__ = ["Attention", "attention", "attention_by_context", "key_padding_bias"]
 
 
@@ -138,21 +140,16 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None, causal: bool = False,
-        return_weights: bool = False, kv: tuple[Tensor, Tensor] | None = None, context_index: Tensor | None = None,
+        return_weights: bool = False, shared: SharedContext | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``kv``: cached ``key_value(context)``, used instead of ``context``. ``context_index`` [b]: the
-        context holds g shared sequences and row b reads ``context_index[b]`` (``attention_by_context``;
-        ``key_mask`` [g, m] is then per context): their keys/values are projected once, never per row."""
+        """x [b, n, dim] attends to ``context`` [b, m, context_dim] (None = to itself). ``shared``: a context
+        prepared earlier, its cached keys/values used instead of ``context``; with ``shared.index`` row b
+        reads context ``shared.index[b]`` (``key_mask`` [g, m] is then per context), see ``SharedContext``."""
+        if shared is not None and shared.index is not None:
+            out = self._attend_by_context(x, context, key_mask, causal, return_weights, shared.index, shared.kv)
+            return out, None
+        kv = None if shared is None else shared.kv
         dropout = self.dropout if self.training else 0.0
-        if context_index is not None:
-            if return_weights or causal:
-                raise ValueError("indexed (shared) contexts support neither attention weights nor causal masks")
-            if context is None and kv is None:
-                raise ValueError("context_index needs a context or its cached keys/values")
-            q = self.split_heads(self.q(x))
-            keys, values = kv if kv is not None else self.key_value(context)  # type: ignore[arg-type]
-            out = attention_by_context(q, keys, values, context_index, key_mask, dropout=dropout)
-            return self.proj(rearrange(out, "b h n d -> b n (h d)")), None
         if context is None and kv is None and self.k.in_features == self.q.in_features:
             q, k, v = rearrange(_joint_linear(x, (self.q, self.k, self.v)), "b n (three h d) -> three b h n d",
                                 three=3, h=self.num_heads)
@@ -161,3 +158,17 @@ class Attention(nn.Module):
             k, v = kv if kv is not None else self.key_value(x if context is None else context)
         out, weights = attention(q, k, v, key_mask, causal=causal, dropout=dropout, return_weights=return_weights)
         return self.proj(rearrange(out, "b h n d -> b n (h d)")), weights
+
+    def _attend_by_context(self, x: Tensor, context: Tensor | None, key_mask: Tensor | None, causal: bool,
+                           return_weights: bool, index: Tensor, kv: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Rows reading g shared contexts by ``index`` (``attention_by_context``): their keys/values are
+        projected once (or are the cached ``kv``), never per row."""
+        if return_weights or causal:
+            raise ValueError("indexed (shared) contexts support neither attention weights nor causal masks")
+        if context is None and kv is None:
+            raise ValueError("a SharedContext index needs a context or its cached keys/values")
+        q = self.split_heads(self.q(x))
+        keys, values = kv if kv is not None else self.key_value(context)  # type: ignore[arg-type]
+        dropout = self.dropout if self.training else 0.0
+        out = attention_by_context(q, keys, values, index, key_mask, dropout=dropout)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # type: ignore[no-any-return]

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlp.layers.attention import Attention
 from vlp.layers.mlp import MLP
+from vlp.layers.options import Rows, SharedContext
 
 __all__ = ["TransformerBlock", "init_transformer_weights", "init_cross_modal_weights", "FUSION_INITS"]
 
@@ -56,12 +57,12 @@ def _all_rows(x: Tensor) -> Tensor:
     return x
 
 
-def _picker(only_rows: Tensor) -> Callable[[Tensor], Tensor]:
-    """x [b, n, d] -> [b, 1, d], row ``only_rows[b]`` of each sequence (a slice when it is the first row)."""
-    if only_rows.device.type == "cpu" and not bool(only_rows.any()):
+def _picker(positions: Tensor) -> Callable[[Tensor], Tensor]:
+    """x [b, n, d] -> [b, 1, d], row ``positions[b]`` of each sequence (a slice when it is the first row)."""
+    if positions.device.type == "cpu" and not bool(positions.any()):
         return lambda x: x[:, :1]
-    batch = torch.arange(only_rows.shape[0], device=only_rows.device)
-    return lambda x: x[batch, only_rows].unsqueeze(1)
+    batch = torch.arange(positions.shape[0], device=positions.device)
+    return lambda x: x[batch, positions].unsqueeze(1)
 
 
 class TransformerBlock(nn.Module):
@@ -95,61 +96,54 @@ class TransformerBlock(nn.Module):
         return norm(kept + fn(x))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, causal: bool = False,
-                context_kv: tuple[Tensor, Tensor] | None = None, first_only: bool = False,
-                only_rows: Tensor | None = None, context_index: Tensor | None = None) -> Tensor:
-        """x [b, n, dim]; mask bool [b, n]; context [b, m, context_dim] with context_mask bool [b, m];
-        ``context_kv`` = ``cross_attn.key_value(context)`` computed earlier, used instead of ``context``.
-        ``context_index`` [b]: the context (or its cached keys/values) holds g shared sequences [g, m, ...] and
-        row b reads ``context_index[b]``; ``context_mask`` is then [g, m] (see ``Attention.forward``).
+                context_mask: Tensor | None = None, causal: bool = False, rows: Rows | None = None,
+                shared: SharedContext | None = None) -> Tensor:
+        """x [b, n, dim]; mask bool [b, n]; context [b, m, context_dim] with context_mask bool [b, m].
 
-        ``first_only``: compute only the first token's output [b, 1, dim] (its self-attention still reads every
-        token) — what a last layer needs when only the [CLS] state is used (ITM scoring). ``only_rows`` [b]:
-        likewise one row per sequence, row ``only_rows[b]`` (e.g. the EOS token a causal text tower pools).
+        Speed-only options (``vlp.layers.options``): ``rows`` = compute only those rows [b, 1, dim] (each still
+        attends to every token); ``shared`` = the cross-attention's context prepared earlier (cached
+        ``cross_attn.key_value(context)`` used instead of ``context``, and/or an index naming the shared context
+        each row reads; ``context_mask`` is then [g, m]).
         """
-        return self.forward_with_weights(x, mask, context, context_mask, causal, context_kv=context_kv,
-                                         first_only=first_only, only_rows=only_rows, context_index=context_index)[0]
+        return self.forward_with_weights(x, mask, context, context_mask, causal, rows=rows, shared=shared)[0]
 
     def forward_with_weights(
         self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
         context_mask: Tensor | None = None, causal: bool = False, return_weights: bool = False,
-        context_kv: tuple[Tensor, Tensor] | None = None, first_only: bool = False, only_rows: Tensor | None = None,
-        context_index: Tensor | None = None,
+        rows: Rows | None = None, shared: SharedContext | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """As ``forward``; with ``return_weights`` also the attention weights [b, h, n, m] under
         ``"self"`` and ``"cross"`` (explicit attention path instead of SDPA)."""
-        if first_only and causal:
-            raise ValueError("first_only needs non-causal attention (the first token would see only itself)")
-        if first_only:
-            only_rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        if rows is not None and rows.is_first and causal:
+            raise ValueError("Rows.first() needs non-causal attention (the first token would see only itself)")
+        positions = None if rows is None else rows.positions(x)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             out: tuple[Tensor, dict[str, Tensor]] = checkpoint(
-                self._forward, x, mask, context, context_mask, causal, return_weights, context_kv, only_rows,
-                context_index, use_reentrant=False,
+                self._forward, x, mask, context, context_mask, causal, return_weights, positions, shared,
+                use_reentrant=False,
             )
             return out
-        return self._forward(x, mask, context, context_mask, causal, return_weights, context_kv, only_rows,
-                             context_index)
+        return self._forward(x, mask, context, context_mask, causal, return_weights, positions, shared)
 
     def _forward(
         self, x: Tensor, mask: Tensor | None, context: Tensor | None, context_mask: Tensor | None,
-        causal: bool, return_weights: bool, context_kv: tuple[Tensor, Tensor] | None, only_rows: Tensor | None = None,
-        context_index: Tensor | None = None,
+        causal: bool, return_weights: bool, positions: Tensor | None, shared: SharedContext | None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``positions`` [b]: the one row of each sequence to compute (``Rows.positions``); None = all."""
         weights: dict[str, Tensor] = {}
         rows: Callable[[Tensor], Tensor] = _all_rows
         self_mask = mask
-        if only_rows is not None:
-            rows = _picker(only_rows)
+        if positions is not None:
+            rows = _picker(positions)
             if causal:  # one query at position p under a causal mask: the keys up to p
-                positions = torch.arange(x.shape[1], device=x.device)
-                self_mask = positions[None, :] <= only_rows[:, None]
+                steps = torch.arange(x.shape[1], device=x.device)
+                self_mask = steps[None, :] <= positions[:, None]
                 self_mask = self_mask if mask is None else self_mask & mask.bool()
                 causal = False
 
         def self_attend(h: Tensor) -> Tensor:
-            # only_rows: one query row attending to the same keys/values as in the full layer
-            out, w = self.attn(rows(h), context=None if only_rows is None else h, key_mask=self_mask, causal=causal,
+            # a row subset: those query rows attend to the same keys/values as in the full layer
+            out, w = self.attn(rows(h), context=None if positions is None else h, key_mask=self_mask, causal=causal,
                                return_weights=return_weights)
             if w is not None:
                 weights["self"] = w
@@ -157,11 +151,12 @@ class TransformerBlock(nn.Module):
 
         x = self._residual(x, self.norm1, self_attend, rows)
         cross, norm_cross = self.cross_attn, self.norm_cross
-        if cross is not None and norm_cross is not None and (context is not None or context_kv is not None):
+        has_context = context is not None or (shared is not None and shared.kv is not None)
+        if cross is not None and norm_cross is not None and has_context:
 
             def cross_attend(h: Tensor) -> Tensor:
                 out, w = cross(h, context=context, key_mask=context_mask, return_weights=return_weights,
-                               kv=context_kv, context_index=context_index)
+                               shared=shared)
                 if w is not None:
                     weights["cross"] = w
                 return self.drop(out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.encoders.base import ImageEncoder, TextEncoder
+from vlp.fusion.base import computes_pooled_only, shares_image_context
 from vlp.layers.logit_scale import LogitScale
 from vlp.models.heads import ITMHead, MLMHead
 from vlp.types import EncoderOutput, FusionOutput
 
-__all__ = ["VLPModel", "VLPOutput", "ImageContext", "pooled_only_kwargs"]
+__all__ = ["VLPModel", "VLPOutput", "ImageContext", "image_features_of", "text_features_of"]
 
 
 @dataclass
@@ -54,18 +54,22 @@ class ImageContext:
         return ImageContext(self.tokens[index], self.mask[index], kv)
 
 
-def pooled_only_kwargs(target: nn.Module | Any, wanted: bool) -> dict[str, bool]:
-    """``{"pooled_only": True}`` when wanted and ``target`` (a module's forward, or a method such as a model's
-    ``image_features``) takes it: user-registered encoders, fusion blocks and protocol-compatible models
-    need not."""
-    if not wanted:
-        return {}
-    function = type(target).forward if isinstance(target, nn.Module) else target
-    try:
-        accepts = "pooled_only" in inspect.signature(function).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        return {}
-    return {"pooled_only": True} if accepts else {}
+def image_features_of(model: Any, images: Tensor, pooled_only: bool = False) -> tuple[EncoderOutput, Tensor]:
+    """``model.image_features(images)`` of a ``VLPModel`` or any model with that method; ``pooled_only``
+    (only the embedding is read) reaches a ``VLPModel``, which declares it; other models need not take it."""
+    if pooled_only and isinstance(model, VLPModel):
+        return model.image_features(images, pooled_only=True)
+    features: tuple[EncoderOutput, Tensor] = model.image_features(images)
+    return features
+
+
+def text_features_of(model: Any, input_ids: Tensor, attention_mask: Tensor,
+                     pooled_only: bool = False) -> tuple[EncoderOutput, Tensor]:
+    """As ``image_features_of`` for ``model.text_features(input_ids, attention_mask)``."""
+    if pooled_only and isinstance(model, VLPModel):
+        return model.text_features(input_ids, attention_mask, pooled_only=True)
+    features: tuple[EncoderOutput, Tensor] = model.text_features(input_ids, attention_mask)
+    return features
 
 
 class VLPModel(nn.Module):
@@ -115,15 +119,15 @@ class VLPModel(nn.Module):
     def image_features(self, images: Tensor, pooled_only: bool = False) -> tuple[EncoderOutput, Tensor]:
         """The encoder output (for fusion) and the L2-normalized fp32 contrastive embedding.
 
-        ``pooled_only``: the caller needs only the embedding (no fusion), so an encoder that supports it
-        computes just the pooled row in its last block (its ``tokens`` are then partial)."""
-        out = self.image_encoder(images, **pooled_only_kwargs(self.image_encoder, pooled_only))
+        ``pooled_only``: the caller needs only the embedding (no fusion), so an encoder that declares
+        ``computes_pooled_only`` computes just the pooled row in its last block (its ``tokens`` are then partial)."""
+        out = self.image_encoder.encode(images, pooled_only=pooled_only)
         return out, F.normalize(self.image_proj(out.pooled).float(), dim=-1)
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor,
                       pooled_only: bool = False) -> tuple[EncoderOutput, Tensor]:
         """As ``image_features`` for text."""
-        out = self.text_encoder(input_ids, attention_mask.bool(), **pooled_only_kwargs(self.text_encoder, pooled_only))
+        out = self.text_encoder.encode(input_ids, attention_mask.bool(), pooled_only=pooled_only)
         return out, F.normalize(self.text_proj(out.pooled).float(), dim=-1)
 
     def encode_image(self, images: Tensor) -> Tensor:
@@ -181,33 +185,36 @@ class VLPModel(nn.Module):
 
     def fuse(self, text_out: EncoderOutput, image_out: EncoderOutput, return_attention: bool = False,
              pooled_only: bool = False) -> FusionOutput:
-        """Fuse aligned rows. ``pooled_only``: only ``pooled`` is needed (ITM), so a fusion block that
-        supports it computes just the [CLS] rows in its last layer; its ``text``/``image`` are then partial."""
-        fusion = self._require_fusion()
+        """Fuse aligned rows. ``pooled_only``: only ``pooled`` is needed (ITM), so a fusion block that declares
+        ``computes_pooled_only`` computes just the [CLS] rows in its last layer; its ``text``/``image`` are then
+        partial."""
         image_tokens = self.image_to_fusion(image_out.tokens)
-        result: FusionOutput = fusion(text_out.tokens, image_tokens, text_out.mask, image_out.mask,
-                                      return_attention=return_attention, **self._pooled_only(pooled_only))
-        return result
+        return self._fusion(text_out.tokens, image_tokens, text_out.mask, image_out.mask, pooled_only,
+                            return_attention=return_attention)
 
     def fuse_indexed(self, text_out: EncoderOutput, image_out: EncoderOutput, index: Tensor,
                      pooled_only: bool = False) -> FusionOutput:
         """Fuse text row b with image row ``index[b]`` of ``image_out`` (e.g. ITM positives and negatives that
-        reuse a batch's images). A one-way fusion projects each distinct image's cross-attention keys/values
-        once and shares them across its rows; other blocks get the selected rows."""
-        fusion = self._require_fusion()
-        image_kv = getattr(fusion, "image_kv", None)
-        if not callable(image_kv) or getattr(fusion, "update_image", True):
-            picked = image_out.select(index)
-            return self.fuse(text_out, picked, pooled_only=pooled_only)
+        reuse a batch's images). A fusion that declares ``shares_image_context()`` (one-way) projects each
+        distinct image's cross-attention keys/values once and shares them across its rows; other blocks get
+        the selected rows."""
+        if not shares_image_context(self._require_fusion()):
+            return self.fuse(text_out, image_out.select(index), pooled_only=pooled_only)
         used, inverse = torch.unique(index, return_inverse=True)
         tokens = self.image_to_fusion(image_out.tokens[used])
-        fused: FusionOutput = fusion(text_out.tokens, tokens, text_out.mask, image_out.mask[used],
-                                     image_index=inverse, **self._pooled_only(pooled_only))
+        fused = self._fusion(text_out.tokens, tokens, text_out.mask, image_out.mask[used], pooled_only,
+                             image_index=inverse)
         # one-way fusion returns the image tokens unchanged: each row's own
         return FusionOutput(fused.text, tokens[inverse], fused.pooled, fused.attentions)
 
-    def _pooled_only(self, wanted: bool) -> dict[str, bool]:
-        return pooled_only_kwargs(self._require_fusion(), wanted)
+    def _fusion(self, text: Tensor, image: Tensor, text_mask: Tensor, image_mask: Tensor, pooled_only: bool,
+                **options: Any) -> FusionOutput:
+        """The fusion block's forward; ``pooled_only`` reaches it only when it declares it."""
+        fusion = self._require_fusion()
+        if pooled_only and computes_pooled_only(fusion):
+            options["pooled_only"] = True
+        result: FusionOutput = fusion(text, image, text_mask, image_mask, **options)
+        return result
 
     def itm_scores(self, fused: FusionOutput) -> Tensor:
         if self.itm_head is None:
@@ -225,22 +232,19 @@ class VLPModel(nn.Module):
     def image_context(self, image_out: EncoderOutput) -> ImageContext:
         fusion = self._require_fusion()
         tokens = self.image_to_fusion(image_out.tokens)
-        image_kv = getattr(fusion, "image_kv", None)
-        kv = image_kv(tokens) if callable(image_kv) and not getattr(fusion, "update_image", True) else None
+        kv = fusion.image_kv(tokens) if shares_image_context(fusion) else None
         return ImageContext(tokens, image_out.mask, kv)
 
     def itm_logits_from(self, text_out: EncoderOutput, context: ImageContext, index: Tensor) -> Tensor:
         """Match logits pairing text row b with gallery image ``index[b]`` of a precomputed context."""
-        fusion = self._require_fusion()
-        kwargs: dict[str, Any] = self._pooled_only(True)
         if context.kv is None:
             picked = context.select(index)
-            fused = fusion(text_out.tokens, picked.tokens, text_out.mask, picked.mask, **kwargs)
+            fused = self._fusion(text_out.tokens, picked.tokens, text_out.mask, picked.mask, True)
         else:
             # The cached keys/values stay shared: each row reads its image's by index (no per-pair copy of
             # [pairs, heads, image tokens, head dim]).
-            fused = fusion(text_out.tokens, context.tokens, text_out.mask, context.mask, image_kv=context.kv,
-                           image_index=index, **kwargs)
+            fused = self._fusion(text_out.tokens, context.tokens, text_out.mask, context.mask, True,
+                                 image_kv=context.kv, image_index=index)
         return self.itm_scores(fused)
 
     # construction / persistence ---------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlp.collectives import gather_no_grad, rank_and_world, sync_gradients
 from vlp.config.schema import ObjectiveConfig
+from vlp.encoders.base import ImageEncoder, TextEncoder
 from vlp.encoders.patch_dropout import set_patch_dropout
 from vlp.losses import (
     FeatureQueue,
@@ -35,7 +36,7 @@ from vlp.losses import (
     text_keys,
 )
 from vlp.losses.mlm import IGNORE_INDEX
-from vlp.models.vlp_model import VLPModel, pooled_only_kwargs
+from vlp.models.vlp_model import VLPModel
 from vlp.objectives.base import Objective
 from vlp.objectives.gradcache import (
     RngSnapshot,
@@ -280,9 +281,10 @@ class PretrainObjective(Objective):
         assert self.momentum is not None
         mom = self.momentum
         # the momentum towers give ITC targets only: their last blocks compute just the pooled rows
-        image_encoder, text_encoder = mom["image_encoder"], mom["text_encoder"]
-        image_out = image_encoder(images, **pooled_only_kwargs(image_encoder, True))
-        text_out = text_encoder(ids, mask, **pooled_only_kwargs(text_encoder, True))
+        image_encoder = cast(ImageEncoder, mom["image_encoder"])
+        text_encoder = cast(TextEncoder, mom["text_encoder"])
+        image_out = image_encoder.encode(images, pooled_only=True)
+        text_out = text_encoder.encode(ids, mask, pooled_only=True)
         image_m = F.normalize(mom["image_proj"](image_out.pooled).float(), dim=-1)
         text_m = F.normalize(mom["text_proj"](text_out.pooled).float(), dim=-1)
         return image_m, text_m
