@@ -47,6 +47,11 @@ def k_test_for_gallery(k_test: int, num_images: int | None = None, num_texts: in
     return k_test
 
 
+def conv_stem_fits_patch(patch_size: int) -> bool:
+    """A stem of stride-2 convolutions reaches a patch size that is a power of 2, at least 4."""
+    return patch_size >= 4 and (patch_size & (patch_size - 1)) == 0
+
+
 def validate_model_config(model: ModelConfig, prefix: str = "model") -> None:
     img, txt, fus = model.image, model.text, model.fusion
     for key, value in [
@@ -67,8 +72,7 @@ def validate_model_config(model: ModelConfig, prefix: str = "model") -> None:
                  f"image_size {img.image_size} is not divisible by it")
         _choice(f"{prefix}.image.patch_embed", img.patch_embed, ("patch", "conv_stem"))  # vlp.encoders.vit
         if img.patch_embed == "conv_stem":
-            power_of_2 = (img.patch_size & (img.patch_size - 1)) == 0
-            _require(img.patch_size >= 4 and power_of_2, f"{prefix}.image.patch_size", img.patch_size,
+            _require(conv_stem_fits_patch(img.patch_size), f"{prefix}.image.patch_size", img.patch_size,
                      "conv_stem needs a power of 2, at least 4")
             _require(img.width % max(img.patch_size // 2, 1) == 0, f"{prefix}.image.width", img.width,
                      f"conv_stem needs it divisible by patch_size / 2 = {img.patch_size // 2}")

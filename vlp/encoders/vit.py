@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vlp.config.schema import CLIP_MEAN, CLIP_STD, ImageEncoderConfig
+from vlp.config.validate import conv_stem_fits_patch
 from vlp.encoders.base import ImageEncoder
 from vlp.errors import ConfigError
 from vlp.layers import Rows, TransformerBlock
@@ -40,12 +41,12 @@ def patch_embedding(kind: str, patch_size: int, width: int) -> nn.Module:
         return nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
     if kind != "conv_stem":
         raise ValueError(f"unknown patch embedding {kind!r}; choose from {', '.join(PATCH_EMBEDDINGS)}")
-    depth = patch_size.bit_length() - 1
-    if patch_size < 4 or patch_size != 1 << depth or width % (patch_size // 2):
+    if not conv_stem_fits_patch(patch_size) or width % (patch_size // 2):
         raise ValueError(f"conv_stem needs a power-of-2 patch_size >= 4 and a width divisible by patch_size / 2; "
                          f"got patch_size {patch_size}, width {width}")
     from timm.models.vision_transformer_hybrid import ConvStem
 
+    depth = patch_size.bit_length() - 1
     channels = tuple(width >> (depth - 1 - i) for i in range(depth))
     return ConvStem(3, depth=depth, channels=channels, stride=(2,) * depth)
 
