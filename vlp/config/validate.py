@@ -153,6 +153,8 @@ def validate_config(config: Config) -> None:
     _require(0 < o.mlm_probability < 1, "objective.mlm_probability", o.mlm_probability, "must be in (0, 1)")
     _require(0 <= o.momentum < 1, "objective.momentum", o.momentum, "must be in [0, 1)")
     _require(o.queue_size >= 0, "objective.queue_size", o.queue_size, "must be >= 0")
+    _require(o.itm_negative_pool >= 0, "objective.itm_negative_pool", o.itm_negative_pool, "must be >= 0")
+    _require(o.itm_pool_start >= 0, "objective.itm_pool_start", o.itm_pool_start, "must be >= 0")
     _choice("objective.negative_exclusion", o.negative_exclusion, NEGATIVE_EXCLUSIONS)
     _require(not (o.itc_text_positives and o.momentum > 0), "objective.itc_text_positives", o.itc_text_positives,
              "is not supported with objective.momentum > 0 (the feature queue keeps image ids only)")
@@ -166,6 +168,8 @@ def validate_config(config: Config) -> None:
         _require(o.itm_weight == 0 or not config.model.itm_head, "objective.itm_weight", o.itm_weight,
                  "ITM needs a fusion block (leave it out: it then follows the model; or set it to 0)")
         _require(o.mlm_weight == 0, "objective.mlm_weight", o.mlm_weight, "MLM needs a fusion block")
+        _require(o.itm_negative_pool == 0, "objective.itm_negative_pool", o.itm_negative_pool,
+                 "the ITM negative pool needs ITM, which needs a fusion block")
     if o.mlm_weight > 0:
         _require(config.model.mlm_head, "objective.mlm_weight", o.mlm_weight, "needs model.mlm_head: true")
     k_test_for_gallery(e.k_test)

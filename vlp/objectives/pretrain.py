@@ -46,6 +46,7 @@ from vlp.objectives.gradcache import (
 )
 from vlp.objectives.itm_stats import ItmStats
 from vlp.objectives.itm_stats import draw_rows as _draw_rows
+from vlp.objectives.negative_pool import NegativePool
 from vlp.objectives.teacher import Teacher, load_teacher
 from vlp.registry import losses
 from vlp.types import EncoderOutput, FusionOutput, LossOutput
@@ -77,6 +78,8 @@ class PretrainObjective(Objective):
         if config.patch_dropout > 0:
             set_patch_dropout(model.image_encoder, config.patch_dropout)
         self.teacher: Teacher | None = load_teacher(config.distill_from, model) if config.distill_from else None
+        self.pool = NegativePool(config.itm_negative_pool) if self.use_itm and config.itm_negative_pool > 0 else None
+        self.optimizer_steps = 0  # counted for objective.itm_pool_start; saved with the pool
         self.momentum: nn.ModuleDict | None = None
         self.queue: FeatureQueue | None = None
         if config.momentum > 0:
@@ -96,6 +99,9 @@ class PretrainObjective(Objective):
             state.update({f"momentum.{k}": v for k, v in self.momentum.state_dict().items()})
         if self.queue is not None:
             state.update({f"queue.{k}": v for k, v in self.queue.state_dict().items()})
+        if self.pool is not None:
+            state.update({f"itm_pool.{k}": v for k, v in self.pool.state_dict().items()})
+            state["itm_pool.optimizer_steps"] = torch.tensor(self.optimizer_steps)
         return state
 
     def load_extra_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -103,6 +109,10 @@ class PretrainObjective(Objective):
             self.momentum.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("momentum.")})
         if self.queue is not None:
             self.queue.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("queue.")})
+        if self.pool is not None:
+            pool_state = {k[9:]: v for k, v in state.items() if k.startswith("itm_pool.")}
+            self.optimizer_steps = int(pool_state.pop("optimizer_steps", torch.tensor(0)))
+            self.pool.load_state_dict(pool_state)
 
     # the step ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], scale: float = 1.0) -> LossOutput:
@@ -118,6 +128,7 @@ class PretrainObjective(Objective):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        self.optimizer_steps += 1
         if self.momentum is None:
             return
         m = self.config.momentum
@@ -141,8 +152,12 @@ class PretrainObjective(Objective):
         if self.use_itm:
             draw = self._negatives(image_emb, text_emb, image_ids, keys)
             text_all, image_all = gather_tokens(text_out), gather_tokens(image_out)
+            if self._pool_active():
+                assert self.pool is not None
+                draw, text_all, image_all = self.pool.extend(model, draw, image_all.tokens.shape[0], text_all, image_all)
             negatives = (text_all.select(draw.text), image_all.select(draw.image))
             shared = (image_all, draw.image, rank_and_world()[0] * image_out.tokens.shape[0])
+            self._remember(batch, image_ids, keys, image_emb, text_emb)
         terms.update(self._fused_terms(text_out, image_out, negatives, masked_out, labels,
                                        shared if self.use_itm else None, draw, stats=stats))
         total = self._weighted(terms)
@@ -211,6 +226,12 @@ class PretrainObjective(Objective):
             cached_text = gather_tokens(EncoderOutput.cat(text_outs), with_grad=False)
             cached_image = gather_tokens(EncoderOutput.cat(image_outs), with_grad=False)
             offset = rank_and_world()[0] * batch_size
+            if self._pool_active():
+                assert self.pool is not None
+                with self.autocast():
+                    draw, cached_text, cached_image = self.pool.extend(model, draw, cached_image.tokens.shape[0],
+                                                                       cached_text, cached_image)
+            self._remember(batch, image_ids, keys, image_leaf, text_leaf)
         selected = 1 if labels is None else max(int((labels != IGNORE_INDEX).sum()), 1)
         for rows, snapshot in zip(chunks, snapshots):
             with self.autocast():
@@ -323,17 +344,40 @@ class PretrainObjective(Objective):
     def _negatives(self, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None,
                    keys: Tensor | None) -> NegativeDraw:
         """A negative text per image row and a negative image per text row (indices into the gathered
-        batch), drawn from the global contrastive similarities under ``objective.negative_exclusion``."""
+        batch, then the negative pool's rows when it is in use), drawn from the contrastive similarities
+        under ``objective.negative_exclusion``."""
         cfg = self.config
         scale = self.model.logit_scale()
-        image_all, text_all = gather_no_grad(image_emb), gather_no_grad(text_emb)
+        image_all, text_all = gather_no_grad(image_emb.float()), gather_no_grad(text_emb.float())
+        columns = len(image_all)
         all_ids = gather_no_grad(image_ids) if image_ids is not None else None
         all_keys = gather_no_grad(keys) if keys is not None else None
-        cos_i2t, cos_t2i = (image_emb @ text_all.T).float(), (text_emb @ image_all.T).float()
+        if self._pool_active():
+            assert self.pool is not None
+            pool = self.pool.candidates()
+            image_all, text_all = torch.cat([image_all, pool.image_emb]), torch.cat([text_all, pool.text_emb])
+            batch_ids = all_ids if all_ids is not None else torch.arange(columns, device=image_all.device)
+            all_ids = torch.cat([batch_ids, pool.image_ids])
+            all_keys = torch.cat([all_keys, pool.text_keys]) if all_keys is not None and pool.text_keys is not None \
+                else None
+        cos_i2t, cos_t2i = (image_emb.float() @ text_all.T), (text_emb.float() @ image_all.T)
         margin = cfg.negative_margin * float(scale) if cfg.negative_margin >= 0 else None
         return draw_negatives(cos_i2t * scale, cos_t2i * scale, image_ids=all_ids, text_keys=all_keys,
                               exclusion=cfg.negative_exclusion, margin=margin, generator=self.generator,
-                              hard=cfg.hard_negatives)
+                              hard=cfg.hard_negatives, row_offset=rank_and_world()[0] * image_emb.shape[0])
+
+    def _pool_active(self) -> bool:
+        """Whether this step's ITM negatives are mined from the pool too: training, past
+        ``objective.itm_pool_start`` optimizer steps, and something in it."""
+        return (self.pool is not None and self.training and len(self.pool) > 0
+                and self.optimizer_steps >= self.config.itm_pool_start)
+
+    def _remember(self, batch: dict[str, Tensor], image_ids: Tensor | None, keys: Tensor | None,
+                  image_emb: Tensor, text_emb: Tensor) -> None:
+        """Put this step's local pairs in the negative pool (after they were mined against it)."""
+        if self.pool is not None and self.training:
+            self.pool.add(batch["images"], batch["input_ids"], batch["attention_mask"], image_ids, keys,
+                          image_emb, text_emb)
 
     def _text_features(self, ids: Tensor, mask: Tensor, masked: Tensor | None
                        ) -> tuple[EncoderOutput, Tensor, EncoderOutput | None]:
