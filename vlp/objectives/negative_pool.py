@@ -79,23 +79,24 @@ class NegativePool:
             part["attention_mask"] = _pad_to(part["attention_mask"], length, False)
         self.tensors = {k: torch.cat([new[k], self.tensors[k]])[:self.size] for k in new}
 
-    @torch.no_grad()
     def extend(self, model: VLPModel, draw: NegativeDraw, columns: int, text_all: EncoderOutput,
                image_all: EncoderOutput) -> tuple[NegativeDraw, EncoderOutput, EncoderOutput]:
         """Append the drawn pool rows (draw indices >= ``columns``, the gathered batch size) to the gathered
         outputs, each distinct row encoded once by the current towers without gradient, and point the draw
-        at them."""
+        at them. The gathered rows keep their gradient."""
         t = self.tensors
         text_draw, image_draw = draw.text.clone(), draw.image.clone()
         text_pool, image_pool = text_draw >= columns, image_draw >= columns
         if text_pool.any():
             rows, slot = torch.unique(text_draw[text_pool] - columns, return_inverse=True)
-            out, _ = model.text_features(t["input_ids"][rows], t["attention_mask"][rows])
+            with torch.no_grad():
+                out, _ = model.text_features(t["input_ids"][rows], t["attention_mask"][rows])
             text_draw[text_pool] = text_all.tokens.shape[0] + slot
             text_all = EncoderOutput.cat([text_all, _detached(out)])
         if image_pool.any():
             rows, slot = torch.unique(image_draw[image_pool] - columns, return_inverse=True)
-            out, _ = model.image_features(t["images"][rows])
+            with torch.no_grad():
+                out, _ = model.image_features(t["images"][rows])
             image_draw[image_pool] = image_all.tokens.shape[0] + slot
             image_all = EncoderOutput.cat([image_all, _detached(out)])
         moved = NegativeDraw(text_draw, image_draw, draw.has_text, draw.has_image, draw.excluded_fraction)
