@@ -98,6 +98,10 @@ class KnownEmbeddings(nn.Module):
         self.classes = classes
         self.has_fusion = fused
         self.config = SimpleNamespace(text=SimpleNamespace(max_length=8))
+        self.scale = 1.0
+
+    def logit_scale(self) -> Tensor:
+        return torch.tensor(self.scale)
 
     def tokenizer(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
         rows = [[self.classes.index(w) if w in self.classes else 3 for w in text.split()] for text in texts]
@@ -163,6 +167,26 @@ def test_known_embeddings_give_expected_accuracy(fused: bool) -> None:
         assert "itm_top1" not in result and result["itm_rerank_k"] == 0
 
 
+@pytest.mark.parametrize(("score", "scale", "top1"), [
+    ("itm", 100.0, 100 * 5 / 6),            # the oracle alone
+    ("itm_logit", 100.0, 100 * 5 / 6),      # its match logit: the same order
+    ("itm+itc", 100.0, 100 * 5 / 6),        # + a cosine (< 1): the oracle's +-1 log-odds still decide
+    ("itm+itc_logit", 1.0, 100 * 5 / 6),    # + the logit at scale 1: the same
+    ("itm+itc_logit", 100.0, 100 * 3 / 6),  # + the logit at scale 100: ITC decides, as ITC ranked
+])
+def test_rescoring_rules_combine_the_match_head_with_itc(score: str, scale: float, top1: float) -> None:
+    classes = ["cat", "dog", "bird"]
+    model = KnownEmbeddings(classes, fused=True)
+    model.scale = scale
+    images = [known_image(vector, label) for vector, label, _ in KNOWN]
+    result = evaluate_zeroshot(model, LabelledImages(images, [k[1] for k in KNOWN]), None, classes,
+                               ["a photo of {}", "{}"], batch_size=4, precision="fp32", progress=False,
+                               itm_rerank_k=2, score=score)
+    assert result["itm_top1"] == pytest.approx(top1)
+    assert result["itm_score"] == score
+    assert result["itc_top1"] == pytest.approx(100 * 3 / 6)
+
+
 def test_bad_zero_shot_inputs_are_user_errors() -> None:
     classes = ["cat", "dog", "bird"]
     model = KnownEmbeddings(classes, fused=True)
@@ -173,6 +197,8 @@ def test_bad_zero_shot_inputs_are_user_errors() -> None:
         evaluate_zeroshot(model, LabelledImages(split.images, ["zebra"]), None, classes, progress=False)
     with pytest.raises(UserError, match="itm_rerank_k=4"):
         evaluate_zeroshot(model, split, None, classes, itm_rerank_k=4, progress=False)
+    with pytest.raises(UserError, match="score='itc'"):
+        evaluate_zeroshot(model, split, None, classes, itm_rerank_k=2, score="itc", progress=False)
     with pytest.raises(UserError, match="1 images and 2 labels"):
         evaluate_zeroshot(model, LabelledImages(split.images, ["cat", "dog"]), None, classes, progress=False)
 

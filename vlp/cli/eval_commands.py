@@ -132,7 +132,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     result = evaluate_zeroshot(model, split, model.image_transform(train=False), split.classes, templates,
                                batch_size=args.batch_size, precision=args.precision, device=_device(args.device),
                                progress=not args.no_progress, itm_rerank_k=args.itm_k if model.has_fusion else 0,
-                               details=True)
+                               details=True, score=args.score)
     predictions = result.pop("predictions")
     if split.image_paths is not None:
         for row in predictions:
@@ -224,6 +224,9 @@ def add_eval_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], 
                         "synthetic-vocabulary prompts for a checkpoint with the synthetic tokenizer)")
     z.add_argument("--itm-k", type=int, default=5, metavar="K",
                    help="top classes per image re-scored by the ITM head of a fused model (default: %(default)s)")
+    z.add_argument("--score", choices=RERANK_SCORES, default="itm",
+                   help="re-scoring rule, as for retrieval: the ITM log-odds, its match logit alone, or the log-odds "
+                        "+ the class's ITC cosine or ITC logit (default: %(default)s)")
     add_common(z)
     z.set_defaults(handler=cmd_eval_zeroshot)
 

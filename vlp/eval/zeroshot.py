@@ -14,8 +14,9 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vlp.config.schema import RERANK_SCORES
 from vlp.errors import UserError
-from vlp.eval.rerank import itm_pair_scores, reranked_ranks
+from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.retrieval import encode_texts, image_loader, resolve_device, split_images
 from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
@@ -97,13 +98,16 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128,
                       precision: str = DEFAULT_PRECISION, device: str | torch.device | None = None,
                       progress: bool = True,
-                      itm_rerank_k: int = 0, num_workers: int = 0, details: bool = False) -> dict[str, Any]:
+                      itm_rerank_k: int = 0, num_workers: int = 0, details: bool = False,
+                      score: str = "itm") -> dict[str, Any]:
     """Top-1/top-5 zero-shot accuracy (percent) of the ITC classifier; for a fused model with
-    ``itm_rerank_k`` > 0 also after re-scoring each image's top-k classes with the ITM match logit of the
-    class's first prompt (re-scored classes rank first; the rest keep their ITC order).
+    ``itm_rerank_k`` > 0 also after re-scoring each image's top-k classes by the ITM head on the class's first
+    prompt (re-scored classes rank first; the rest keep their ITC order). ``score`` is one of retrieval's
+    re-rank scores (``RERANK_SCORES``): ``itm`` (the head's log-odds), ``itm_logit``, or the log-odds plus the
+    class's ITC cosine (``itm+itc``) or ITC logit (``itm+itc_logit``), the cosine being the prompt ensemble's.
 
     Ties rank pessimistically. Result: {"itc_top1", "itc_top5", ["itm_top1", "itm_top5"], "num_images",
-    "num_classes", "itm_rerank_k", "precision"} (``itm_rerank_k`` is 0 when no re-ranking ran: the model has
+    "num_classes", "itm_rerank_k", "itm_score", "precision"} (``itm_rerank_k`` is 0 when no re-ranking ran: the model has
     no fusion; ``precision`` is what ``auto`` resolved to).
     ``details`` adds "templates" and "itm_prompts" (the prompts used), "per_class" ({class: {"num_images",
     "itc_top1"[, "itm_top1"]}}) and "predictions" ([{"index", "label", "itc"[, "itm"]}], class names; top-1).
@@ -114,6 +118,8 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
     rerank_k = itm_rerank_k if model.has_fusion else 0
     if not 0 <= rerank_k <= num_classes:
         raise UserError(f"itm_rerank_k={itm_rerank_k} must be between 0 and the {num_classes} classes")
+    if score not in RERANK_SCORES:
+        raise UserError(f"score={score!r} is not a re-rank score; expected one of {', '.join(RERANK_SCORES)}")
     target = resolve_device(model, device)
     precision = resolve_precision(precision, target)
     autocast = autocast_context(precision, target)
@@ -149,7 +155,8 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
                 _, candidates = scores.topk(rerank_k, dim=1)  # [b, k]
                 pair_image = torch.arange(len(images), device=target).repeat_interleave(rerank_k)
                 match = itm_pair_scores(model, image_out, class_text_out, pair_image, candidates.reshape(-1),
-                                        batch_size, autocast).view(-1, rerank_k)
+                                        batch_size, autocast, match=match_rule_for(score)).view(-1, rerank_k)
+                match = with_itc(score, match, scores.gather(1, candidates), model)
                 itm_ranks.append(reranked_ranks(candidates, match, batch_labels[:, None], ranks))
                 itm_best.append(candidates.gather(1, match.argmax(dim=1, keepdim=True).to(candidates.device))[:, 0].cpu())
     finally:
@@ -159,7 +166,8 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
     if rerank_k:
         reranked = torch.cat(itm_ranks)
         result.update(itm_top1=_accuracy(reranked, 1), itm_top5=_accuracy(reranked, 5))
-    result.update(num_images=start, num_classes=num_classes, itm_rerank_k=rerank_k, precision=precision)
+    result.update(num_images=start, num_classes=num_classes, itm_rerank_k=rerank_k, itm_score=score,
+                  precision=precision)
     if details:
         result.update(_details(classnames, templates, labels[:start], torch.cat(itc_ranks), torch.cat(itc_best),
                                torch.cat(itm_ranks) if rerank_k else None, torch.cat(itm_best) if rerank_k else None))
