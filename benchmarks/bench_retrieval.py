@@ -82,10 +82,14 @@ def lavis_loop(layers: list[nn.Module], itm_head: nn.Module, image_tokens: Tenso
     return i2t_scores, t2i_scores
 
 
+def same_order_rows(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
+    """Per query (image queries, then text queries): whether both sides order its candidates the same."""
+    return torch.cat([(x.argsort(dim=1, descending=True, stable=True)
+                       == y.argsort(dim=1, descending=True, stable=True)).all(dim=1) for x, y in zip(a, b)])
+
+
 def same_order(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
-    return all(torch.equal(x.argsort(dim=1, descending=True, stable=True), y.argsort(dim=1, descending=True,
-                                                                                   stable=True))
-               for x, y in zip(a, b))
+    return bool(same_order_rows(a, b).all())
 
 
 def bench_rerank(report: Report, cfg: dict[str, Any], reps: int) -> bool:
@@ -141,11 +145,16 @@ def bench_rerank(report: Report, cfg: dict[str, Any], reps: int) -> bool:
                                    "fusion_layers": FUSION_DEPTH, "image_tokens": num_image_tokens,
                                    "text_tokens_max": num_text_tokens, "vlp_batch": ITM_BATCH})
     fp32_same = same_order(results["vlp_fp32"], results["loop_fp32"])
-    bf16_same = same_order(results["vlp_bf16"], results["loop_bf16"])
+    bf16_rows = same_order_rows(results["vlp_bf16"], results["loop_bf16"])
     diff = max((a - b).abs().max().item() for a, b in zip(results["vlp_fp32"], results["loop_fp32"]))
+    bf16_diff = max((a - b).abs().max().item() for a, b in zip(results["vlp_bf16"], results["loop_bf16"]))
     report.figure("rerank_identical_order_fp32", float(fp32_same), "(1 = same candidate order per query)", 1.0,
                   note=f"max |score difference| {diff:.2e}")
-    report.figure("rerank_identical_order_bf16", float(bf16_same), "(1 = same candidate order per query)", 1.0)
+    # bf16 products of other shapes (a batch of pairs against one query's k) may round differently: on CPUs
+    # whose bf16 kernels block by shape (AMX) two candidates closer than that rounding can swap
+    report.figure("rerank_identical_order_bf16", float(bool(bf16_rows.all())), "(1 = same candidate order per query)",
+                  1.0, note=f"{int(bf16_rows.sum())} of {len(bf16_rows)} queries in the same order; max |score "
+                            f"difference| {bf16_diff:.2e}")
     report.figure("rerank_speedup_fp32", paired_ratio(times["loop_fp32"], times["vlp_fp32"]),
                   "x (LAVIS-style fp32 loop / vlp fp32)", 1.5,
                   note=f"loop {pairs / median(times['loop_fp32']):.1f} pairs/s, "
