@@ -82,7 +82,7 @@ def test_shipped_synthetic_suite_over_a_pretrained_and_a_converted_checkpoint(
     fused, dual = results["checkpoints"]
     assert results["failed"] == [] and (out / "results.png").stat().st_size > 0
     rows = {(row["task"], row["metric"]): row["values"] for row in results["rows"]}
-    for metric in ("itc/img_r1", "itm/img_r1", "itm+itc/txt_r1"):
+    for metric in ("itc/img_r1", "itm/img_r1", "itm+itc/txt_r1", "itm+itc_logit/img_r1"):
         assert 0.0 <= rows[("retrieval", metric)][fused] <= 100.0
     assert rows[("retrieval", "itc/img_r1")][dual] is not None and rows[("retrieval", "itm/img_r1")][dual] is None
     for task, metric in (("sugarcrepe", "itc/swap_att"), ("sugarcrepe", "itm/swap_obj"),

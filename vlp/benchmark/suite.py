@@ -41,7 +41,7 @@ class RetrievalTask(TaskSpec):
     image_root: str = ""
     split: str = "test"
     k_test: int = 128
-    scores: tuple[str, ...] = ("itm", "itm+itc")
+    scores: tuple[str, ...] = ("itm", "itm+itc", "itm+itc_logit")
 
 
 @dataclass(frozen=True)
