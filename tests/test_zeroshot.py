@@ -197,7 +197,7 @@ def test_bad_zero_shot_inputs_are_user_errors() -> None:
         evaluate_zeroshot(model, LabelledImages(split.images, ["zebra"]), None, classes, progress=False)
     with pytest.raises(UserError, match="itm_rerank_k=4"):
         evaluate_zeroshot(model, split, None, classes, itm_rerank_k=4, progress=False)
-    with pytest.raises(UserError, match="score='itc'"):
+    with pytest.raises(UserError, match="score: 'itc' is not one of itm, "):
         evaluate_zeroshot(model, split, None, classes, itm_rerank_k=2, score="itc", progress=False)
     with pytest.raises(UserError, match="1 images and 2 labels"):
         evaluate_zeroshot(model, LabelledImages(split.images, ["cat", "dog"]), None, classes, progress=False)

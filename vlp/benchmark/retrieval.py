@@ -23,9 +23,8 @@ from vlp.collectives import rank_and_world
 from vlp.config.schema import EvalConfig
 from vlp.data.retrieval_split import RetrievalSplit, load_retrieval_split
 from vlp.errors import UserError
-from vlp.eval.rerank import match_rule_for, rerank_candidates, reranked_ranks, with_itc
+from vlp.eval.rerank import check_score, match_rule_for, rerank_candidates, reranked_ranks, with_itc
 from vlp.eval.retrieval import (
-    SCORES,
     RetrievalSplitLike,
     _as_index_tensor,
     _validate_img2txt,
@@ -85,8 +84,7 @@ def _load_wds(root: Path, split: str) -> WdsRetrievalSplit:
 
 def load_retrieval_task(name: str, spec: RetrievalTask) -> RetrievalSplit | WdsRetrievalSplit:
     for score in spec.scores:
-        if score not in SCORES:
-            raise UserError(f"tasks.{name}.scores: '{score}' is not one of {', '.join(SCORES)}")
+        check_score(score, f"tasks.{name}.scores")
     if spec.format == "wds":
         return _load_wds(required_path(name, spec, "data", "directory"), spec.split)
     data = required_path(name, spec, "data", "file")

@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vlp.config.schema import RERANK_SCORES
+from vlp.errors import UserError
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context
 from vlp.types import EncoderOutput
 
-__all__ = ["FusedRetrievalModel", "MATCH_RULES", "match_scores", "match_rule_for", "with_itc", "itm_pair_scores",
-           "rerank_candidates", "reranked_ranks"]
+__all__ = ["FusedRetrievalModel", "MATCH_RULES", "match_scores", "match_rule_for", "with_itc", "check_score",
+           "itm_pair_scores", "rerank_candidates", "reranked_ranks"]
 
 # How an ITM head's two logits [n, 2] become one match score per pair:
 # - log_odds (vlp's default): logit 1 - logit 0, the head's log p(match) / p(no match). The cross-entropy
@@ -45,6 +47,12 @@ def match_rule_for(score: str) -> str:
     """The match rule of a retrieval re-rank score: ``itm_logit`` ranks by ALBEF/BLIP's column-1 logit,
     ``itm`` and ``itm+itc`` by the log-odds."""
     return "logit" if score == "itm_logit" else "log_odds"
+
+
+def check_score(score: str, where: str) -> None:
+    """One error line when ``score`` is not a re-rank score (``RERANK_SCORES``); ``where`` names its key."""
+    if score not in RERANK_SCORES:
+        raise UserError(f"{where}: '{score}' is not one of {', '.join(RERANK_SCORES)}")
 
 
 def with_itc(score: str, itm: Tensor, cosine: Tensor, model: Any) -> Tensor:

@@ -23,7 +23,7 @@ from vlp.collectives import gather_no_grad, gather_shards, rank_and_world, shard
 from vlp.config.schema import RERANK_SCORES, EvalConfig
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
-from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks, with_itc
+from vlp.eval.rerank import check_score, itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.topk import budget_elements, chunked_topk
 from vlp.models.vlp_model import image_features_of, text_features_of
 from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
@@ -377,8 +377,7 @@ def evaluate_retrieval(model: Any, split: RetrievalSplitLike, transform: Any,
     that holds the image, so image tokens never leave their rank. One process is the same path with one
     block; a split with fewer images or captions than ranks is evaluated whole on every rank.
     """
-    if config.score not in SCORES:
-        raise UserError(f"eval.score: '{config.score}' is not one of {', '.join(SCORES)}")
+    check_score(config.score, "eval.score")
     if config.max_images < 0:
         raise UserError(f"eval.max_images must be >= 0; got {config.max_images}")
     if 0 < config.max_images < split.num_images:

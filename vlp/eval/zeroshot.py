@@ -14,9 +14,8 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vlp.config.schema import RERANK_SCORES
 from vlp.errors import UserError
-from vlp.eval.rerank import itm_pair_scores, match_rule_for, reranked_ranks, with_itc
+from vlp.eval.rerank import check_score, itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.retrieval import encode_texts, image_loader, resolve_device, split_images
 from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
@@ -118,8 +117,7 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
     rerank_k = itm_rerank_k if model.has_fusion else 0
     if not 0 <= rerank_k <= num_classes:
         raise UserError(f"itm_rerank_k={itm_rerank_k} must be between 0 and the {num_classes} classes")
-    if score not in RERANK_SCORES:
-        raise UserError(f"score={score!r} is not a re-rank score; expected one of {', '.join(RERANK_SCORES)}")
+    check_score(score, "score")
     target = resolve_device(model, device)
     precision = resolve_precision(precision, target)
     autocast = autocast_context(precision, target)
