@@ -221,3 +221,26 @@ def test_details_give_per_class_accuracy_predictions_and_prompts() -> None:
     plain = evaluate_zeroshot(KnownEmbeddings(classes, fused=False), LabelledImages(images, [k[1] for k in KNOWN]),
                               None, classes, ["{}"], batch_size=4, progress=False)
     assert "per_class" not in plain and "predictions" not in plain  # details are asked for
+
+
+@pytest.mark.parametrize("where", ["eval.score", "tasks.coco.scores", "score"])
+def test_a_bad_re_rank_score_names_its_key_in_one_line(where: str) -> None:
+    """The three places a re-rank score is given share one check and one error line."""
+    from vlp.benchmark.retrieval import load_retrieval_task
+    from vlp.benchmark.suite import RetrievalTask
+    from vlp.config.schema import EvalConfig
+    from vlp.eval.retrieval import evaluate_retrieval
+
+    classes = ["cat", "dog", "bird"]
+    model = KnownEmbeddings(classes, fused=True)
+    calls = {
+        "eval.score": lambda: evaluate_retrieval(model, None, None, EvalConfig(score="itm+itm"), progress=False),
+        "tasks.coco.scores": lambda: load_retrieval_task("coco", RetrievalTask(type="retrieval", scores=("itm", "itm+itm"))),
+        "score": lambda: evaluate_zeroshot(model, LabelledImages([known_image([1.0, 0, 0, 0], 0)], ["cat"]), None,
+                                           classes, itm_rerank_k=2, score="itm+itm", progress=False),
+    }
+    with pytest.raises(UserError) as caught:
+        calls[where]()
+    message = str(caught.value)
+    assert message.startswith(f"{where}: 'itm+itm' is not one of itm, itm_logit, itm+itc, itm+itc_logit")
+    assert "\n" not in message
