@@ -263,3 +263,23 @@ def test_a_pool_without_itm_is_refused() -> None:
 
     with pytest.raises(UserError, match="itm_negative_pool"):
         load_config("configs/pretrain/clip_cc3m_tiny.yaml", ["objective.itm_negative_pool=64"])
+
+
+def test_the_pool_says_once_what_it_keeps_in_memory_and_checkpoints(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import re
+
+    model = _tiny_model()
+    pool = NegativePool(10)
+    with caplog.at_level(logging.INFO, logger="vlp"):
+        for step in range(3):
+            batch = _batch(model, step)
+            pool.add(batch["images"], batch["input_ids"], batch["attention_mask"], batch["image_ids"], None,
+                     torch.randn(BATCH, 8), torch.randn(BATCH, 8))
+    lines = [r.getMessage() for r in caplog.records if "itm_negative_pool" in r.getMessage()]
+    assert len(lines) == 1
+    size = model.image_encoder.image_size
+    assert f"last 10 training pairs (images 3x{size}x{size})" in lines[0]
+    megabytes = float(re.search(r"about ([\d.]+) MB", lines[0]).group(1))  # type: ignore[union-attr]
+    images_only = 10 * 3 * size * size * 4 / 1e6  # float32 images; ids, masks and embeddings add a little
+    assert images_only - 0.05 <= megabytes <= images_only * 1.1 + 0.05

@@ -12,17 +12,21 @@ what an uninterrupted one would.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlp.collectives import is_main
 from vlp.losses import NegativeDraw
 from vlp.models.vlp_model import VLPModel
 from vlp.types import EncoderOutput
 
 __all__ = ["NegativePool", "PoolCandidates"]
+
+log = logging.getLogger("vlp")
 
 FIELDS = ("images", "input_ids", "attention_mask", "image_ids", "text_keys", "image_emb", "text_emb")
 
@@ -69,6 +73,7 @@ class NegativePool:
         new = {k: v.detach() for k, v in new.items()}
         if not self.tensors:
             self.tensors = {k: v[:self.size].clone() for k, v in new.items()}
+            self._report_size(new)
             return
         if set(new) != set(self.tensors):
             raise ValueError("a batch's text keys appear or vanish between steps; the negative pool needs the same "
@@ -78,6 +83,17 @@ class NegativePool:
             part["input_ids"] = _pad_to(part["input_ids"], length, 0)
             part["attention_mask"] = _pad_to(part["attention_mask"], length, False)
         self.tensors = {k: torch.cat([new[k], self.tensors[k]])[:self.size] for k in new}
+
+    def _report_size(self, first: dict[str, Tensor]) -> None:
+        """Say once what a full pool holds: its raw images stay in memory and go into every checkpoint."""
+        if not is_main():
+            return
+        rows = first["images"].shape[0]
+        per_pair = sum(v.element_size() * v[:1].numel() for v in first.values()) if rows else 0
+        shape = "x".join(str(d) for d in first["images"].shape[1:])
+        log.info("objective.itm_negative_pool %d: the pool keeps this rank's last %d training pairs (images %s), "
+                 "about %.1f MB in memory and in every checkpoint's objective.safetensors",
+                 self.size, self.size, shape, self.size * per_pair / 1e6)
 
     def extend(self, model: VLPModel, draw: NegativeDraw, columns: int, text_all: EncoderOutput,
                image_all: EncoderOutput) -> tuple[NegativeDraw, EncoderOutput, EncoderOutput]:
