@@ -126,7 +126,8 @@ def test_zeroshot_imagefolder_and_wds_match_brute_force(checkpoint: Path, tmp_pa
     classifier = torch.stack([torch.nn.functional.normalize(torch.stack([text_emb(model, p) for p in group]).mean(0), dim=0)
                               for group in prompts])
     per_class: dict[int, list[bool]] = {}
-    hits_itc = hits_itm = 0
+    hits_itc = hits_itm = hits_sum = 0
+    scale = float(model.logit_scale())
     for label, image in labelled_images():
         scores = classifier @ image_emb(model, transform, image)
         top = int(scores.argmax())
@@ -136,9 +137,14 @@ def test_zeroshot_imagefolder_and_wds_match_brute_force(checkpoint: Path, tmp_pa
         candidates = scores.topk(2).indices.tolist()  # ITM re-scores the top 2 with the first template
         matched = max(candidates, key=lambda c: itm(model, transform, image, prompts[c][0]))
         hits_itm += matched == label
+        # itm+itc_logit: the log-odds plus the logit scale times the class's ensemble cosine
+        summed = max(candidates, key=lambda c: itm(model, transform, image, prompts[c][0]) + scale * float(scores[c]))
+        hits_sum += summed == label
     count = len(labelled_images())
     assert out["folder"]["metrics"]["itc/top1"] == pytest.approx(100.0 * hits_itc / count)
     assert out["folder"]["metrics"]["itm/top1"] == pytest.approx(100.0 * hits_itm / count)
+    assert out["folder"]["metrics"]["itm+itc_logit/top1"] == pytest.approx(100.0 * hits_sum / count)
+    assert out["folder"]["protocol"]["scores"] == ["itc", "itm", "itm+itc_logit"]
     recall = sum(sum(v) / len(v) for v in per_class.values()) / len(per_class)
     assert out["folder"]["metrics"]["itc/mean_per_class_recall"] == pytest.approx(100.0 * recall)
     assert "itc/top5" not in out["folder"]["metrics"]  # three classes: no top-5, as CLIP_benchmark

@@ -223,11 +223,12 @@ def test_details_give_per_class_accuracy_predictions_and_prompts() -> None:
     assert "per_class" not in plain and "predictions" not in plain  # details are asked for
 
 
-@pytest.mark.parametrize("where", ["eval.score", "tasks.coco.scores", "score"])
+@pytest.mark.parametrize("where", ["eval.score", "tasks.coco.scores", "tasks.in1k.scores", "score"])
 def test_a_bad_re_rank_score_names_its_key_in_one_line(where: str) -> None:
     """The three places a re-rank score is given share one check and one error line."""
     from vlp.benchmark.retrieval import load_retrieval_task
-    from vlp.benchmark.suite import RetrievalTask
+    from vlp.benchmark.suite import RetrievalTask, ZeroShotTask
+    from vlp.benchmark.zeroshot import load_zeroshot_task
     from vlp.config.schema import EvalConfig
     from vlp.eval.retrieval import evaluate_retrieval
 
@@ -236,6 +237,7 @@ def test_a_bad_re_rank_score_names_its_key_in_one_line(where: str) -> None:
     calls = {
         "eval.score": lambda: evaluate_retrieval(model, None, None, EvalConfig(score="itm+itm"), progress=False),
         "tasks.coco.scores": lambda: load_retrieval_task("coco", RetrievalTask(type="retrieval", scores=("itm", "itm+itm"))),
+        "tasks.in1k.scores": lambda: load_zeroshot_task("in1k", ZeroShotTask(type="zeroshot", scores=("itm+itm",))),
         "score": lambda: evaluate_zeroshot(model, LabelledImages([known_image([1.0, 0, 0, 0], 0)], ["cat"]), None,
                                            classes, itm_rerank_k=2, score="itm+itm", progress=False),
     }

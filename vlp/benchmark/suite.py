@@ -52,6 +52,7 @@ class ZeroShotTask(TaskSpec):
     classnames: str = ""  # a .txt/.json file, or imagenet1k (open_clip's class names)
     templates: str = ""  # a .txt/.json file, or imagenet1k / imagenet1k_simple (open_clip's templates)
     itm_k: int = 5
+    scores: tuple[str, ...] = ("itm", "itm+itc_logit")  # re-scoring rules of a fused model (RERANK_SCORES)
 
 
 @dataclass(frozen=True)

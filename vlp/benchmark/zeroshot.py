@@ -9,7 +9,8 @@ class names and templates (imported from ``open_clip.zero_shot_metadata``). Temp
 Images are classified batch by batch (a fused model's image tokens never all sit in memory); under torchrun
 rank r takes the images whose index i has i % world == r, and the per-image ranks are gathered. Metrics are
 CLIP_benchmark's: top-1, top-5 (five or more classes) and mean per-class recall (balanced accuracy), for the
-ITC classifier and, for a fused model, after ITM re-scores each image's top ``itm_k`` classes.
+ITC classifier and, for a fused model, after ITM re-scores each image's top ``itm_k`` classes (one column per
+rule in ``scores``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from vlp.benchmark.scoring import resolved_precision
 from vlp.benchmark.suite import ZeroShotTask, required_path
 from vlp.collectives import rank_and_world
 from vlp.errors import UserError
-from vlp.eval.rerank import itm_pair_scores, reranked_ranks
+from vlp.eval.rerank import check_score, itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.retrieval import autocast_context, encode_texts, resolve_device
 from vlp.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classifier
 from vlp.models.vlp_model import image_features_of
@@ -112,6 +113,8 @@ def _names(name: str, spec: ZeroShotTask, root: Path, kind: str, own_file: str) 
 
 
 def load_zeroshot_task(name: str, spec: ZeroShotTask) -> ZeroShotData:
+    for score in spec.scores:
+        check_score(score, f"tasks.{name}.scores")
     root = required_path(name, spec, "data", "directory")
     paths: list[Path] = []
     labels: list[int] = []
@@ -169,6 +172,7 @@ def evaluate_zeroshot_task(data: ZeroShotData, model: Any, transform: Any, spec:
     autocast = autocast_context(precision, target)
     num_classes = len(data.classnames)
     rerank_k = min(spec.itm_k, num_classes) if model.has_fusion else 0
+    scores_used = tuple(spec.scores) if rerank_k else ()
     rank, world = rank_and_world()
     was_training = model.training
     model.eval()
@@ -180,24 +184,27 @@ def evaluate_zeroshot_task(data: ZeroShotData, model: Any, transform: Any, spec:
             _, class_out = encode_texts(model, prompts, spec.batch_size, target, autocast, True, False)
         loader = DataLoader(data.dataset(transform, rank, world), batch_size=spec.batch_size,
                             num_workers=spec.num_workers)
-        rows = []  # [b, 4]: index, label, ITC rank, ITM rank
+        rows = []  # [b, 3 + scores]: index, label, ITC rank, the rank under each re-scoring rule
         for batch in tqdm(loader, desc="zero-shot", disable=not (progress and rank == 0)):
             labels = batch["label"].long()
             if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
                 raise UserError(f"a label is outside the {num_classes} classes ({data.prompts['classnames']})")
             with autocast():
                 image_out, emb = image_features_of(model, batch["image"].to(target), pooled_only=not rerank_k)
-            scores = F.normalize(emb.float(), dim=-1) @ classifier.T  # [b, c]
+            cosines = F.normalize(emb.float(), dim=-1) @ classifier.T  # [b, c]
             truth = labels.to(target)[:, None]
-            ranks = ((scores >= scores.gather(1, truth)).sum(dim=1) - 1).cpu()  # ties: pessimistic
-            itm = ranks
+            ranks = ((cosines >= cosines.gather(1, truth)).sum(dim=1) - 1).cpu()  # ties: pessimistic
+            columns = [batch["index"].long(), labels, ranks]
             if class_out is not None:
-                _, candidates = scores.topk(rerank_k, dim=1)
+                _, candidates = cosines.topk(rerank_k, dim=1)
                 pair_image = torch.arange(len(labels), device=target).repeat_interleave(rerank_k)
-                match = itm_pair_scores(model, image_out, class_out, pair_image, candidates.reshape(-1),
-                                        spec.batch_size, autocast)
-                itm = reranked_ranks(candidates, match.view(-1, rerank_k), labels[:, None], ranks)
-            rows.append(torch.stack([batch["index"].long(), labels, ranks, itm], dim=1))
+                matches = {rule: itm_pair_scores(model, image_out, class_out, pair_image, candidates.reshape(-1),
+                                                 spec.batch_size, autocast, match=rule).view(-1, rerank_k)
+                           for rule in dict.fromkeys(match_rule_for(score) for score in scores_used)}
+                for score in scores_used:
+                    match = with_itc(score, matches[match_rule_for(score)], cosines.gather(1, candidates), model)
+                    columns.append(reranked_ranks(candidates, match, labels[:, None], ranks))
+            rows.append(torch.stack(columns, dim=1))
     finally:
         model.train(was_training)
     table = _gather(rows)
@@ -205,8 +212,9 @@ def evaluate_zeroshot_task(data: ZeroShotData, model: Any, transform: Any, spec:
         raise UserError("the zero-shot dataset has no images")
     table = table[table[:, 0].argsort()]
     metrics = {f"itc/{k}": v for k, v in classification_metrics(table[:, 2], table[:, 1], num_classes).items()}
-    if rerank_k:
-        metrics.update({f"itm/{k}": v for k, v in classification_metrics(table[:, 3], table[:, 1], num_classes).items()})
-    protocol = {"num_images": len(table), "prompts": data.prompts, "scores": ["itc", "itm"] if rerank_k else ["itc"],
+    for column, score in enumerate(scores_used, start=3):
+        metrics.update({f"{score}/{k}": v
+                        for k, v in classification_metrics(table[:, column], table[:, 1], num_classes).items()})
+    protocol = {"num_images": len(table), "prompts": data.prompts, "scores": ["itc", *scores_used],
                 "itm_k": rerank_k or None, "classifier": "mean of the L2-normalized prompt embeddings, renormalized"}
     return metrics, protocol
