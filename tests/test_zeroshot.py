@@ -225,7 +225,8 @@ def test_details_give_per_class_accuracy_predictions_and_prompts() -> None:
 
 @pytest.mark.parametrize("where", ["eval.score", "tasks.coco.scores", "tasks.in1k.scores", "score"])
 def test_a_bad_re_rank_score_names_its_key_in_one_line(where: str) -> None:
-    """The three places a re-rank score is given share one check and one error line."""
+    """Every place a re-rank score is given (retrieval, both benchmark tasks, zero-shot) shares one check and
+    one error line."""
     from vlp.benchmark.retrieval import load_retrieval_task
     from vlp.benchmark.suite import RetrievalTask, ZeroShotTask
     from vlp.benchmark.zeroshot import load_zeroshot_task
