@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from vlp.benchmark.suite import TASK_TYPES
 from vlp.config.schema import EvalConfig
 from vlp.data.retrieval_split import load_retrieval_split
 from vlp.eval.retrieval import evaluate_retrieval
+from vlp.eval.zeroshot import evaluate_zeroshot
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +150,14 @@ def test_zeroshot_imagefolder_and_wds_match_brute_force(checkpoint: Path, tmp_pa
     recall = sum(sum(v) / len(v) for v in per_class.values()) / len(per_class)
     assert out["folder"]["metrics"]["itc/mean_per_class_recall"] == pytest.approx(100.0 * recall)
     assert "itc/top5" not in out["folder"]["metrics"]  # three classes: no top-5, as CLIP_benchmark
+    # the benchmark's sharded loop and evaluate_zeroshot share one per-batch step: the same top-1 per rule
+    split = SimpleNamespace(labels=[label for label, _ in labelled_images()],
+                            image_dataset=lambda t: [t(image) for _, image in labelled_images()])
+    for score in ("itm", "itm+itc_logit"):
+        reference = evaluate_zeroshot(model, split, transform, CLASSES, [t.replace("{c}", "{}") for t in TEMPLATES],
+                                      batch_size=3, precision="fp32", progress=False, itm_rerank_k=2, score=score)
+        assert out["folder"]["metrics"][f"{score}/top1"] == pytest.approx(reference["itm_top1"]), score
+        assert out["folder"]["metrics"]["itc/top1"] == pytest.approx(reference["itc_top1"])
     # the wds export carries its own classnames.txt and {c} templates: they win over the task's file
     assert out["wds"]["metrics"] == pytest.approx(out["folder"]["metrics"])
     assert out["wds"]["protocol"]["prompts"]["templates"].endswith("zeroshot_classification_templates.txt")

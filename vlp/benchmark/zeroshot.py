@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 from tqdm.auto import tqdm
@@ -31,10 +30,9 @@ from vlp.benchmark.scoring import resolved_precision
 from vlp.benchmark.suite import ZeroShotTask, required_path
 from vlp.collectives import rank_and_world
 from vlp.errors import UserError
-from vlp.eval.rerank import check_score, itm_pair_scores, match_rule_for, reranked_ranks, with_itc
-from vlp.eval.retrieval import autocast_context, encode_texts, resolve_device
-from vlp.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classifier
-from vlp.models.vlp_model import image_features_of
+from vlp.eval.rerank import check_score
+from vlp.eval.retrieval import autocast_context, resolve_device
+from vlp.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts, classify_batch
 
 __all__ = ["ZeroShotData", "load_zeroshot_task", "evaluate_zeroshot_task", "classification_metrics"]
 
@@ -171,17 +169,13 @@ def evaluate_zeroshot_task(data: ZeroShotData, model: Any, transform: Any, spec:
     precision = resolved_precision(spec.precision, target)
     autocast = autocast_context(precision, target)
     num_classes = len(data.classnames)
-    rerank_k = min(spec.itm_k, num_classes) if model.has_fusion else 0
-    scores_used = tuple(spec.scores) if rerank_k else ()
     rank, world = rank_and_world()
     was_training = model.training
     model.eval()
     try:
-        classifier = zeroshot_classifier(model, data.classnames, data.templates, target, spec.batch_size, precision)
-        class_out = None
-        if rerank_k:  # ITM pairs an image with its class's first prompt
-            prompts = [data.templates[0].format(c) for c in data.classnames]
-            _, class_out = encode_texts(model, prompts, spec.batch_size, target, autocast, True, False)
+        classes = class_prompts(model, data.classnames, data.templates, spec.itm_k, target, spec.batch_size,
+                                precision)
+        scores_used = tuple(spec.scores) if classes.rerank_k else ()
         loader = DataLoader(data.dataset(transform, rank, world), batch_size=spec.batch_size,
                             num_workers=spec.num_workers)
         rows = []  # [b, 3 + scores]: index, label, ITC rank, the rank under each re-scoring rule
@@ -189,22 +183,9 @@ def evaluate_zeroshot_task(data: ZeroShotData, model: Any, transform: Any, spec:
             labels = batch["label"].long()
             if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
                 raise UserError(f"a label is outside the {num_classes} classes ({data.prompts['classnames']})")
-            with autocast():
-                image_out, emb = image_features_of(model, batch["image"].to(target), pooled_only=not rerank_k)
-            cosines = F.normalize(emb.float(), dim=-1) @ classifier.T  # [b, c]
-            truth = labels.to(target)[:, None]
-            ranks = ((cosines >= cosines.gather(1, truth)).sum(dim=1) - 1).cpu()  # ties: pessimistic
-            columns = [batch["index"].long(), labels, ranks]
-            if class_out is not None:
-                _, candidates = cosines.topk(rerank_k, dim=1)
-                pair_image = torch.arange(len(labels), device=target).repeat_interleave(rerank_k)
-                matches = {rule: itm_pair_scores(model, image_out, class_out, pair_image, candidates.reshape(-1),
-                                                 spec.batch_size, autocast, match=rule).view(-1, rerank_k)
-                           for rule in dict.fromkeys(match_rule_for(score) for score in scores_used)}
-                for score in scores_used:
-                    match = with_itc(score, matches[match_rule_for(score)], cosines.gather(1, candidates), model)
-                    columns.append(reranked_ranks(candidates, match, labels[:, None], ranks))
-            rows.append(torch.stack(columns, dim=1))
+            ranks, _ = classify_batch(model, batch["image"], labels, classes, scores_used, spec.batch_size,
+                                      autocast)
+            rows.append(torch.cat([batch["index"].long()[:, None], labels[:, None], ranks], dim=1))
     finally:
         model.train(was_training)
     table = _gather(rows)
@@ -216,5 +197,5 @@ def evaluate_zeroshot_task(data: ZeroShotData, model: Any, transform: Any, spec:
         metrics.update({f"{score}/{k}": v
                         for k, v in classification_metrics(table[:, column], table[:, 1], num_classes).items()})
     protocol = {"num_images": len(table), "prompts": data.prompts, "scores": ["itc", *scores_used],
-                "itm_k": rerank_k or None, "classifier": "mean of the L2-normalized prompt embeddings, renormalized"}
+                "itm_k": classes.rerank_k or None, "classifier": "mean of the L2-normalized prompt embeddings, renormalized"}
     return metrics, protocol

@@ -6,6 +6,7 @@ Axis legend: c = classes, t = templates, b = images, k = re-ranked classes, e = 
 from __future__ import annotations
 
 from collections.abc import Sequence, Sized
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import torch
@@ -17,10 +18,12 @@ from tqdm.auto import tqdm
 from vlp.errors import UserError
 from vlp.eval.rerank import check_score, itm_pair_scores, match_rule_for, reranked_ranks, with_itc
 from vlp.eval.retrieval import encode_texts, image_loader, resolve_device, split_images
-from vlp.precision import DEFAULT_PRECISION, autocast_context, resolve_precision
+from vlp.models.vlp_model import image_features_of
+from vlp.precision import DEFAULT_PRECISION, AutocastFactory, autocast_context, resolve_precision
 from vlp.types import EncoderOutput
 
-__all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "default_templates", "zeroshot_classifier", "evaluate_zeroshot"]
+__all__ = ["DEFAULT_TEMPLATES", "ZeroShotSplitLike", "ClassPrompts", "default_templates", "zeroshot_classifier",
+           "class_prompts", "classify_batch", "evaluate_zeroshot"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -92,6 +95,58 @@ def _accuracy(ranks: Tensor, k: int) -> float:
     return 100.0 * (ranks < k).double().mean().item()
 
 
+@dataclass
+class ClassPrompts:
+    """A zero-shot classifier: the class embeddings [c, e] (prompt ensembles) and, for ITM re-scoring, the
+    encoder output of each class's first prompt (token states kept); ``rerank_k`` 0 = ITC only."""
+
+    classifier: Tensor
+    itm_text: EncoderOutput | None
+    rerank_k: int
+
+
+def class_prompts(model: Any, classnames: Sequence[str], templates: Sequence[str], rerank_k: int,
+                  device: torch.device, batch_size: int, precision: str) -> ClassPrompts:
+    """Embed the prompts once; ITM pairs an image with its class's first prompt (a fused model only)."""
+    rerank_k = min(rerank_k, len(classnames)) if model.has_fusion else 0
+    classifier = zeroshot_classifier(model, classnames, templates, device, batch_size, precision)
+    itm_text = None
+    if rerank_k:
+        prompts = [templates[0].format(name) for name in classnames]
+        _, itm_text = _encode_prompts(model, prompts, batch_size, device, precision, keep_tokens=True)
+    return ClassPrompts(classifier, itm_text, rerank_k)
+
+
+@torch.no_grad()
+def classify_batch(model: Any, images: Tensor, labels: Tensor, classes: ClassPrompts, scores: Sequence[str],
+                   batch_size: int, autocast: AutocastFactory) -> tuple[Tensor, Tensor]:
+    """One batch of images [b, ...] with their class indices [b]: the (pessimistic) rank of the true class
+    and the top-1 class, by ITC and then after re-scoring the top ``rerank_k`` classes by each rule in
+    ``scores`` (``RERANK_SCORES``): two [b, 1 + len(scores)] tensors on the CPU (no columns for ``scores``
+    when ``classes.rerank_k`` is 0). The one per-batch step of ``evaluate_zeroshot`` and of ``vlp benchmark``.
+    """
+    target = classes.classifier.device
+    rules = tuple(scores) if classes.itm_text is not None else ()
+    with autocast():
+        image_out, emb = image_features_of(model, images.to(target, non_blocking=True), pooled_only=not rules)
+    cosines = F.normalize(emb.float(), dim=-1) @ classes.classifier.T  # [b, c]
+    truth = labels.to(target)[:, None]
+    # Pessimistic: every other class scoring >= the true class is ranked above it.
+    itc_ranks = ((cosines >= cosines.gather(1, truth)).sum(dim=1) - 1).cpu()
+    ranks, best = [itc_ranks], [cosines.argmax(dim=1).cpu()]
+    if rules and classes.itm_text is not None:
+        _, candidates = cosines.topk(classes.rerank_k, dim=1)  # [b, k]
+        pair_image = torch.arange(len(labels), device=target).repeat_interleave(classes.rerank_k)
+        matches = {rule: itm_pair_scores(model, image_out, classes.itm_text, pair_image, candidates.reshape(-1),
+                                         batch_size, autocast, match=rule).view(-1, classes.rerank_k)
+                   for rule in dict.fromkeys(match_rule_for(score) for score in rules)}
+        for score in rules:
+            match = with_itc(score, matches[match_rule_for(score)], cosines.gather(1, candidates), model)
+            ranks.append(reranked_ranks(candidates, match, labels.cpu()[:, None], itc_ranks))
+            best.append(candidates.gather(1, match.argmax(dim=1, keepdim=True).to(candidates.device))[:, 0].cpu())
+    return torch.stack(ranks, dim=1), torch.stack(best, dim=1)
+
+
 @torch.no_grad()
 def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, classnames: Sequence[str],
                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 128,
@@ -114,8 +169,7 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
     _check_prompts(classnames, templates)
     labels = _label_indices(split.labels, classnames)
     num_classes = len(classnames)
-    rerank_k = itm_rerank_k if model.has_fusion else 0
-    if not 0 <= rerank_k <= num_classes:
+    if not 0 <= itm_rerank_k <= num_classes:
         raise UserError(f"itm_rerank_k={itm_rerank_k} must be between 0 and the {num_classes} classes")
     check_score(score, "score")
     target = resolve_device(model, device)
@@ -124,51 +178,33 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
     was_training = model.training
     model.eval()
     try:
-        classifier = zeroshot_classifier(model, classnames, templates, target, batch_size, precision)
-        class_text_out: EncoderOutput | None = None
-        if rerank_k:
-            prompts = [templates[0].format(name) for name in classnames]
-            _, class_text_out = _encode_prompts(model, prompts, batch_size, target, precision,
-                                                keep_tokens=True)
+        classes = class_prompts(model, classnames, templates, itm_rerank_k, target, batch_size, precision)
         dataset = split_images(split, transform)
         num_images = len(cast(Sized, dataset))
         if num_images != len(labels) or not num_images:
             raise UserError(f"the zero-shot split has {num_images} images and {len(labels)} labels; "
                             "it needs one label per image and at least one image")
-        loader = image_loader(dataset, batch_size, num_workers, target)
-        itc_ranks, itm_ranks, itc_best, itm_best = [], [], [], []
+        ranks, best = [], []
         start = 0
-        for images in tqdm(loader, desc="zero-shot", disable=not progress):
-            with autocast():
-                image_out, emb = model.image_features(images.to(target, non_blocking=True))
-            batch_labels = labels[start:start + len(images)]
+        for images in tqdm(image_loader(dataset, batch_size, num_workers, target), desc="zero-shot",
+                           disable=not progress):
+            batch_ranks, batch_best = classify_batch(model, images, labels[start:start + len(images)], classes,
+                                                     (score,), batch_size, autocast)
             start += len(images)
-            scores = F.normalize(emb.float(), dim=-1) @ classifier.T  # [b, c]
-            label_scores = scores.gather(1, batch_labels.to(target)[:, None])
-            # Pessimistic: every other class scoring >= the true class is ranked above it.
-            ranks = ((scores >= label_scores).sum(dim=1) - 1).cpu()
-            itc_ranks.append(ranks)
-            itc_best.append(scores.argmax(dim=1).cpu())
-            if class_text_out is not None:
-                _, candidates = scores.topk(rerank_k, dim=1)  # [b, k]
-                pair_image = torch.arange(len(images), device=target).repeat_interleave(rerank_k)
-                match = itm_pair_scores(model, image_out, class_text_out, pair_image, candidates.reshape(-1),
-                                        batch_size, autocast, match=match_rule_for(score)).view(-1, rerank_k)
-                match = with_itc(score, match, scores.gather(1, candidates), model)
-                itm_ranks.append(reranked_ranks(candidates, match, batch_labels[:, None], ranks))
-                itm_best.append(candidates.gather(1, match.argmax(dim=1, keepdim=True).to(candidates.device))[:, 0].cpu())
+            ranks.append(batch_ranks)
+            best.append(batch_best)
     finally:
         model.train(was_training)
-    result: dict[str, Any] = {"itc_top1": _accuracy(torch.cat(itc_ranks), 1),
-                              "itc_top5": _accuracy(torch.cat(itc_ranks), 5)}
+    table, top1 = torch.cat(ranks), torch.cat(best)
+    rerank_k = classes.rerank_k
+    result: dict[str, Any] = {"itc_top1": _accuracy(table[:, 0], 1), "itc_top5": _accuracy(table[:, 0], 5)}
     if rerank_k:
-        reranked = torch.cat(itm_ranks)
-        result.update(itm_top1=_accuracy(reranked, 1), itm_top5=_accuracy(reranked, 5))
+        result.update(itm_top1=_accuracy(table[:, 1], 1), itm_top5=_accuracy(table[:, 1], 5))
     result.update(num_images=start, num_classes=num_classes, itm_rerank_k=rerank_k, itm_score=score,
                   precision=precision)
     if details:
-        result.update(_details(classnames, templates, labels[:start], torch.cat(itc_ranks), torch.cat(itc_best),
-                               torch.cat(itm_ranks) if rerank_k else None, torch.cat(itm_best) if rerank_k else None))
+        result.update(_details(classnames, templates, labels[:start], table[:, 0], top1[:, 0],
+                               table[:, 1] if rerank_k else None, top1[:, 1] if rerank_k else None))
     return result
 
 
