@@ -99,3 +99,17 @@ def test_plot_metrics_skips_plots_without_data(tmp_path: Path) -> None:
     assert not (tmp_path / "plots" / "retrieval.png").exists()
     for path in written:
         _assert_plot(path)
+
+
+def test_term_window_means_finite_steps_and_keeps_the_latest_temperature() -> None:
+    from vlp.train.metrics import TermWindow
+
+    window = TermWindow()
+    window.add({"itm": 0.6, "temperature": 0.07}, finite=True)
+    window.add({"itm": float("nan"), "temperature": 0.06}, finite=False)  # counted by nonfinite_steps, not here
+    window.add({"itm": 0.4, "temperature": 0.05}, finite=True)
+    assert window.mean() == pytest.approx({"itm": 0.5, "temperature": 0.05})
+    window.add({"itm": float("nan"), "temperature": 0.05}, finite=False)  # a window of only non-finite steps
+    record = window.mean()
+    assert math.isnan(record["itm"]) and record["temperature"] == 0.05
+    assert window.mean() == {}  # each record starts a new window

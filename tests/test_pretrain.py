@@ -112,3 +112,22 @@ def test_cli_pretrain_prints_run_dir(tmp_path: Path, capsys: pytest.CaptureFixtu
                  "--set", "train.max_steps=1"])
     assert code == 0
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "r"))
+
+
+def test_a_training_record_holds_the_mean_of_its_window(tmp_path: Path) -> None:
+    # the same run logged every step and every 3 steps: each 3-step record is the mean of its 3 steps
+    def records(every: int, name: str) -> list[dict[str, float]]:
+        config = load_config(ROOT / "configs/pretrain/albef_4m_tiny.yaml",
+                             ["train.max_steps=6", "train.checkpoint_every=0", f"train.log_every={every}"])
+        run_dir = pretrain(config, output_dir=tmp_path / name)
+        return [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    each, windows = records(1, "each"), records(3, "windows")
+    assert [r["step"] for r in windows] == [3, 6]
+    for window, end in zip(windows, (3, 6)):
+        steps = each[end - 3:end]
+        for key in ("loss", "itc", "itm", "itm_acc_pos"):
+            assert window[key] == pytest.approx(sum(s[key] for s in steps) / 3, rel=1e-6), key
+        assert window["temperature"] == pytest.approx(steps[-1]["temperature"])  # a state: the latest value
+    assert each[0]["loss"] != pytest.approx(windows[0]["loss"])  # not the window's first (or any one) step

@@ -39,7 +39,7 @@ from vlp.train.distributed import (
 )
 from vlp.train.eval_data import evaluation_due, run_evaluator
 from vlp.train.faults import TrainingStopped
-from vlp.train.metrics import MetricsLogger, plot_metrics
+from vlp.train.metrics import MetricsLogger, TermWindow, plot_metrics
 from vlp.train.optim import build_optimizer, lr_summary, scaled_lr
 from vlp.train.run_dir import prepare_run_dir
 from vlp.train.sampler import ResumableSampler, SeededDataset
@@ -251,7 +251,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
     data_iter = batches(job.loader, job.dataset, job.sampler, state)
     bar = tqdm(total=config.train.max_steps, initial=state.step, disable=not (main and config.train.progress),
                desc=f"{config.name}", dynamic_ncols=True)
-    window_start, window_samples = time.perf_counter(), 0
+    window_start, window_samples, window_terms = time.perf_counter(), 0, TermWindow()
     saver = TrainerSaver(config, ckpt_root, job, optimizer, scheduler, state, dist, ema)
     try:
         while state.step < config.train.max_steps:
@@ -273,6 +273,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
                 terms_sum["loss"] = terms_sum.get("loss", 0.0) + float(out.total) / config.train.grad_accum
                 window_samples += batch["images"].shape[0] * dist.world_size
             state.loss_finite = not faults.any_rank(dist, not math.isfinite(terms_sum.get("loss", 0.0)))
+            window_terms.add(terms_sum, state.loss_finite)
             if _optimizer_step(config, module, optimizer, state):
                 scheduler.step()
                 objective.after_optimizer_step()
@@ -286,7 +287,7 @@ def run_training(config: Config, job: TrainingJob, run_dir: Path, dist: DistInfo
             bar.update(1)
             if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
                 elapsed = time.perf_counter() - window_start
-                terms_sum = mean_over_ranks(terms_sum, dist.device)  # ITM/MLM terms are per-rank means
+                terms_sum = mean_over_ranks(window_terms.mean(), dist.device)  # ITM/MLM terms are per-rank means
                 record = {"step": state.step, "epoch": state.epoch,
                           "lr": scheduler.get_last_lr()[layer_decay.full_lr_index(optimizer)],
                           "samples_per_s": window_samples / max(elapsed, 1e-9),

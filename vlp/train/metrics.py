@@ -26,12 +26,46 @@ from torch import Tensor
 
 from vlp.errors import UserError
 
-__all__ = ["LOSS_TERMS", "MetricsLogger", "read_metrics", "plot_panels", "plot_metrics"]
+__all__ = ["LOSS_TERMS", "TermWindow", "MetricsLogger", "read_metrics", "plot_panels", "plot_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 LOSS_TERMS = ("itc", "itm", "mlm", "siglip", "distill", "vqa")
 _RECALL = re.compile(r"^(?:.*/)?(txt|img)_r(1|5|10)$")
+
+
+# terms that are a state of the model, not a per-batch measurement: the window reports the latest value
+_LATEST_TERMS = ("temperature",)
+
+
+class TermWindow:
+    """The loss terms of the optimizer steps since the last training record, logged as their mean (as
+    ALBEF's and Hugging Face's loggers average since the last print): one batch's ITM loss varies by a few
+    hundredths, enough to misread when a head leaves its label prior. Steps whose loss was not finite are
+    left out (``nonfinite_steps`` counts them) unless every step of the window was; ``temperature`` is the
+    latest value."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._steps = 0
+
+    def add(self, terms: Mapping[str, float], finite: bool) -> None:
+        self._last = dict(terms)
+        if finite:
+            for key, value in terms.items():
+                self._sums[key] = self._sums.get(key, 0.0) + value
+            self._steps += 1
+
+    def mean(self) -> dict[str, float]:
+        """The window's record (each term's mean over its finite steps, else the last step's terms; the
+        latest state terms), then an empty window."""
+        record = dict(self._last)
+        if self._steps:
+            record.update({key: value / self._steps for key, value in self._sums.items()
+                           if key not in _LATEST_TERMS})
+        self._sums, self._last, self._steps = {}, {}, 0
+        return record
 
 
 def _plain(value: Any) -> Any:
