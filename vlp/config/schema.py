@@ -182,7 +182,7 @@ class TrainConfig:
     device: str = doc("auto", "auto, cpu or cuda.")
     checkpoint_every: int = doc(500, "Save a checkpoint every N steps (and always at the end); 0 = only at the end.")
     keep_last: int = doc(2, "Checkpoints kept in checkpoints/ (older ones are deleted).")
-    log_every: int = doc(10, "Write metrics every N steps.")
+    log_every: int = doc(10, "Write metrics every N steps (loss terms: their mean over those N steps).")
     freeze_image: bool = doc(False, "Freeze the image encoder.")
     freeze_text: bool = doc(False, "Freeze the text encoder.")
     freeze_image_unlocked_groups: int = doc(0, "With freeze_image: the last N layer groups of the image tower stay trainable (open_clip's --lock-image-unlocked-groups). vlp's image projection, which freeze_image never freezes, counts as the last group: 2 = the projection and the encoder's last group (native ViT: last block + final norm; timm: timm's groups; open_clip: its own lock). 0 and 1 = only the projection trains.")
