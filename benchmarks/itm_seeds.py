@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DIRECTIONS = {"text->image": "img_r1", "image->text": "txt_r1"}
+LEFT_PRIOR = 0.60  # an ITM loss below this has left the 1:2 label prior (0.637)
 
 
 def run_seed(seed: int, out: Path, config: str, overrides: list[str], reuse: bool = False) -> dict[str, float]:
@@ -38,11 +39,14 @@ def train(seed: int, run_dir: Path, config: str, overrides: list[str]) -> None:
 def read_run(run_dir: Path) -> dict[str, float]:
     result = json.loads((run_dir / "eval_retrieval.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [m for m in metrics if "itm" in m][-1]
+    train = [m for m in metrics if "itm" in m]  # each record: the mean over its logging window
+    last = train[-1]
     row = {f"{scorer} {direction}": float(result[scorer][key])
            for scorer in ("itc", "itm") for direction, key in DIRECTIONS.items()}
     row["itm_loss_final"] = float(last["itm"])
     row["itm_acc_pos_final"] = float(last.get("itm_acc_pos", float("nan")))
+    below = [m["step"] for m in train if m["itm"] < LEFT_PRIOR]
+    row["itm_first_step_below_0.60"] = float(below[0]) if below else float("nan")
     return row
 
 
