@@ -137,6 +137,12 @@ def _worker(rank: int, out_dir: str) -> None:
             text_draws.append(torch.where(draw.has_text, draw.text, -1))
             image_draws.append(torch.where(draw.has_image, draw.image, -1))
         results["text_rule"] = (torch.stack(text_draws), torch.stack(image_draws), keys)
+        # the shared-text rule: a caption of several images (in any rank's rows) is never a negative text
+        shared_draws = [draw_negatives(same.float() * 20 + torch.randn(BATCH, WORLD * BATCH, generator=generator),
+                                       same.float() * 20, image_ids=ids, text_keys=keys, exclusion="shared_text",
+                                       generator=generator) for _ in range(200)]
+        results["shared_rule"] = (torch.stack([torch.where(d.has_text, d.text, -1) for d in shared_draws]),
+                                  torch.stack([d.has_image for d in shared_draws]))
 
         for name, loss_fn in CASES.items():
             results[name] = _value_and_grads(loss_fn, rows)
@@ -175,6 +181,17 @@ def test_text_rule_across_ranks_never_draws_a_same_text_or_same_image_negative(r
                 picked = [int(c) for c in drawn if c >= 0]
                 assert picked, (rank, local)
                 assert all(canon[c] != canon[row] and IDS[c] != IDS[row] for c in picked)
+
+
+def test_shared_text_rule_across_ranks(ranks: list[dict]) -> None:
+    canon = [canonicalize_text(c) for c in CAPTIONS]
+    images_of = {text: {int(IDS[i]) for i, c in enumerate(canon) if c == text} for text in canon}
+    shared = [len(images_of[text]) > 1 for text in canon]
+    assert any(shared) and not all(shared)
+    for rank, result in enumerate(ranks):
+        text_draws, has_image = result["shared_rule"]
+        assert all(not shared[int(c)] for c in text_draws.flatten() if c >= 0)
+        assert has_image.tolist() == [[not shared[rank * BATCH + r] for r in range(BATCH)]] * len(has_image)
 
 
 def test_hard_negatives_offset_by_rank(ranks: list[dict]) -> None:

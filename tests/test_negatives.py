@@ -23,7 +23,14 @@ from vlp.losses import (
     sample_hard_negatives,
     siglip_loss,
 )
-from vlp.losses.negatives import NEGATIVE_EXCLUSIONS, caption_key, negative_masks, text_keys, token_key
+from vlp.losses.negatives import (
+    NEGATIVE_EXCLUSIONS,
+    caption_key,
+    negative_masks,
+    shared_texts,
+    text_keys,
+    token_key,
+)
 
 # Web-like captions: several repeat across images, some only up to case/punctuation/spacing.
 CAPTIONS = ["a dog", "A dog.", "logo", "image", "a red car", "logo", "a  dog ", "image", "two cats", "a_red car"]
@@ -95,6 +102,31 @@ def test_an_image_is_no_negative_when_any_of_its_captions_is_the_text() -> None:
     # and for image 1 (row 2, caption "a dog") both rows of image 0 hold a caption equal to one of its own?
     # only "a dog" is: text row 0 ("logo") stays a valid negative, text row 1 ("a dog") does not
     assert valid_text[2, 0] and not valid_text[2, 1] and valid_text[2, 3]
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_shared_text_rule_never_draws_a_caption_of_several_images(hard: bool) -> None:
+    # "a dog" (3 images), "logo", "image", "a red car" (2 each) name kinds of image; only "two cats" is one image's
+    generator = torch.Generator().manual_seed(0)
+    keys, same = _keys(CAPTIONS), _same_text(CAPTIONS)
+    shared = same.sum(dim=1) > 1
+    assert torch.equal(shared_texts(IMAGE_IDS, keys), shared)
+    for _ in range(300):
+        sim = same.float() * 20 + torch.randn(10, 10, generator=generator)  # favour the false negatives
+        draw = draw_negatives(sim, sim.T.clone(), image_ids=IMAGE_IDS, text_keys=keys, exclusion="shared_text",
+                              generator=generator, hard=hard)
+        assert not shared[draw.text[draw.has_text]].any()  # a shared caption is never a negative text
+        assert torch.equal(draw.has_image, ~shared)  # and its row draws no negative image: any image may fit it
+        assert torch.equal(draw.has_text, ~same[8])  # "two cats" is every other image's negative text, and the only one
+    text_rule = negative_masks(10, 0, IMAGE_IDS, keys, "text")
+    shared_rule = negative_masks(10, 0, IMAGE_IDS, keys, "shared_text")
+    assert all((strict <= loose).all() for strict, loose in zip(shared_rule, text_rule))
+
+
+def test_one_image_captioned_twice_alike_is_not_a_shared_text() -> None:
+    captions = ["logo", "logo", "a dog", "a cat"]
+    assert shared_texts(torch.tensor([0, 0, 1, 2]), _keys(captions)).tolist() == [False] * 4
+    assert shared_texts(torch.tensor([0, 3, 1, 2]), _keys(captions)).tolist() == [True, True, False, False]
 
 
 def test_albef_rules_stay_one_key_away() -> None:

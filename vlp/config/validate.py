@@ -13,7 +13,7 @@ __all__ = ["validate_config", "validate_model_config", "k_test_for_gallery"]
 log = logging.getLogger("vlp")
 
 # vlp.losses.negatives.NEGATIVE_EXCLUSIONS, spelled out so that checking a config imports no torch
-NEGATIVE_EXCLUSIONS = ("text", "image_id", "pair")
+NEGATIVE_EXCLUSIONS = ("shared_text", "text", "image_id", "pair")
 
 
 def _require(ok: bool, key: str, value: object, why: str) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlp.collectives import rank_and_world
-from vlp.losses.negatives import negative_masks
+from vlp.losses.negatives import TEXT_RULES, negative_masks
 
 __all__ = ["NegativeDraw", "draw_negatives", "sample_hard_negatives", "itm_labels", "itm_loss", "itm_pair_weights"]
 
@@ -91,7 +91,7 @@ def draw_negatives(
         image_ids = torch.arange(columns, device=device)
     elif image_ids.shape != (columns,):
         raise ValueError(f"image_ids must hold one id per column ({columns}), got shape {tuple(image_ids.shape)}")
-    if exclusion == "text" and text_keys is None:
+    if exclusion in TEXT_RULES and text_keys is None:
         exclusion = "image_id"  # no texts known: the strictest rule that can be applied
     valid_text, valid_image = negative_masks(rows, offset, image_ids, text_keys, exclusion)
     if margin is not None:

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NEGATIVE_EXCLUSIONS", "caption_key", "token_key", "text_keys", "negative_masks", "positive_mask"]
+__all__ = ["NEGATIVE_EXCLUSIONS", "TEXT_RULES", "shared_texts", "caption_key", "token_key", "text_keys", "negative_masks", "positive_mask"]
 
-NEGATIVE_EXCLUSIONS = ("text", "image_id", "pair")
+NEGATIVE_EXCLUSIONS = ("shared_text", "text", "image_id", "pair")
+TEXT_RULES = ("shared_text", "text")  # the rules that read text keys
 _MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer (golden-ratio multiplier)
 
 
@@ -82,6 +83,19 @@ def _image_has_text(pair_ids: Tensor, pair_keys: Tensor, image_ids: Tensor, keys
     return _members(_code(image_ids, keys), table)
 
 
+def shared_texts(image_ids: Tensor, keys: Tensor) -> Tensor:
+    """bool [N]: whether pair n's text (either key) is also the caption of another image among the N pairs:
+    a caption written for two different images (an alt-text such as "logo", a class-level caption such as
+    "a red circle") names a kind of image, not one image."""
+    shared = torch.zeros(image_ids.shape[0], dtype=torch.bool, device=image_ids.device)
+    for kind in range(keys.shape[1]):
+        pairs = torch.unique(torch.stack([keys[:, kind], image_ids], dim=1), dim=0)  # distinct (text, image)
+        texts, counts = torch.unique(pairs[:, 0], return_counts=True)
+        if bool((counts > 1).any()):
+            shared |= _members(keys[:, kind], texts[counts > 1])
+    return shared
+
+
 def negative_masks(rows: int, offset: int, image_ids: Tensor, keys: Tensor | None = None,
                    exclusion: str = "text") -> tuple[Tensor, Tensor]:
     """(valid text negatives, valid image negatives), bool [rows, N] each, for the local rows
@@ -103,9 +117,9 @@ def negative_masks(rows: int, offset: int, image_ids: Tensor, keys: Tensor | Non
     row_ids = image_ids[offset:offset + rows]
     valid &= row_ids[:, None] != image_ids[None, :]
     valid_text, valid_image = valid, valid.clone()
-    if exclusion == "text":
+    if exclusion in TEXT_RULES:
         if keys is None or keys.shape[0] != columns:
-            raise ValueError(f"exclusion 'text' needs text keys for the {columns} columns")
+            raise ValueError(f"exclusion '{exclusion}' needs text keys for the {columns} columns")
         row_keys = keys[offset:offset + rows]
         for kind in range(keys.shape[1]):
             pair_keys = keys[:, kind]
@@ -113,6 +127,11 @@ def negative_masks(rows: int, offset: int, image_ids: Tensor, keys: Tensor | Non
             valid_text &= ~_image_has_text(image_ids, pair_keys, row_ids[:, None], pair_keys[None, :])
             # image c is the negative image of text r: not when image c has a caption equal to text r
             valid_image &= ~_image_has_text(image_ids, pair_keys, image_ids[None, :], row_keys[:, kind, None])
+        if exclusion == "shared_text":
+            # a shared caption may be true of any image: it is no text negative, and its row gets no image negative
+            shared = shared_texts(image_ids, keys)
+            valid_text &= ~shared[None, :]
+            valid_image &= ~shared[offset:offset + rows, None]
     return valid_text, valid_image
 
 

@@ -36,6 +36,7 @@ from vlp.losses import (
     text_keys,
 )
 from vlp.losses.mlm import IGNORE_INDEX
+from vlp.losses.negatives import TEXT_RULES
 from vlp.models.vlp_model import VLPModel
 from vlp.objectives.base import Objective
 from vlp.objectives.gradcache import (
@@ -272,7 +273,7 @@ class PretrainObjective(Objective):
     def _text_keys(self, batch: dict[str, Any]) -> Tensor | None:
         """The batch's text keys [B, 2] when a rule compares texts (ITM exclusion or ITC text positives)."""
         cfg = self.config
-        if not ((self.use_itm and cfg.negative_exclusion == "text") or cfg.itc_text_positives):
+        if not ((self.use_itm and cfg.negative_exclusion in TEXT_RULES) or cfg.itc_text_positives):
             return None
         given = batch.get("text_keys")  # computed by the collator in the loader workers
         if isinstance(given, Tensor) and given.shape[0] == batch["input_ids"].shape[0]:
