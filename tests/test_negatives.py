@@ -3,6 +3,7 @@ positives and the objective's ITM diagnostics."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -255,6 +256,10 @@ def test_objective_never_mines_a_same_text_negative(monkeypatch: pytest.MonkeyPa
     _check_batch_draws(batch, draws)
     assert out.terms["itm_excluded_fraction"] > 0.1
     assert {"itm_acc_pos", "itm_acc_neg", "itm_rows_without_negative"} <= set(out.terms)
+    # the label prior's loss: 1:2 less the dropped negative pairs
+    kept = 3 * 8 - float(out.terms["itm_rows_without_negative"])
+    q = 8 / kept
+    assert float(out.terms["itm_label_prior"]) == pytest.approx(-(q * math.log(q) + (1 - q) * math.log(1 - q)))
     # ALBEF's pretraining rule is one key away, and it does draw the repeated texts
     draws.clear()
     albef = PretrainObjective(model, ObjectiveConfig(negative_exclusion="pair"), generator=torch.Generator().manual_seed(0))
@@ -276,6 +281,7 @@ def test_a_batch_of_one_caption_drops_its_negatives_without_error(monkeypatch: p
              "attention_mask": tokens["attention_mask"], "image_ids": torch.arange(4), "captions": captions}
     out = PretrainObjective(model, ObjectiveConfig())(batch)
     assert out.terms["itm_rows_without_negative"] == 8 and torch.isfinite(out.total)
+    assert float(out.terms["itm_label_prior"]) == 0.0  # only positives are left: nothing to predict
 
 
 def test_streaming_batches_carry_what_the_rule_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

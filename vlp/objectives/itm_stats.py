@@ -1,7 +1,9 @@
-"""Per-step ITM diagnostics (accuracy on positives and on kept negatives, the exclusion rule's share) and the
-rows of a negative draw that one chunk of the gradient-cache step reads."""
+"""Per-step ITM diagnostics (accuracy on positives and on kept negatives, the label prior's loss, the exclusion
+rule's share) and the rows of a negative draw that one chunk of the gradient-cache step reads."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -32,7 +34,11 @@ class ItmStats:
         if draw is None:
             return {}
         right_pos, pos, right_neg, neg = self.counts
+        ratio = pos / max(pos + neg, 1.0)
+        # the ITM loss of a head that predicts only the kept pairs' label ratio (1:2 when no pair is dropped)
+        prior = -sum(q * math.log(q) for q in (ratio, 1.0 - ratio) if q > 0)
         values = {"itm_acc_pos": right_pos / max(pos, 1.0), "itm_acc_neg": right_neg / max(neg, 1.0),
+                  "itm_label_prior": prior,
                   "itm_excluded_fraction": draw.excluded_fraction,
                   "itm_rows_without_negative": float(draw.rows_without_negative)}
         return {key: torch.tensor(value, device=device) for key, value in values.items()}
