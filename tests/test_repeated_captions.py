@@ -34,12 +34,14 @@ def test_itm_learns_on_repeated_captions(tmp_path: Path) -> None:
     train = [row for row in rows if "itm" in row]
     last = train[-5:]  # the last 100 steps
     itm = sum(row["itm"] for row in last) / len(last)
+    # the loss of a head that predicts only the label ratio of the pairs kept (negatives may be dropped)
+    prior = sum(row["itm_label_prior"] for row in last) / len(last)
     excluded = sum(row["itm_excluded_fraction"] for row in last) / len(last)
     result = json.loads((run / "eval_retrieval.json").read_text())
     print(f"repeated captions (50% of images): ITM loss {itm:.3f} over the last 100 steps (label prior "
-          f"{PRIOR_ENTROPY:.3f}), {100 * excluded:.1f}% of candidates excluded as same-text; R@1 text->image "
+          f"{prior:.3f}; 1:2 would be {PRIOR_ENTROPY:.3f}), {100 * excluded:.1f}% of candidates excluded; R@1 text->image "
           f"ITC {result['itc']['img_r1']:.1f} ITM {result['itm']['img_r1']:.1f}, image->text ITC "
           f"{result['itc']['txt_r1']:.1f} ITM {result['itm']['txt_r1']:.1f}")
-    assert itm < PRIOR_ENTROPY - 0.15
+    assert itm < min(prior, PRIOR_ENTROPY) - 0.15
     assert result["itm"]["img_r1"] >= result["itc"]["img_r1"]
     assert result["itm"]["txt_r1"] >= result["itc"]["txt_r1"]
