@@ -25,8 +25,17 @@ class EncoderOutput:
     pooled: Tensor
 
     def select(self, rows: Tensor | slice) -> EncoderOutput:
-        """The rows ``rows`` (an index tensor or a slice) of all three fields."""
-        return EncoderOutput(self.tokens[rows], self.mask[rows], self.pooled[rows])
+        """The rows ``rows`` (an index tensor or a slice) of all three fields.
+
+        An index tensor may repeat rows (hard negatives drawn twice). It is read with ``index_select``, whose
+        CPU backward adds the rows' gradients in index order; ``tokens[rows]``'s backward accumulates them
+        from several threads in an order that changes from run to run, so a seeded run on two or more
+        threads would not repeat itself (measured: the demo's losses parted at step 5)."""
+        if isinstance(rows, slice):
+            return EncoderOutput(self.tokens[rows], self.mask[rows], self.pooled[rows])
+        rows = rows.to(self.tokens.device)
+        return EncoderOutput(self.tokens.index_select(0, rows), self.mask.index_select(0, rows),
+                             self.pooled.index_select(0, rows))
 
     @staticmethod
     def cat(parts: Sequence[EncoderOutput]) -> EncoderOutput:
