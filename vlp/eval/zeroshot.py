@@ -126,21 +126,22 @@ def classify_batch(model: Any, images: Tensor, labels: Tensor, classes: ClassPro
     when ``classes.rerank_k`` is 0). The one per-batch step of ``evaluate_zeroshot`` and of ``vlp benchmark``.
     """
     target = classes.classifier.device
-    rules = tuple(scores) if classes.itm_text is not None else ()
+    itm_text = classes.itm_text if scores else None
     with autocast():
-        image_out, emb = image_features_of(model, images.to(target, non_blocking=True), pooled_only=not rules)
+        image_out, emb = image_features_of(model, images.to(target, non_blocking=True),
+                                           pooled_only=itm_text is None)
     cosines = F.normalize(emb.float(), dim=-1) @ classes.classifier.T  # [b, c]
     truth = labels.to(target)[:, None]
     # Pessimistic: every other class scoring >= the true class is ranked above it.
     itc_ranks = ((cosines >= cosines.gather(1, truth)).sum(dim=1) - 1).cpu()
     ranks, best = [itc_ranks], [cosines.argmax(dim=1).cpu()]
-    if rules and classes.itm_text is not None:
+    if itm_text is not None:
         _, candidates = cosines.topk(classes.rerank_k, dim=1)  # [b, k]
         pair_image = torch.arange(len(labels), device=target).repeat_interleave(classes.rerank_k)
-        matches = {rule: itm_pair_scores(model, image_out, classes.itm_text, pair_image, candidates.reshape(-1),
+        matches = {rule: itm_pair_scores(model, image_out, itm_text, pair_image, candidates.reshape(-1),
                                          batch_size, autocast, match=rule).view(-1, classes.rerank_k)
-                   for rule in dict.fromkeys(match_rule_for(score) for score in rules)}
-        for score in rules:
+                   for rule in dict.fromkeys(match_rule_for(score) for score in scores)}
+        for score in scores:
             match = with_itc(score, matches[match_rule_for(score)], cosines.gather(1, candidates), model)
             ranks.append(reranked_ranks(candidates, match, labels.cpu()[:, None], itc_ranks))
             best.append(candidates.gather(1, match.argmax(dim=1, keepdim=True).to(candidates.device))[:, 0].cpu())
