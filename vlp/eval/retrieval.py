@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vlp.collectives import gather_no_grad, gather_shards, rank_and_world, shard_rows
-from vlp.config.schema import RERANK_SCORES, EvalConfig
+from vlp.config.schema import EvalConfig
 from vlp.config.validate import k_test_for_gallery
 from vlp.errors import UserError
 from vlp.eval.rerank import check_score, itm_pair_scores, match_rule_for, reranked_ranks, with_itc
@@ -35,7 +35,6 @@ __all__ = [
     "autocast_context", "encode_images", "encode_texts",
 ]
 
-SCORES = RERANK_SCORES
 # Anything a DataLoader can index: a torch Dataset or a plain sequence of image tensors.
 ImageDataset = Dataset[Any] | Sequence[Any]
 RECALL_KS = (1, 5, 10)
