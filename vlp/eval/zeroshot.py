@@ -170,7 +170,7 @@ def evaluate_zeroshot(model: Any, split: ZeroShotSplitLike, transform: Any, clas
     _check_prompts(classnames, templates)
     labels = _label_indices(split.labels, classnames)
     num_classes = len(classnames)
-    if not 0 <= itm_rerank_k <= num_classes:
+    if model.has_fusion and not 0 <= itm_rerank_k <= num_classes:  # a dual encoder re-scores nothing
         raise UserError(f"itm_rerank_k={itm_rerank_k} must be between 0 and the {num_classes} classes")
     check_score(score, "score")
     target = resolve_device(model, device)
