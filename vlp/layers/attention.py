@@ -83,6 +83,9 @@ def attention_by_context(q: Tensor, keys: Tensor, values: Tensor, index: Tensor,
     """
     order = torch.argsort(index, stable=True)
     counts = torch.bincount(index, minlength=keys.shape[0]).tolist()
+    # one view per context from unbind, not a slice each: a slice's backward writes its gradient into a
+    # zero tensor of the whole [g, h, m, d], g times per call (quadratic in g), where unbind's stacks them once
+    key_rows, value_rows = keys.unbind(0), values.unbind(0)
     parts: list[Tensor] = []
     start = 0
     for context, count in enumerate(counts):
@@ -91,7 +94,7 @@ def attention_by_context(q: Tensor, keys: Tensor, values: Tensor, index: Tensor,
         stacked = rearrange(q[order[start:start + count]], "c h n d -> 1 h (c n) d")
         start += count
         mask = None if key_mask is None else key_mask[context:context + 1]
-        result, _ = attention(stacked, keys[context:context + 1], values[context:context + 1], mask, dropout=dropout)
+        result, _ = attention(stacked, key_rows[context][None], value_rows[context][None], mask, dropout=dropout)
         parts.append(rearrange(result, "1 h (c n) d -> c h n d", c=count))
     return torch.cat(parts)[torch.argsort(order)]  # back to the rows' own order
 
