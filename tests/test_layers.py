@@ -275,3 +275,25 @@ def test_attention_by_context_equals_per_row_copies_with_gradients() -> None:
         block(torch.randn(7, 3, 16), shared=SharedContext(kv=(keys, values), index=index), return_weights=True)
     with pytest.raises(ValueError, match="needs a context"):
         block(torch.randn(7, 3, 16), shared=SharedContext(index=index))
+
+
+def test_attention_by_context_backward_fills_each_context_once() -> None:
+    """The backward writes each context's key/value gradient once: a per-context slice would zero-fill the
+    whole [g, h, m, d] gradient g times (quadratic in the distinct images of an ITM step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlp.layers import attention_by_context
+
+    contexts = 40
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2 * contexts, 2, 3, 8, generator=gen, requires_grad=True)
+    keys = torch.randn(contexts, 2, 5, 8, generator=gen, requires_grad=True)
+    values = torch.randn(contexts, 2, 5, 8, generator=gen, requires_grad=True)
+    index = torch.arange(2 * contexts) % contexts
+    out = attention_by_context(q, keys, values, index)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out.sum().backward()
+    full = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_")
+            and e.input_shapes and list(e.input_shapes[0]) == list(keys.shape)]
+    assert len(full) <= 4, f"{len(full)} full-size gradient fills for {contexts} contexts"
+    assert keys.grad is not None and bool((keys.grad != 0).any(dim=(1, 2, 3)).all())
